@@ -1,0 +1,230 @@
+"""Pure-Python relay engine and protocol parsers: the readable specification.
+
+``kodarelay._relay`` (Cython) is a drop-in for this module: same functions, same results,
+same exception types. ``kodarelay.relay`` picks one of the two at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from ._errors import HeadError, Socks5Error
+
+__all__ = [
+    "HeadError",
+    "Socks5Error",
+    "http_head_end",
+    "parse_request_line",
+    "split_host_port",
+    "parse_socks5_greeting",
+    "parse_socks5_request",
+    "relay_with_timeouts",
+]
+
+MAX_HEAD = 8192
+_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+# ── HTTP CONNECT head ────────────────────────────────────────────────────────
+
+
+def http_head_end(buf: bytes, max_size: int = MAX_HEAD) -> int:
+    """Offset just past the blank line ending the head in ``buf``, or -1 if not there yet.
+
+    Raises ``HeadError(431)`` once ``max_size`` bytes hold no complete head: the limit
+    applies to the head itself, bytes after it (an early TLS ClientHello) do not count.
+    """
+    end = buf.find(b"\r\n\r\n", 0, max_size)
+    if end >= 0:
+        return end + 4
+    if len(buf) >= max_size:
+        raise HeadError(431, f"request head exceeds {max_size} bytes")
+    return -1
+
+
+def parse_request_line(head: bytes) -> tuple[str, str, str]:
+    """``(method, target, version)`` from the first line of a request head.
+
+    The line must be exactly ``METHOD SP TARGET SP HTTP/d.d``: a token method, a target of
+    visible ASCII, single spaces. Anything else is ``HeadError(400)``.
+    """
+    eol = head.find(b"\r\n")
+    line = head if eol < 0 else head[:eol]
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise HeadError(400, "malformed request line")
+    method, target, version = parts
+    if not method or any(c not in _TOKEN_CHARS for c in method):
+        raise HeadError(400, "malformed method")
+    if not target or any(c <= 0x20 or c >= 0x7F for c in target):
+        raise HeadError(400, "malformed request target")
+    if (
+        len(version) != 8
+        or not version.startswith(b"HTTP/")
+        or not (0x30 <= version[5] <= 0x39)
+        or version[6] != 0x2E
+        or not (0x30 <= version[7] <= 0x39)
+    ):
+        raise HeadError(400, "malformed HTTP version")
+    return method.decode("ascii"), target.decode("ascii"), version.decode("ascii")
+
+
+def split_host_port(authority: str) -> tuple[str, int]:
+    """Split a CONNECT authority ``host:port`` / ``[v6]:port`` into ``(host, port)``.
+
+    The port is required and must be 1-65535 written in plain decimal digits (no sign, no
+    spaces). The host is returned as written, brackets removed; judging it is the filter's
+    job. Anything else is ``HeadError(400)``.
+    """
+    if authority.startswith("["):
+        close = authority.find("]")
+        if close < 0 or authority[close + 1 : close + 2] != ":":
+            raise HeadError(400, "malformed bracketed host")
+        host = authority[1:close]
+        port_s = authority[close + 2 :]
+        if not host:
+            raise HeadError(400, "empty host")
+    else:
+        host, sep, port_s = authority.rpartition(":")
+        if not sep or not host or ":" in host or "[" in host or "]" in host:
+            raise HeadError(400, "target must be host:port")
+    if not port_s or len(port_s) > 5 or not all("0" <= c <= "9" for c in port_s):
+        raise HeadError(400, "malformed port")
+    port = int(port_s)
+    if not 1 <= port <= 65535:
+        raise HeadError(400, "port out of range")
+    return host, port
+
+
+# ── SOCKS5 (RFC 1928 subset) ─────────────────────────────────────────────────
+
+
+def parse_socks5_greeting(buf: bytes) -> tuple[int, bytes] | None:
+    """``(consumed, methods)`` from a client greeting, or None if more bytes are needed.
+
+    A version other than 5 is ``Socks5Error(None)``: not SOCKS5, close without a reply.
+    """
+    if len(buf) < 1:
+        return None
+    if buf[0] != 5:
+        raise Socks5Error(None, f"unsupported SOCKS version {buf[0]}")
+    if len(buf) < 2:
+        return None
+    n = buf[1]
+    if len(buf) < 2 + n:
+        return None
+    return 2 + n, bytes(buf[2 : 2 + n])
+
+
+def parse_socks5_request(buf: bytes) -> tuple[int, int, int, str, int] | None:
+    """``(consumed, cmd, atyp, host, port)`` from a request, or None if more bytes are needed.
+
+    ``host`` is the domain for ATYP 3 and the address text for IPv4 / IPv6 literals (the
+    server refuses those, but logs what was asked). Version other than 5 or an unknown
+    ATYP: ``Socks5Error(None)`` (close). Empty or non-UTF-8 domain: ``Socks5Error(1)``.
+    """
+    if len(buf) < 1:
+        return None
+    if buf[0] != 5:
+        raise Socks5Error(None, f"unsupported SOCKS version {buf[0]}")
+    if len(buf) < 4:
+        return None
+    cmd = buf[1]
+    atyp = buf[3]
+    if atyp == 1:
+        end = 4 + 4
+        if len(buf) < end + 2:
+            return None
+        host = socket.inet_ntop(socket.AF_INET, bytes(buf[4:end]))
+    elif atyp == 4:
+        end = 4 + 16
+        if len(buf) < end + 2:
+            return None
+        host = socket.inet_ntop(socket.AF_INET6, bytes(buf[4:end]))
+    elif atyp == 3:
+        if len(buf) < 5:
+            return None
+        n = buf[4]
+        end = 5 + n
+        if len(buf) < end + 2:
+            return None
+        if n == 0:
+            raise Socks5Error(1, "empty domain name")
+        try:
+            host = bytes(buf[5:end]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise Socks5Error(1, "domain name is not UTF-8") from None
+    else:
+        raise Socks5Error(None, f"unknown address type {atyp}")
+    port = (buf[end] << 8) | buf[end + 1]
+    return end + 2, cmd, atyp, host, port
+
+
+# ── Relay ────────────────────────────────────────────────────────────────────
+
+_CHUNK = 256 * 1024
+
+
+async def relay_with_timeouts(
+    a: socket.socket, b: socket.socket, idle: float = 300.0, total: float = 3600.0
+) -> tuple[int, int]:
+    """Copy bytes both ways between ``a`` and ``b`` until both directions reach EOF.
+
+    Returns ``(a_to_b, b_to_a)`` byte counts. EOF on one side half-closes the other and the
+    reverse direction keeps flowing. ``TimeoutError`` when ``total`` seconds pass, or when no
+    byte moved in *either* direction for ``idle`` seconds (a long download whose client is
+    silent is not idle). The relay owns both sockets and closes them on every exit path.
+    """
+    loop = asyncio.get_running_loop()
+    a.setblocking(False)
+    b.setblocking(False)
+    last = [time.monotonic()]
+
+    async def pump(src: socket.socket, dst: socket.socket) -> int:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        moved = 0
+        while True:
+            n = await loop.sock_recv_into(src, buf)
+            if n == 0:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return moved
+            last[0] = time.monotonic()
+            await loop.sock_sendall(dst, view[:n])
+            last[0] = time.monotonic()
+            moved += n
+
+    start = time.monotonic()
+    ab = asyncio.ensure_future(pump(a, b))
+    ba = asyncio.ensure_future(pump(b, a))
+    tasks = {ab, ba}
+    try:
+        pending = tasks
+        while pending:
+            now = time.monotonic()
+            wake = min(start + total, last[0] + idle)
+            if now >= wake:
+                if now >= start + total:
+                    raise TimeoutError(f"relay exceeded total timeout of {total}s")
+                raise TimeoutError(f"relay idle for {idle}s")
+            done, pending = await asyncio.wait(pending, timeout=wake - now, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()  # re-raise OSError from a direction
+        return ab.result(), ba.result()
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        for t in tasks:
+            if not t.done():
+                try:
+                    await t
+                except BaseException:
+                    pass
+        a.close()
+        b.close()

@@ -1,0 +1,58 @@
+"""Shared fixtures: both relay / parser implementations, and helpers for real peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from kodarelay import _relay_py
+from kodarelay.relay import env_flag
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--c-extensions",
+        action=argparse_bool(),
+        default=not env_flag("KODARELAY_NO_EXTENSIONS"),
+        help="run the compiled-implementation parameters (default: on unless KODARELAY_NO_EXTENSIONS)",
+    )
+
+
+def argparse_bool():  # type: ignore[no-untyped-def]
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def _compiled_module():  # type: ignore[no-untyped-def]
+    from kodarelay import _relay
+
+    return _relay
+
+
+@pytest.fixture(
+    scope="session",
+    params=[pytest.param("cython", marks=pytest.mark.c_extension), "python"],
+)
+def impl(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The module under test: compiled ``kodarelay._relay`` or the pure-Python twin.
+
+    With ``--c-extensions`` (the default) a missing compiled module is an error, not a skip.
+    """
+    if request.param == "python":
+        return _relay_py
+    if not request.config.getoption("--c-extensions"):
+        pytest.skip("compiled parameter disabled (--no-c-extensions / KODARELAY_NO_EXTENSIONS)")
+    return _compiled_module()
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program a test needs; fails (in CI) or skips (locally) if absent."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI but not installed")
+        pytest.skip(f"{name} not installed")
+    return path
