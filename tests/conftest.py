@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
 from kodarelay import _relay_py
@@ -46,13 +43,3 @@ def impl(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     if not request.config.getoption("--c-extensions"):
         pytest.skip("compiled parameter disabled (--no-c-extensions / KODARELAY_NO_EXTENSIONS)")
     return _compiled_module()
-
-
-def require_tool(name: str) -> str:
-    """Path of an external program a test needs; fails (in CI) or skips (locally) if absent."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required in CI but not installed")
-        pytest.skip(f"{name} not installed")
-    return path

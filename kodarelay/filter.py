@@ -1,0 +1,655 @@
+"""The allowlist: which ``host[:port]`` a sandboxed process may reach.
+
+A ``Filter`` holds allow and deny rules. Every host is canonicalised before any rule sees
+it (see ``canonical_host``), so two spellings of one destination always get one answer and
+a malformed host never matches by accident (the reference crate split the port with
+``rsplit(':')`` and mangled IPv6 literals and stray colons).
+
+Rule kinds, each optionally limited to one port with ``:port``:
+
+* exact name: ``github.com`` (case-insensitive, one trailing dot ignored);
+* single-label wildcard: ``*.npmjs.org`` matches ``registry.npmjs.org`` only, never the
+  apex ``npmjs.org`` nor ``a.b.npmjs.org``;
+* IP address or CIDR: ``10.1.2.3``, ``10.0.0.0/8``, ``::1``, ``[::1]``, ``fd00::/8``
+  (bracket an IPv6 rule that carries a port: ``[::1]:8080``, ``[fd00::/8]:443``).
+
+Names only match name rules and IP literals only match IP / CIDR rules. Deny wins over
+allow. A port-limited allow rule never matches an unknown port; a port-limited deny rule
+always does (fail closed).
+
+``Filter.check_resolved`` is the resolved-address guard the servers run after DNS: it
+refuses loopback, link-local, cloud-metadata, unspecified, multicast, broadcast and
+reserved addresses (and private ranges on request) unless an IP / CIDR allow rule names
+them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Sequence, Union
+
+log = logging.getLogger(__name__)
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+#: A canonical host: a lowercase ASCII name without trailing dot, or an IP address object.
+CanonicalHost = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+Reason = Literal["allowed", "not_allowed", "denied", "bad_host", "resolved_address"]
+
+DEFAULT_DEV_ALLOWLIST: tuple[str, ...] = (
+    "github.com",
+    "*.githubusercontent.com",
+    "api.github.com",
+    "codeload.github.com",
+    "*.npmjs.org",
+    "registry.npmjs.org",
+    "*.pypi.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "crates.io",
+    "static.crates.io",
+    "index.crates.io",
+    "*.docker.io",
+    "registry-1.docker.io",
+    "auth.docker.io",
+)
+
+MAX_NAME_LENGTH = 253
+MAX_LABEL_LENGTH = 63
+# Characters a name may hold. "_" is accepted: it is legal in DNS, appears in real
+# internal and service names, and cannot make one name match another's rule.
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+_DIGITS = frozenset("0123456789")
+_HEX_DIGITS = frozenset("0123456789abcdef")
+_OCT_DIGITS = frozenset("01234567")
+
+
+class PatternError(ValueError):
+    """An allow or deny pattern that cannot be parsed; the message names the pattern."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict on one target, and the rule that made it.
+
+    ``rule`` is the pattern (trimmed, lowercased) that decided, or None. Only ``allowed``,
+    ``rule`` and ``reason`` take part in equality; ``host`` (canonical text, IPv6 without
+    brackets, for dialling and logging), ``port`` and ``detail`` (why a host was bad or an
+    address refused) are informational. ``bool(decision)`` is ``decision.allowed``, so a
+    careless ``if decision:`` cannot admit a refused target.
+    """
+
+    allowed: bool
+    rule: str | None
+    reason: Reason
+    host: str | None = field(default=None, compare=False)
+    port: int | None = field(default=None, compare=False)
+    detail: str = field(default="", compare=False)
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+# ── host canonicalisation ───────────────────────────────────────────────────
+
+
+def _check_port_text(text: str) -> int:
+    """A port written as plain decimal 1..65535: no sign, no spaces, no leading zero, no hex."""
+    if not text:
+        raise ValueError("empty port")
+    if len(text) > 5 or not all(c in _DIGITS for c in text) or (len(text) > 1 and text[0] == "0"):
+        raise ValueError(f"port {text!r} is not plain decimal")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return port
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """Split ``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or bare ``v6`` into (host, port).
+
+    The host comes back as written, brackets kept, so that ``canonical_host`` can insist a
+    bracketed host is an IPv6 address (``[github.com]:443`` must not pass as github.com).
+    Text with two or more colons and no brackets is a bare IPv6 address and carries no port.
+    Raises ``ValueError`` for a malformed port or stray brackets.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("unclosed '['")
+        rest = text[end + 1 :]
+        if not rest:
+            return text, None
+        if rest[0] != ":":
+            raise ValueError("unexpected text after ']'")
+        return text[: end + 1], _check_port_text(rest[1:])
+    if "]" in text or "[" in text:
+        raise ValueError("stray bracket")
+    colons = text.count(":")
+    if colons == 1:
+        host, _, port_text = text.partition(":")
+        return host, _check_port_text(port_text)
+    return text, None
+
+
+def _ends_in_number(label: str) -> bool:
+    """WHATWG URL rule: a last label of digits or 0x-hex makes the host an IPv4 attempt."""
+    if label and all(c in _DIGITS for c in label):
+        return True
+    return label.startswith("0x") and all(c in _HEX_DIGITS for c in label[2:])
+
+
+def _ipv4_part(part: str) -> int:
+    if part.startswith("0x"):
+        digits, base, allowed = part[2:], 16, _HEX_DIGITS
+    elif len(part) > 1 and part[0] == "0":
+        digits, base, allowed = part[1:], 8, _OCT_DIGITS
+    else:
+        digits, base, allowed = part, 10, _DIGITS
+    if not digits or not all(c in allowed for c in digits):
+        raise ValueError(f"{part!r} is not a decimal, octal or hex number")
+    return int(digits, base)
+
+
+def parse_ipv4(text: str) -> ipaddress.IPv4Address:
+    """Parse every numeric IPv4 spelling ``inet_aton`` accepts, strictly.
+
+    One to four dot-separated parts, each decimal, octal (leading 0) or hex (0x); all but
+    the last part are bytes, the last fills the remaining bytes (``127.1``, ``0x7f.1``,
+    ``2130706433``). Anything else, including trailing garbage, is a ``ValueError``. The
+    input must already be lowercase ASCII.
+    """
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4 or len(text) > 64:
+        raise ValueError(f"{text!r} is not an IPv4 address")
+    values = [_ipv4_part(p) for p in parts]
+    last = values.pop()
+    if any(v > 255 for v in values) or last >= 256 ** (4 - len(values)):
+        raise ValueError(f"{text!r} is not an IPv4 address: a part is out of range")
+    number = last
+    for i, v in enumerate(values):
+        number |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(number)
+
+
+def _parse_ipv6(text: str) -> IPAddress:
+    """An IPv6 literal (no brackets); IPv4-mapped addresses become the IPv4 address."""
+    if "%" in text:
+        raise ValueError("IPv6 zone ids are not accepted")
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv6 address") from None
+    return addr.ipv4_mapped or addr
+
+
+def _check_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` (lowercase, no trailing dot) is a valid DNS name."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"name is longer than {MAX_NAME_LENGTH} bytes")
+    bad = sorted({c for c in name if c not in _NAME_CHARS})
+    if bad:
+        raise ValueError(f"characters {''.join(bad)!r} are not allowed in a host name")
+    for label in name.split("."):
+        if not label:
+            raise ValueError("empty label")
+        if len(label) > MAX_LABEL_LENGTH:
+            raise ValueError(f"label longer than {MAX_LABEL_LENGTH} bytes")
+
+
+def canonical_host(host: str | IPAddress) -> CanonicalHost:
+    """The one canonical form of a host (no port), or ``ValueError`` saying why it is bad.
+
+    Names come back as lowercase ASCII ``str`` without the trailing dot; IP literals as
+    ``ipaddress`` objects (IPv4-mapped IPv6 as the IPv4 address). Rules, in order:
+
+    * ASCII only (IDN must arrive as punycode ``xn--``), checked before lowercasing so
+      that e.g. the Kelvin sign cannot fold into ``k``;
+    * no control bytes, NUL, DEL or whitespace anywhere; at most 255 characters;
+    * ``[...]`` must hold an IPv6 address; any other bracket is stray;
+    * a colon means IPv6 (bare ``::1``); zone ids (``fe80::1%eth0``) are refused;
+    * ``@`` (userinfo) is refused;
+    * lowercase, then strip ONE trailing dot; a name whose last label is numeric or
+      ``0x``-hex is an IPv4 attempt (WHATWG URL rule): it parses in any ``inet_aton``
+      spelling (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``) or is bad;
+    * otherwise a name: labels 1..63 bytes of ``[a-z0-9-_]``, whole name at most 253.
+    """
+    if isinstance(host, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        if isinstance(host, ipaddress.IPv6Address):
+            if host.scope_id:
+                raise ValueError("IPv6 zone ids are not accepted")
+            return host.ipv4_mapped or host
+        return host
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a str, not {type(host).__name__}")
+    if not host:
+        raise ValueError("empty host")
+    if not host.isascii():
+        raise ValueError("non-ASCII host; IDN must arrive as punycode (xn--)")
+    if any(c <= " " or c == "\x7f" for c in host):
+        raise ValueError("control byte, NUL or whitespace in host")
+    if len(host) > MAX_NAME_LENGTH + 2:
+        raise ValueError(f"host is longer than {MAX_NAME_LENGTH} bytes")
+    text = host.lower()
+    if text.startswith("[") and text.endswith("]"):
+        return _parse_ipv6(text[1:-1])
+    if "[" in text or "]" in text:
+        raise ValueError("stray bracket in host")
+    if ":" in text:
+        return _parse_ipv6(text)
+    if "@" in text:
+        raise ValueError("userinfo ('@') in host")
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise ValueError("empty host")
+    last = text.rpartition(".")[2]
+    if _ends_in_number(last):
+        return parse_ipv4(text)
+    _check_name(text)
+    return text
+
+
+def parse_target(text: str, port: int | None = None) -> tuple[CanonicalHost, int | None]:
+    """Canonical (host, port) from ``host[:port]`` / ``[v6][:port]`` / bare v6 plus a port.
+
+    A port in the text and the ``port`` argument must agree; both must be 1..65535.
+    Raises ``ValueError`` (``TypeError`` for a non-int port) with the reason.
+    """
+    if port is not None:
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise TypeError(f"port must be an int or None, not {type(port).__name__}")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 1-65535")
+    if isinstance(text, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return canonical_host(text), port
+    if not isinstance(text, str):
+        raise TypeError(f"host must be a str, not {type(text).__name__}")
+    if text.isascii() and any(c <= " " or c == "\x7f" for c in text):
+        raise ValueError("control byte, NUL or whitespace in host")
+    host, text_port = split_host_port(text)
+    if text_port is not None and port is not None and text_port != port:
+        raise ValueError(f"host carries port {text_port} but port {port} was given")
+    return canonical_host(host), text_port if text_port is not None else port
+
+
+def is_ip_literal(host: str | IPAddress) -> bool:
+    """True when ``host`` (optionally with a port) is a valid IP literal in any accepted form."""
+    try:
+        canon, _ = parse_target(host)
+    except (ValueError, TypeError):
+        return False
+    return not isinstance(canon, str)
+
+
+def format_host(host: CanonicalHost, port: int | None = None) -> str:
+    """Text form of a canonical host: IPv6 bracketed when a port follows."""
+    if isinstance(host, ipaddress.IPv6Address):
+        text = f"[{host}]" if port is not None else str(host)
+    else:
+        text = str(host)
+    return text if port is None else f"{text}:{port}"
+
+
+# ── patterns ────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class _Rule:
+    text: str
+    index: int
+    port: int | None
+    name: str | None = None  # exact name, or the suffix of a wildcard
+    wildcard: bool = False
+    net: IPNetwork | None = None
+
+    def port_matches(self, port: int | None, *, deny: bool) -> bool:
+        if self.port is None:
+            return True
+        if port is None:
+            return deny  # unknown port: a port-limited deny applies, a port-limited allow does not
+        return port == self.port
+
+
+def _pattern_error(raw: str, reason: str) -> PatternError:
+    return PatternError(f"pattern {raw!r} {reason}")
+
+
+def _ipv4_from_mapped_net(net: ipaddress.IPv6Network) -> IPNetwork:
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    if net.prefixlen >= 96 and net.subnet_of(mapped):
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
+
+
+def _parse_network(raw: str, text: str) -> IPNetwork:
+    addr_text, _, prefix = text.partition("/")
+    if not prefix or not all(c in _DIGITS for c in prefix) or len(prefix) > 3:
+        raise _pattern_error(raw, "has an invalid CIDR prefix length")
+    try:
+        if ":" in addr_text:
+            if "%" in addr_text:
+                raise ValueError
+            return _ipv4_from_mapped_net(ipaddress.IPv6Network(text, strict=False))
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        raise _pattern_error(raw, "is not a valid CIDR network") from None
+
+
+def _parse_pattern(raw: str, index: int) -> _Rule:
+    if not isinstance(raw, str):
+        raise TypeError(f"pattern must be a str, not {type(raw).__name__}: {raw!r}")
+    text = raw.strip()
+    if not text:
+        raise _pattern_error(raw, "must not be empty")
+    if not text.isascii():
+        raise _pattern_error(raw, "must be ASCII; write IDN labels as punycode (xn--...)")
+    if any(c <= " " or c == "\x7f" for c in text):
+        raise _pattern_error(raw, "contains whitespace or a control byte")
+    text = text.lower()
+
+    port: int | None = None
+    bracketed = text.startswith("[")
+    if bracketed:
+        end = text.find("]")
+        if end < 0:
+            raise _pattern_error(raw, "has an unclosed '['")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if rest[0] != ":":
+                raise _pattern_error(raw, "has unexpected text after ']'")
+            port_text = rest[1:]
+        else:
+            port_text = None
+    elif "[" in text or "]" in text:
+        raise _pattern_error(raw, "has a stray bracket")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, None
+    if port_text is not None:
+        try:
+            port = _check_port_text(port_text)
+        except ValueError:
+            raise _pattern_error(raw, f"has an invalid port {port_text!r}") from None
+    if not host:
+        raise _pattern_error(raw, "has no host")
+
+    if bracketed or ":" in host:
+        if "/" in host:
+            return _Rule(text, index, port, net=_parse_network(raw, host))
+        try:
+            addr = _parse_ipv6(host)
+        except ValueError as e:
+            raise _pattern_error(raw, f"is not a valid IPv6 rule: {e}") from None
+        return _Rule(text, index, port, net=ipaddress.ip_network(addr))
+    if "/" in host:
+        return _Rule(text, index, port, net=_parse_network(raw, host))
+    if host.startswith("*."):
+        suffix = host[2:]
+        if "*" in suffix:
+            raise _pattern_error(raw, "may use '*' only as the whole leftmost label ('*.example.com')")
+        if suffix.endswith("."):
+            suffix = suffix[:-1]
+        if not suffix:
+            raise _pattern_error(raw, "needs at least one label after '*.'")
+        if _ends_in_number(suffix.rpartition(".")[2]):
+            raise _pattern_error(raw, "puts a wildcard over an IP address; use a CIDR rule")
+        try:
+            _check_name(suffix)
+        except ValueError as e:
+            raise _pattern_error(raw, f"is not a valid name: {e}") from None
+        return _Rule(text, index, port, name=suffix, wildcard=True)
+    if "*" in host:
+        raise _pattern_error(raw, "may use '*' only as the whole leftmost label ('*.example.com')")
+    try:
+        canon = canonical_host(host)
+    except ValueError as e:
+        raise _pattern_error(raw, f"is not a valid host: {e}") from None
+    if isinstance(canon, str):
+        return _Rule(text, index, port, name=canon)
+    return _Rule(text, index, port, net=ipaddress.ip_network(canon))
+
+
+class _RuleSet:
+    """Rules of one polarity, indexed for O(1) name lookups."""
+
+    def __init__(self, patterns: Sequence[str], offset: int) -> None:
+        self.rules = [_parse_pattern(p, offset + i) for i, p in enumerate(patterns)]
+        self.exact: dict[str, list[_Rule]] = {}
+        self.wild: dict[str, list[_Rule]] = {}
+        self.nets: list[_Rule] = []
+        for r in self.rules:
+            if r.net is not None:
+                self.nets.append(r)
+            elif r.wildcard:
+                self.wild.setdefault(r.name or "", []).append(r)
+            else:
+                self.exact.setdefault(r.name or "", []).append(r)
+
+    def match(self, host: CanonicalHost, port: int | None, *, deny: bool) -> _Rule | None:
+        if isinstance(host, str):
+            candidates = list(self.exact.get(host, ()))
+            head, dot, parent = host.partition(".")
+            if dot and head:
+                candidates += self.wild.get(parent, ())
+        else:
+            candidates = [r for r in self.nets if r.net is not None and host in r.net]
+        best: _Rule | None = None
+        for r in candidates:
+            if r.port_matches(port, deny=deny) and (best is None or r.index < best.index):
+                best = r
+        return best
+
+    def match_address(self, addrs: Iterable[IPAddress], port: int | None, *, deny: bool) -> _Rule | None:
+        found = [r for a in addrs if (r := self.match(a, port, deny=deny)) is not None]
+        return min(found, key=lambda r: r.index) if found else None
+
+
+# ── the resolved-address guard's tables ─────────────────────────────────────
+
+
+def _nets(*pairs: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
+    return tuple((ipaddress.ip_network(n), label) for n, label in pairs)
+
+
+# Refused after DNS whatever deny_private says (most specific first, for the message).
+_SPECIAL = _nets(
+    ("169.254.169.254/32", "cloud metadata"),
+    ("100.100.100.200/32", "cloud metadata"),
+    ("fd00:ec2::254/128", "cloud metadata"),
+    ("255.255.255.255/32", "broadcast"),
+    ("0.0.0.0/8", "unspecified ('this network'; 0.0.0.0 reaches the local host)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("192.0.0.0/24", "reserved (IETF protocol assignments)"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::/96", "reserved (deprecated IPv4-compatible)"),
+    ("100::/64", "reserved (discard-only)"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+)
+# Refused only with deny_private=True.
+_PRIVATE = _nets(
+    ("10.0.0.0/8", "private (RFC 1918)"),
+    ("172.16.0.0/12", "private (RFC 1918)"),
+    ("192.168.0.0/16", "private (RFC 1918)"),
+    ("100.64.0.0/10", "private (CGNAT)"),
+    ("198.18.0.0/15", "private (benchmarking)"),
+    ("fc00::/7", "private (ULA)"),
+    ("fec0::/10", "private (deprecated site-local)"),
+)
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")
+
+
+def embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries, for judging it like that IPv4 address.
+
+    IPv4-mapped ``::ffff:0:0/96``, IPv4-translated ``::ffff:0:0:0/96``, NAT64
+    ``64:ff9b::/96`` and local-use ``64:ff9b:1::/48`` (last 32 bits), 6to4 ``2002::/16``
+    and Teredo (the client address).
+    """
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return None
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr in _SIIT or any(addr in n for n in _NAT64):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    return None
+
+
+def _classify(addr: IPAddress, deny_private: bool) -> str | None:
+    """Why ``addr`` (already unwrapped to the address it reaches) is refused, or None."""
+    for net, label in _SPECIAL:
+        if addr.version == net.version and addr in net:
+            return label
+    if deny_private:
+        for net, label in _PRIVATE:
+            if addr.version == net.version and addr in net:
+                return label
+    return None
+
+
+def _parse_resolved(value: object) -> IPAddress:
+    """An address from a resolver: an ``ipaddress`` object or its text (scope id ignored)."""
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        addr: IPAddress = value
+    elif isinstance(value, str):
+        text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            canon = canonical_host(text)  # numeric IPv4 spellings of an IP-literal target
+            if isinstance(canon, str):
+                raise ValueError(f"{value!r} is not an IP address") from None
+            addr = canon
+    else:
+        raise ValueError(f"{value!r} is not an IP address")
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
+        addr = ipaddress.IPv6Address(int(addr))
+    return addr
+
+
+# ── the filter ──────────────────────────────────────────────────────────────
+
+
+class Filter:
+    """Allow and deny rules over canonical hosts; immutable once built.
+
+    ``Filter(allow=(), deny=())``: ``allow`` may be passed positionally (the crate's
+    ``patterns``). ``len(f)`` is the number of patterns given; an empty filter denies all.
+    Raises ``PatternError`` naming the first bad pattern.
+    """
+
+    __slots__ = ("_allow", "_deny", "allow_patterns", "deny_patterns")
+
+    def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
+        if isinstance(allow, str) or isinstance(deny, str):
+            raise TypeError("allow and deny take an iterable of patterns, not a single str")
+        self.allow_patterns: tuple[str, ...] = tuple(allow)
+        self.deny_patterns: tuple[str, ...] = tuple(deny)
+        self._deny = _RuleSet(self.deny_patterns, 0)
+        self._allow = _RuleSet(self.allow_patterns, len(self.deny_patterns))
+
+    def __len__(self) -> int:
+        return len(self.allow_patterns) + len(self.deny_patterns)
+
+    def __repr__(self) -> str:
+        return f"Filter(allow={list(self.allow_patterns)!r}, deny={list(self.deny_patterns)!r})"
+
+    def allows(self, host: str, port: int | None = None) -> bool:
+        """True when ``host`` (``host:port``, ``[v6]:port`` or bare v6 accepted) may be reached."""
+        return self.explain(host, port).allowed
+
+    def explain(self, host: str, port: int | None = None) -> Decision:
+        """The decision for ``host[:port]`` with the rule that made it; never raises for a str."""
+        decision, _ = self._explain(host, port)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("filter %r port=%s -> %s (%s)", host, port, decision.reason, decision.rule)
+        return decision
+
+    def _explain(self, host: str | IPAddress, port: int | None) -> tuple[Decision, CanonicalHost | None]:
+        try:
+            canon, port = parse_target(host, port)
+        except ValueError as e:
+            return Decision(False, None, "bad_host", None, port, str(e)), None
+        text = str(canon)
+        rule = self._deny.match(canon, port, deny=True)
+        if rule is not None:
+            return Decision(False, rule.text, "denied", text, port), canon
+        rule = self._allow.match(canon, port, deny=False)
+        if rule is not None:
+            return Decision(True, rule.text, "allowed", text, port), canon
+        return Decision(False, None, "not_allowed", text, port), canon
+
+    def check_resolved(
+        self,
+        host: str | IPAddress,
+        port: int | None,
+        addresses: Iterable[str | IPAddress],
+        *,
+        deny_private: bool = False,
+    ) -> Decision:
+        """Judge every address ``host`` resolved to; one refused address refuses the name.
+
+        ``host`` is re-judged by the rules first (a refusal there is returned as is). Each
+        address is unwrapped to the IPv4 it carries (mapped, NAT64, 6to4, Teredo) and then:
+        a deny IP / CIDR rule covering it -> ``denied``; an allow IP / CIDR rule covering
+        it -> fine; the name ``localhost`` allowed by a ``localhost`` rule -> loopback is
+        fine; loopback, link-local, metadata, unspecified, multicast, broadcast, reserved
+        (and with ``deny_private`` RFC 1918, ULA, CGNAT) -> ``resolved_address``. An
+        unparseable address or an empty list -> ``resolved_address``. For an IP-literal
+        target pass ``[host]`` as the addresses.
+        """
+        decision, canon = self._explain(host, port)
+        if not decision.allowed:
+            return decision
+        port = decision.port
+        text = decision.host
+
+        def refuse(reason: Reason, rule: str | None, detail: str) -> Decision:
+            log.info("refusing %s: %s", text, detail)
+            return Decision(False, rule, reason, text, port, detail)
+
+        localhost_ok = canon == "localhost" and decision.rule is not None and self._is_localhost_rule(decision.rule)
+        seen = 0
+        for value in addresses:
+            seen += 1
+            try:
+                addr = _parse_resolved(value)
+            except ValueError:
+                return refuse("resolved_address", None, f"unparseable address {value!r}")
+            inner = embedded_ipv4(addr)
+            forms = (addr,) if inner is None else (addr, inner)
+            rule = self._deny.match_address(forms, port, deny=True)
+            if rule is not None:
+                return refuse("denied", rule.text, f"{addr} is covered by deny rule {rule.text!r}")
+            if self._allow.match_address(forms, port, deny=False) is not None:
+                continue
+            target = inner if inner is not None else addr
+            if localhost_ok and any(target.version == n.version and target in n for n in _LOOPBACK):
+                continue
+            why = _classify(target, deny_private)
+            if why is None and inner is not None:
+                why = _classify(addr, deny_private)
+            if why is not None:
+                shown = f"{addr} ({inner})" if inner is not None else str(addr)
+                return refuse("resolved_address", None, f"{shown} is {why}")
+        if not seen:
+            return refuse("resolved_address", None, "no addresses to check")
+        return decision
+
+    def _is_localhost_rule(self, text: str) -> bool:
+        return any(r.text == text and r.name == "localhost" and not r.wildcard for r in self._allow.rules)

@@ -1,0 +1,118 @@
+"""The built-in SOCKS5 proxy server (RFC 1928 subset, loopback only).
+
+No authentication (method 0x00 only, else ``05 FF``), CONNECT only (else REP 0x07), domain
+names only (IPv4 / IPv6 literals get REP 0x08: clients must send the name, which is why the
+bouquet says ``socks5h://``). Empty or non-UTF-8 name → 0x01, not allowed → 0x02, refused
+→ 0x05, network unreachable → 0x03, host unreachable or timeout → 0x04, success → 0x00 and
+the relay. An unknown address type or a non-SOCKS5 version closes the connection.
+
+The handshake timeout covers the handshake only; the tunnel then has the same idle and
+total caps as HTTP CONNECT, and chains through the same upstream layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from . import relay
+from .dial import REP_GENERAL_FAILURE, REP_NOT_ALLOWED, Refusal
+from .serving import HandshakeTimeout, ProxyServer
+
+log = logging.getLogger(__name__)
+
+Socks5Error = relay.parsers.Socks5Error
+
+REP_SUCCEEDED = 0x00
+REP_COMMAND_NOT_SUPPORTED = 0x07
+REP_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+CMD_CONNECT = 0x01
+ATYP_DOMAIN = 0x03
+METHOD_NO_AUTH = 0x00
+MAX_HANDSHAKE = 600  # greeting (≤ 257) + request (≤ 262)
+
+
+def reply_bytes(rep: int) -> bytes:
+    """A SOCKS5 reply with an all-zero IPv4 bound address (clients ignore it for CONNECT)."""
+    return bytes((5, rep, 0, 1, 0, 0, 0, 0, 0, 0))
+
+
+class Socks5Server(ProxyServer):
+    """SOCKS5 proxy on ``127.0.0.1``. Create with ``await Socks5Server.bind(...)``."""
+
+    protocol = "socks5"
+
+    async def _session(self, conn: socket.socket) -> None:
+        deadline = self._loop.time() + self.handshake_timeout
+        await socks5_session(self, conn, b"", deadline)
+
+
+async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float, parse):  # type: ignore[no-untyped-def]
+    while True:
+        parsed = parse(buf)
+        if parsed is not None:
+            return parsed, buf
+        if len(buf) > MAX_HANDSHAKE:
+            raise Socks5Error(None, "handshake too long")
+        chunk = await srv.recv_some(conn, deadline, MAX_HANDSHAKE)
+        if not chunk:
+            raise Socks5Error(None, "client closed during handshake")
+        buf += chunk
+
+
+async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float) -> None:
+    """Serve one SOCKS5 session whose first bytes (possibly none yet) are ``buf``."""
+    parsers = relay.parsers
+
+    async def reply(rep: int) -> None:
+        try:
+            await srv.send(conn, reply_bytes(rep))
+        except OSError:
+            pass
+
+    try:
+        (used, methods), buf = await _read_until(srv, conn, buf, deadline, parsers.parse_socks5_greeting)
+        buf = buf[used:]
+        if METHOD_NO_AUTH not in methods:
+            await srv.send(conn, b"\x05\xff")
+            return
+        await srv.send(conn, b"\x05\x00")
+        (used, cmd, atyp, host, port), buf = await _read_until(srv, conn, buf, deadline, parsers.parse_socks5_request)
+    except HandshakeTimeout:
+        return
+    except Socks5Error as e:
+        if e.rep is not None:
+            srv.record("", None, "bad_host", "socks5")
+            await reply(e.rep)
+        else:
+            log.debug("closing SOCKS5 connection: %s", e)
+        return
+    early = buf[used:]
+    if cmd != CMD_CONNECT:
+        srv.record(host, port, "command", "socks5")
+        await reply(REP_COMMAND_NOT_SUPPORTED)
+        return
+    if atyp != ATYP_DOMAIN:
+        srv.record(host, port, "address_type", "socks5")
+        await reply(REP_ADDRESS_TYPE_NOT_SUPPORTED)
+        return
+    decision = srv.filter.explain(host, port)
+    if not decision.allowed:
+        srv.record(host, port, decision.reason, "socks5")
+        await reply(REP_NOT_ALLOWED)
+        return
+    try:
+        upstream, from_upstream = await srv.dial(host, port)
+    except Refusal as r:
+        if r.reason is not None:
+            srv.record(host, port, r.reason, "socks5")
+        else:
+            log.info("SOCKS5 CONNECT %s:%d failed: %s", host, port, r)
+        await reply(r.socks_rep or REP_GENERAL_FAILURE)
+        return
+    try:
+        await srv.send(conn, reply_bytes(REP_SUCCEEDED))
+    except BaseException:
+        upstream.close()
+        raise
+    await srv.tunnel(conn, upstream, early, from_upstream)

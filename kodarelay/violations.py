@@ -1,0 +1,85 @@
+"""Refusal records: what the proxy refused, when, and why.
+
+Each server keeps the last ``capacity`` records in a ring, readable through
+``ProxyHandle.violations()``, and hands each one to an optional ``on_violation`` callback
+before the refusal reaches the client. Every refusal is also one ``logging`` line; the host
+and port are logged, never a query string or credentials (a CONNECT target has neither).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+log = logging.getLogger(__name__)
+
+#: Reasons a refusal can carry. ``resolve_failed`` (a name that does not resolve: the proxy
+#: fails closed) is kodarelay's addition to SPEC's list. Failures to *reach* an allowed
+#: target (refused, unreachable, upstream said no) are errors, not refusals, and are not
+#: recorded here.
+REASONS = (
+    "not_allowed",
+    "denied",
+    "bad_host",
+    "resolved_address",
+    "bad_request",
+    "method_not_allowed",
+    "address_type",
+    "command",
+    "resolve_failed",
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One refused request. ``time`` is epoch seconds; ``protocol`` is "http" or "socks5"."""
+
+    time: float
+    protocol: str
+    host: str
+    port: Optional[int]
+    reason: str
+
+
+OnViolation = Callable[[Violation], None]
+
+
+class ViolationLog:
+    """A bounded, thread-safe ring of ``Violation`` records."""
+
+    def __init__(self, capacity: int = 1024, on_violation: OnViolation | None = None) -> None:
+        if capacity < 0:
+            raise ValueError(f"violation_capacity must be >= 0, not {capacity!r}")
+        self._ring: collections.deque[Violation] = collections.deque(maxlen=capacity)
+        self._lock = threading.Lock()
+        self._on_violation = on_violation
+
+    def record(self, protocol: str, host: str, port: int | None, reason: str) -> Violation:
+        """Store, log and announce one refusal; returns the record."""
+        v = Violation(time.time(), protocol, _printable(host), port, reason)
+        with self._lock:
+            self._ring.append(v)
+        log.warning("refused %s %s:%s (%s)", protocol, v.host, port if port is not None else "-", reason)
+        if self._on_violation is not None:
+            try:
+                self._on_violation(v)
+            except Exception:
+                log.exception("on_violation callback failed")
+        return v
+
+    def snapshot(self) -> list[Violation]:
+        with self._lock:
+            return list(self._ring)
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+
+def _printable(host: str, limit: int = 300) -> str:
+    """A host as a client sent it, made safe for logs: control bytes escaped, length capped."""
+    text = host.encode("unicode_escape", "backslashreplace").decode("ascii") if not host.isprintable() else host
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,179 @@
+"""The built-in SOCKS5 proxy against real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig
+
+from peers import EchoServer, connect, recv_exact, socks5_connect
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def start_socks():
+    handles = []
+
+    def start(patterns=("localhost",), cls=BuiltInSocks5Proxy, **options):
+        options.setdefault("upstream", UpstreamConfig.direct())
+        h = cls(Filter(list(patterns)), **options).start()
+        handles.append(h)
+        return h
+
+    yield start
+    for h in handles:
+        h.shutdown()
+
+
+def pinned(mapping):
+    async def resolve(host, port):
+        if host not in mapping:
+            raise OSError(f"no such host {host}")
+        return mapping[host]
+
+    return resolve
+
+
+def test_connect_allowed_domain(start_socks, echo):
+    h = start_socks()
+    s, rep = socks5_connect(h.port, b"localhost", echo.port)
+    assert rep[:2] == b"\x05\x00"
+    s.sendall(b"hello")
+    assert recv_exact(s, 5) == b"hello"
+
+
+def test_not_allowed_gets_rep_02(start_socks, echo):
+    h = start_socks()
+    s, rep = socks5_connect(h.port, b"evil.test", echo.port)
+    assert rep[:2] == b"\x05\x02"
+    assert s.recv(1) == b""
+    assert echo.accepted == 0
+    assert [(v.protocol, v.reason) for v in h.violations()] == [("socks5", "not_allowed")]
+
+
+def test_ipv4_and_ipv6_literals_get_rep_08(start_socks, echo):
+    h = start_socks(["localhost", "127.0.0.1"])
+    s, rep = socks5_connect(h.port, socket.inet_aton("127.0.0.1"), echo.port, atyp=1)
+    assert rep[:2] == b"\x05\x08"
+    s, rep = socks5_connect(h.port, socket.inet_pton(socket.AF_INET6, "::1"), echo.port, atyp=4)
+    assert rep[:2] == b"\x05\x08"
+    assert echo.accepted == 0
+    assert {v.reason for v in h.violations()} == {"address_type"}
+
+
+@pytest.mark.parametrize("cmd", [2, 3])
+def test_bind_and_udp_get_rep_07(start_socks, echo, cmd):
+    h = start_socks()
+    s = connect(h.port)
+    s.sendall(b"\x05\x01\x00")
+    assert recv_exact(s, 2) == b"\x05\x00"
+    s.sendall(bytes([5, cmd, 0, 3, 9]) + b"localhost" + echo.port.to_bytes(2, "big"))
+    assert recv_exact(s, 10)[:2] == b"\x05\x07"
+
+
+def test_no_acceptable_method_gets_ff(start_socks):
+    h = start_socks()
+    s = connect(h.port)
+    s.sendall(b"\x05\x01\x02")  # username/password only
+    assert recv_exact(s, 2) == b"\x05\xff"
+    assert s.recv(1) == b""
+
+
+@pytest.mark.parametrize("greeting", [b"\x04\x01\x00\x50", b"GET / HTTP/1.1\r\n\r\n", b"\x00"])
+def test_wrong_version_is_closed(start_socks, echo, greeting):
+    h = start_socks()
+    s = connect(h.port)
+    s.sendall(greeting)
+    assert s.recv(16) == b""
+    # and the server keeps serving others
+    s2, rep = socks5_connect(h.port, b"localhost", echo.port)
+    assert rep[:2] == b"\x05\x00"
+
+
+@pytest.mark.parametrize("domain, rep", [(b"", 1), (b"\xff\xfe.test", 1)])
+def test_bad_domain_gets_rep_01(start_socks, domain, rep):
+    h = start_socks()
+    s = connect(h.port)
+    s.sendall(b"\x05\x01\x00")
+    assert recv_exact(s, 2) == b"\x05\x00"
+    s.sendall(bytes([5, 1, 0, 3, len(domain)]) + domain + b"\x01\xbb")
+    assert recv_exact(s, 10)[1] == rep
+
+
+def test_unknown_atyp_is_closed(start_socks):
+    h = start_socks()
+    s = connect(h.port)
+    s.sendall(b"\x05\x01\x00")
+    assert recv_exact(s, 2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00\x09" + b"\x00" * 8)
+    assert s.recv(16) == b""
+
+
+def test_connection_refused_gets_rep_05(start_socks):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    dead = probe.getsockname()[1]
+    probe.close()
+    h = start_socks()
+    s, rep = socks5_connect(h.port, b"localhost", dead)
+    assert rep[:2] == b"\x05\x05"
+
+
+def test_unresolvable_gets_rep_04(start_socks):
+    h = start_socks(["nowhere.test"], resolver=pinned({}))
+    s, rep = socks5_connect(h.port, b"nowhere.test", 443)
+    assert rep[:2] == b"\x05\x04"
+
+
+def test_guard_refusal_gets_rep_02(start_socks, echo):
+    h = start_socks(["meta.test"], resolver=pinned({"meta.test": ["169.254.169.254"]}))
+    s, rep = socks5_connect(h.port, b"meta.test", echo.port)
+    assert rep[:2] == b"\x05\x02"
+    assert [v.reason for v in h.violations()] == ["resolved_address"]
+
+
+def test_tunnel_outlives_the_handshake_timeout(start_socks, echo):
+    """fix: the crate wrapped the whole session in the 10 s handshake timeout."""
+    h = start_socks(handshake_timeout=0.3)
+    s, rep = socks5_connect(h.port, b"localhost", echo.port)
+    assert rep[:2] == b"\x05\x00"
+    time.sleep(0.6)  # let the handshake timeout pass: the tunnel must not care
+    s.sendall(b"still here")
+    assert recv_exact(s, 10) == b"still here"
+
+
+def test_slow_handshake_is_closed(start_socks):
+    h = start_socks(handshake_timeout=0.3)
+    s = connect(h.port)
+    s.sendall(b"\x05")
+    assert s.recv(16) == b""
+
+
+def test_early_bytes_after_request_are_forwarded(start_socks, echo):
+    h = start_socks()
+    s = connect(h.port)
+    s.sendall(b"\x05\x01\x00" + bytes([5, 1, 0, 3, 9]) + b"localhost" + echo.port.to_bytes(2, "big") + b"eager")
+    assert recv_exact(s, 2) == b"\x05\x00"
+    assert recv_exact(s, 10)[:2] == b"\x05\x00"
+    assert recv_exact(s, 5) == b"eager"
+
+
+def test_one_port_serves_both_protocols(start_socks, echo):
+    h = start_socks(cls=BuiltInProxy, socks5=True)
+    s, rep = socks5_connect(h.port, b"localhost", echo.port)
+    assert rep[:2] == b"\x05\x00"
+    s.sendall(b"socks")
+    assert recv_exact(s, 5) == b"socks"
+    from peers import http_connect, status_of
+
+    s2, head = http_connect(h.port, f"localhost:{echo.port}")
+    assert status_of(head) == 200
