@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 #: Longest AF_UNIX path Linux accepts (``sun_path`` is 108 bytes including the NUL).
 MAX_UDS_PATH_BYTES = 107
 
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Errors that concern only the one connection being accepted: retry at once. Anything else
+# (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...) may persist, so pause before accepting again.
+_PER_CONNECTION_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 _ACCEPT_BACKOFF = 0.1
 
 
@@ -187,7 +189,7 @@ class UdsBridge:
                         self.path, e, throttle.suppressed,
                     )
                     throttle.suppressed = 0
-                if e.errno in _RESOURCE_ERRNOS:
+                if e.errno not in _PER_CONNECTION_ERRNOS:
                     await asyncio.sleep(_ACCEPT_BACKOFF)
                 continue
             if self._closed:

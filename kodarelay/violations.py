@@ -63,7 +63,7 @@ class ViolationLog:
         v = Violation(time.time(), protocol, _printable(host), port, reason)
         with self._lock:
             self._ring.append(v)
-        log.warning("refused %s %s:%s (%s)", protocol, v.host, port if port is not None else "-", reason)
+        log.info("refused %s %s:%s (%s)", protocol, v.host, port if port is not None else "-", reason)
         if self._on_violation is not None:
             try:
                 self._on_violation(v)

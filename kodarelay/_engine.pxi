@@ -1,0 +1,1191 @@
+# The GIL-free relay engine, included at the end of ``_relay.pyx``.
+#
+# Design
+# ------
+# * ``relay_with_timeouts`` detaches the two sockets' fds from their Python objects (so no
+#   Python-side close can race with the engine; from then on the engine alone owns them),
+#   wraps them in a ``Tunnel`` (a malloc'd C struct) and hands it to one engine worker.
+# * A worker is a thread that runs an epoll loop entirely inside ``with nogil``. Both fds are
+#   registered edge-triggered (IN|OUT|RDHUP); an event on fd X services the direction reading
+#   X (readable) and/or the direction writing X (writable), each until EAGAIN or a budget.
+# * Data moves with splice(2) socket -> pipe -> socket, Go's ``internal/poll/splice_linux.go``
+#   discipline: "drain" (socket -> pipe) only starts when the pipe is empty, "pump"
+#   (pipe -> socket) empties it; a partial pump leaves the bytes in the pipe until the
+#   destination is writable again. Pipes come from a per-worker pool only while bytes are in
+#   flight, so an idle tunnel holds no pipe. Where the kernel refuses splice (EINVAL/ENOSYS)
+#   the direction falls back to recv/send through a pooled buffer; ``set_splice_enabled``
+#   (or ``KODARELAY_NO_SPLICE``) forces the copy path globally.
+# * Idle / total deadlines live in a per-worker binary heap keyed by a lower bound of each
+#   tunnel's deadline; activity only moves a deadline later, so the heap is fixed lazily when
+#   its top expires. epoll_wait sleeps until the nearest key.
+# * Completion: the worker closes the fds and, once per loop iteration, takes the GIL for the
+#   batch of finished tunnels and calls ``loop.call_soon_threadsafe`` for each (the data path
+#   never touches the GIL). Cancellation: the awaiting task flags the tunnel and wakes the
+#   worker through its eventfd; the worker closes the fds at once.
+# * Locking: each worker has one mutex guarding its submission / cancel lists, the
+#   ``finished`` flag, the waiter pointer, tunnel refcounts and eventfd writes. The worker
+#   never holds it while taking the GIL.
+
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+from libc.errno cimport errno, EINTR, EAGAIN, EINVAL, ENOSYS, EBADF, ECONNABORTED
+from libc.math cimport ceil
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+
+import asyncio as _asyncio
+import atexit as _atexit
+import os as _os
+import threading as _threading
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLRDHUP
+        EPOLLERR
+        EPOLLHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        F_GETPIPE_SZ
+        O_NONBLOCK
+        O_CLOEXEC
+    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)
+    int fcntl(int fd, int cmd, ...)
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+    int close(int fd)
+    int pipe2(int *pipefd, int flags)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    enum:
+        SHUT_WR
+        SOL_SOCKET
+        SO_ERROR
+        MSG_NOSIGNAL
+    ssize_t recv(int fd, void *buf, size_t len, int flags)
+    ssize_t send(int fd, const void *buf, size_t len, int flags)
+    int shutdown(int fd, int how)
+    int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    enum:
+        CLOCK_MONOTONIC
+    int clock_gettime(int clk, timespec *ts)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+
+# ── tunables ─────────────────────────────────────────────────────────────────
+
+DEF MAX_EVENTS = 256
+DEF BUDGET = 16                  # drain/pump rounds per direction before yielding to others
+DEF COPY_BUF = 128 * 1024        # copy-mode buffer
+DEF POOL_MAX = 32                # pooled pipes / buffers kept per worker
+DEF MAX_THREADS = 64
+
+# result codes
+DEF RES_RUNNING = 0
+DEF RES_OK = 1
+DEF RES_ERRNO = 2
+DEF RES_IDLE = 3
+DEF RES_TOTAL = 4
+DEF RES_CANCELLED = 5
+DEF RES_SHUTDOWN = 6
+
+cdef int g_splice_enabled = 1     # global switch: 0 forces the recv/send copy path
+cdef int g_pipe_size = 256 * 1024  # F_SETPIPE_SZ request for new pipes (0: kernel default)
+
+
+cdef struct Dir:
+    int pr                 # pipe read end, -1 when none
+    int pw                 # pipe write end
+    size_t pcap            # capacity of the current pipe
+    size_t pending         # bytes sitting in the pipe
+    char *buf              # copy-mode buffer, NULL when none
+    size_t bpending        # bytes in buf still to send, from boff
+    size_t boff
+    uint64_t moved         # bytes delivered to the destination
+    bint eof
+    bint shut
+    bint copy
+
+
+cdef struct Worker
+
+
+cdef struct Tunnel:
+    int fd[2]
+    Dir d[2]               # d[0]: fd[0] -> fd[1] (a -> b); d[1]: fd[1] -> fd[0]
+    double start
+    double last            # last time a byte moved, either direction
+    double idle
+    double total
+    double key             # heap key: a lower bound of the tunnel's deadline
+    Py_ssize_t hidx        # heap index, -1 when not in the heap
+    int result             # RES_*
+    int err                # errno for RES_ERRNO
+    int refs               # engine + handle (+ cancel list); guarded by the worker mutex
+    bint finished          # guarded by the worker mutex
+    bint cancel_req
+    bint registered        # fds added to epoll
+    bint queued            # on the run queue
+    int rq_dirs            # directions to resume from the run queue (bit mask)
+    PyObject *waiter       # the _TunnelHandle to notify (owned ref), guarded by the mutex
+    Worker *w
+    Tunnel *snext          # submission list
+    Tunnel *xnext          # cancel list
+    Tunnel *rq_prev        # run queue
+    Tunnel *rq_next
+    Tunnel *dnext          # done list (this loop iteration)
+
+
+cdef struct Worker:
+    int epfd
+    int evfd
+    pthread_mutex_t mu
+    # guarded by mu
+    Tunnel *sub_head
+    Tunnel *cancel_head
+    bint wake_pending
+    bint stopping
+    # worker thread only
+    Tunnel **heap
+    Py_ssize_t hlen
+    Py_ssize_t hcap
+    Tunnel *rq_head
+    Tunnel *rq_tail
+    Py_ssize_t rq_len
+    Tunnel *done_head
+    int pool_r[POOL_MAX]
+    int pool_w[POOL_MAX]
+    size_t pool_cap[POOL_MAX]
+    int pool_n
+    char *bufs[POOL_MAX]
+    int buf_n
+    # statistics (read racily)
+    Py_ssize_t ntunnels
+    uint64_t total_tunnels
+    uint64_t pipes_created
+    uint64_t splice_calls
+    uint64_t copy_calls
+
+
+# ── small helpers (no GIL) ───────────────────────────────────────────────────
+
+cdef inline double _mono() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef inline void _close_fd(int *fd) noexcept nogil:
+    if fd[0] >= 0:
+        close(fd[0])      # never retried: on Linux the fd is released even on EINTR
+        fd[0] = -1
+
+
+cdef inline void _wake_locked(Worker *w) noexcept nogil:
+    # caller holds w.mu
+    cdef uint64_t one = 1
+    if not w.wake_pending and w.evfd >= 0:
+        w.wake_pending = True
+        while write(w.evfd, &one, 8) < 0 and errno == EINTR:
+            pass
+
+
+cdef void _drop_ref(Tunnel *t) noexcept nogil:
+    cdef Worker *w = t.w
+    cdef int left
+    pthread_mutex_lock(&w.mu)
+    t.refs -= 1
+    left = t.refs
+    pthread_mutex_unlock(&w.mu)
+    if left == 0:
+        free(t)
+
+
+# ── pipe and buffer pools (worker thread only) ───────────────────────────────
+
+cdef int _pipe_get(Worker *w, Dir *d) noexcept nogil:
+    cdef int p[2]
+    cdef int sz
+    if w.pool_n > 0:
+        w.pool_n -= 1
+        d.pr = w.pool_r[w.pool_n]
+        d.pw = w.pool_w[w.pool_n]
+        d.pcap = w.pool_cap[w.pool_n]
+        return 0
+    if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
+        return -1
+    if g_pipe_size > 0:
+        fcntl(p[1], F_SETPIPE_SZ, <int>g_pipe_size)   # may fail (pipe-user-pages); keep default
+    sz = fcntl(p[1], F_GETPIPE_SZ)
+    d.pr = p[0]
+    d.pw = p[1]
+    d.pcap = <size_t>sz if sz > 0 else 65536
+    w.pipes_created += 1
+    return 0
+
+
+cdef void _pipe_put(Worker *w, Dir *d) noexcept nogil:
+    if d.pr < 0:
+        return
+    if d.pending == 0 and w.pool_n < POOL_MAX:
+        w.pool_r[w.pool_n] = d.pr
+        w.pool_w[w.pool_n] = d.pw
+        w.pool_cap[w.pool_n] = d.pcap
+        w.pool_n += 1
+    else:                 # never pool a pipe that still holds bytes
+        close(d.pr)
+        close(d.pw)
+    d.pr = -1
+    d.pw = -1
+    d.pending = 0
+
+
+cdef void _buf_put(Worker *w, Dir *d) noexcept nogil:
+    if d.buf == NULL:
+        return
+    if w.buf_n < POOL_MAX:
+        w.bufs[w.buf_n] = d.buf
+        w.buf_n += 1
+    else:
+        free(d.buf)
+    d.buf = NULL
+    d.bpending = 0
+    d.boff = 0
+
+
+cdef int _buf_get(Worker *w, Dir *d) noexcept nogil:
+    if w.buf_n > 0:
+        w.buf_n -= 1
+        d.buf = w.bufs[w.buf_n]
+    else:
+        d.buf = <char *>malloc(COPY_BUF)
+        if d.buf == NULL:
+            return -1
+    d.bpending = 0
+    d.boff = 0
+    return 0
+
+
+# ── timer heap (worker thread only) ──────────────────────────────────────────
+
+cdef inline void _heap_set(Worker *w, Py_ssize_t i, Tunnel *t) noexcept nogil:
+    w.heap[i] = t
+    t.hidx = i
+
+
+cdef void _heap_up(Worker *w, Py_ssize_t i) noexcept nogil:
+    cdef Tunnel *t = w.heap[i]
+    cdef Py_ssize_t p
+    while i > 0:
+        p = (i - 1) >> 1
+        if w.heap[p].key <= t.key:
+            break
+        _heap_set(w, i, w.heap[p])
+        i = p
+    _heap_set(w, i, t)
+
+
+cdef void _heap_down(Worker *w, Py_ssize_t i) noexcept nogil:
+    cdef Tunnel *t = w.heap[i]
+    cdef Py_ssize_t c
+    while True:
+        c = 2 * i + 1
+        if c >= w.hlen:
+            break
+        if c + 1 < w.hlen and w.heap[c + 1].key < w.heap[c].key:
+            c += 1
+        if t.key <= w.heap[c].key:
+            break
+        _heap_set(w, i, w.heap[c])
+        i = c
+    _heap_set(w, i, t)
+
+
+cdef int _heap_push(Worker *w, Tunnel *t) noexcept nogil:
+    cdef Py_ssize_t ncap
+    cdef Tunnel **nh
+    if w.hlen == w.hcap:
+        ncap = w.hcap * 2 if w.hcap else 64
+        nh = <Tunnel **>realloc(w.heap, ncap * sizeof(Tunnel *))
+        if nh == NULL:
+            return -1
+        w.heap = nh
+        w.hcap = ncap
+    w.hlen += 1
+    _heap_set(w, w.hlen - 1, t)
+    _heap_up(w, w.hlen - 1)
+    return 0
+
+
+cdef void _heap_remove(Worker *w, Tunnel *t) noexcept nogil:
+    cdef Py_ssize_t i = t.hidx
+    cdef Tunnel *last
+    if i < 0:
+        return
+    t.hidx = -1
+    w.hlen -= 1
+    if i == w.hlen:
+        return
+    last = w.heap[w.hlen]
+    _heap_set(w, i, last)
+    if i > 0 and w.heap[(i - 1) >> 1].key > last.key:
+        _heap_up(w, i)
+    else:
+        _heap_down(w, i)
+
+
+# ── run queue (tunnels whose budget ran out; worker thread only) ─────────────
+
+cdef void _rq_push(Worker *w, Tunnel *t, int dirs) noexcept nogil:
+    t.rq_dirs |= dirs
+    if t.queued:
+        return
+    t.queued = True
+    t.rq_next = NULL
+    t.rq_prev = w.rq_tail
+    if w.rq_tail != NULL:
+        w.rq_tail.rq_next = t
+    else:
+        w.rq_head = t
+    w.rq_tail = t
+    w.rq_len += 1
+
+
+cdef void _rq_remove(Worker *w, Tunnel *t) noexcept nogil:
+    if not t.queued:
+        return
+    if t.rq_prev != NULL:
+        t.rq_prev.rq_next = t.rq_next
+    else:
+        w.rq_head = t.rq_next
+    if t.rq_next != NULL:
+        t.rq_next.rq_prev = t.rq_prev
+    else:
+        w.rq_tail = t.rq_prev
+    t.rq_prev = NULL
+    t.rq_next = NULL
+    t.queued = False
+    w.rq_len -= 1
+
+
+# ── tunnel teardown (worker thread only) ─────────────────────────────────────
+
+cdef void _release_dir(Worker *w, Dir *d) noexcept nogil:
+    _pipe_put(w, d)       # closes it instead when bytes are left in it
+    _buf_put(w, d)
+
+
+cdef void _finish(Worker *w, Tunnel *t, int result, int err) noexcept nogil:
+    """Close everything the tunnel owns and queue its completion for this iteration."""
+    cdef int i
+    if t.finished or t.result != RES_RUNNING:
+        return
+    t.result = result
+    t.err = err
+    for i in range(2):
+        if t.fd[i] >= 0:
+            if t.registered:
+                epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[i], NULL)
+            _close_fd(&t.fd[i])
+        _release_dir(w, &t.d[i])
+    t.registered = False
+    _heap_remove(w, t)
+    _rq_remove(w, t)
+    if w.ntunnels > 0:
+        w.ntunnels -= 1
+    pthread_mutex_lock(&w.mu)
+    t.finished = True
+    pthread_mutex_unlock(&w.mu)
+    # The engine's reference is dropped at the end of the iteration, after the completion
+    # has been delivered: events later in this batch may still name this tunnel.
+    t.dnext = w.done_head
+    w.done_head = t
+
+
+cdef void _finish_errno(Worker *w, Tunnel *t, int err) noexcept nogil:
+    _finish(w, t, RES_ERRNO, err)
+
+
+# ── moving bytes (worker thread only) ────────────────────────────────────────
+
+cdef int _service_copy(Worker *w, Tunnel *t, Dir *d, int src, int dst, double now) noexcept nogil:
+    """One round of the copy path. 1: progress, 0: blocked, -1: error (tunnel finished)."""
+    cdef ssize_t n
+    cdef int e
+    cdef size_t want
+    if d.buf == NULL:
+        if _buf_get(w, d) < 0:
+            _finish_errno(w, t, 12)   # ENOMEM
+            return -1
+    if d.bpending == 0:
+        d.boff = 0
+        if d.pending > 0:
+            # bytes left in the pipe from before the switch to copying
+            want = d.pending if d.pending < COPY_BUF else COPY_BUF
+            n = read(d.pr, d.buf, want)
+            if n > 0:
+                d.pending -= <size_t>n
+                d.bpending = <size_t>n
+                if d.pending == 0:
+                    _pipe_put(w, d)
+            elif n < 0 and errno != EINTR and errno != EAGAIN:
+                _finish_errno(w, t, errno)
+                return -1
+            else:
+                return 1
+        elif not d.eof:
+            w.copy_calls += 1
+            n = recv(src, d.buf, COPY_BUF, 0)
+            if n > 0:
+                d.bpending = <size_t>n
+                t.last = now
+            elif n == 0:
+                d.eof = True
+                return 1
+            else:
+                e = errno
+                if e == EINTR:
+                    return 1
+                if e == EAGAIN:
+                    return 0
+                _finish_errno(w, t, e)
+                return -1
+        else:
+            return 0
+    # send what the buffer holds
+    w.copy_calls += 1
+    n = send(dst, d.buf + d.boff, d.bpending, MSG_NOSIGNAL)
+    if n > 0:
+        d.bpending -= <size_t>n
+        d.boff += <size_t>n
+        d.moved += <uint64_t>n
+        t.last = now
+        return 1
+    e = errno if n < 0 else EAGAIN
+    if e == EINTR:
+        return 1
+    if e == EAGAIN:
+        return 0
+    _finish_errno(w, t, e)
+    return -1
+
+
+cdef int _service_dir(Worker *w, Tunnel *t, int di, double now) noexcept nogil:
+    """Move bytes for direction ``di`` until blocked.
+
+    Returns 0 when blocked (an epoll edge will resume it), 1 when the budget ran out (the
+    caller queues it), -1 when the tunnel finished.
+    """
+    cdef Dir *d = &t.d[di]
+    cdef int src = t.fd[di]
+    cdef int dst = t.fd[1 - di]
+    cdef ssize_t n
+    cdef int e, r, rounds
+    cdef bint progress
+    for rounds in range(BUDGET):
+        if d.shut:
+            return 0
+        progress = False
+        if d.copy:
+            r = _service_copy(w, t, d, src, dst, now)
+            if r < 0:
+                return -1
+            progress = r > 0
+        else:
+            # drain: socket -> pipe, only into an empty pipe
+            if d.pending == 0 and not d.eof:
+                if d.pr < 0 and _pipe_get(w, d) < 0:
+                    _finish_errno(w, t, errno)
+                    return -1
+                w.splice_calls += 1
+                n = splice(src, NULL, d.pw, NULL, d.pcap, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if n > 0:
+                    d.pending = <size_t>n
+                    t.last = now
+                    progress = True
+                elif n == 0:
+                    d.eof = True
+                    progress = True
+                else:
+                    e = errno
+                    if e == EINTR:
+                        progress = True
+                    elif e == EINVAL or e == ENOSYS:
+                        d.copy = True          # this socket refuses splice: copy instead
+                        progress = True
+                    elif e != EAGAIN:
+                        _finish_errno(w, t, e)
+                        return -1
+            # pump: pipe -> socket, until the pipe is empty or the socket is full
+            if d.pending > 0 and not d.copy:
+                w.splice_calls += 1
+                n = splice(d.pr, NULL, dst, NULL, d.pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if n > 0:
+                    d.pending -= <size_t>n
+                    d.moved += <uint64_t>n
+                    t.last = now
+                    progress = True
+                    if d.pending == 0:
+                        _pipe_put(w, d)
+                else:
+                    e = errno if n < 0 else EAGAIN
+                    if e == EINTR:
+                        progress = True
+                    elif e == EINVAL or e == ENOSYS:
+                        d.copy = True          # copy path empties the pipe first
+                        progress = True
+                    elif e == EAGAIN:
+                        return 0               # bytes stay in the pipe until EPOLLOUT
+                    else:
+                        _finish_errno(w, t, e)
+                        return -1
+            elif d.pending == 0 and d.pr >= 0 and not progress:
+                _pipe_put(w, d)                # blocked on an empty pipe: give it back
+        if d.eof and d.pending == 0 and d.bpending == 0:
+            shutdown(dst, SHUT_WR)             # errors (ENOTCONN: peer gone) ignored, as the twin
+            d.shut = True
+            _release_dir(w, d)
+            if t.d[1 - di].shut:
+                _finish(w, t, RES_OK, 0)
+                return -1
+            return 0
+        if not progress:
+            if d.pr >= 0 and d.pending == 0:
+                _pipe_put(w, d)
+            if d.buf != NULL and d.bpending == 0:
+                _buf_put(w, d)
+            return 0
+    return 1
+
+
+cdef void _service(Worker *w, Tunnel *t, int dirs, double now) noexcept nogil:
+    cdef int di, r
+    for di in range(2):
+        if t.finished or t.result != RES_RUNNING:
+            return
+        if dirs & (1 << di):
+            r = _service_dir(w, t, di, now)
+            if r < 0:
+                return
+            if r > 0:
+                _rq_push(w, t, 1 << di)
+
+
+cdef void _on_event(Worker *w, Tunnel *t, int side, uint32_t ev, double now) noexcept nogil:
+    cdef int dirs = 0
+    cdef int soerr = 0
+    cdef socklen_t sl = sizeof(int)
+    if t.result != RES_RUNNING:
+        return
+    if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        dirs |= 1 << side            # fd[side] readable: direction reading it
+    if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+        dirs |= 1 << (1 - side)      # fd[side] writable: direction writing it
+    _service(w, t, dirs, now)
+    if ev & EPOLLERR and t.result == RES_RUNNING:
+        # an error on a socket neither direction would touch again (e.g. a reset after EOF)
+        if getsockopt(t.fd[side], SOL_SOCKET, SO_ERROR, &soerr, &sl) == 0 and soerr != 0:
+            _finish_errno(w, t, soerr)
+
+
+# ── submissions, cancellations, timers ───────────────────────────────────────
+
+cdef void _register(Worker *w, Tunnel *t) noexcept nogil:
+    cdef epoll_event ev
+    cdef int i
+    if t.cancel_req:
+        _finish(w, t, RES_CANCELLED, 0)
+        return
+    w.ntunnels += 1
+    w.total_tunnels += 1
+    if not g_splice_enabled:
+        t.d[0].copy = True
+        t.d[1].copy = True
+    t.key = t.start + (t.idle if t.idle < t.total else t.total)
+    if _heap_push(w, t) < 0:
+        _finish_errno(w, t, 12)
+        return
+    for i in range(2):
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.u64 = <uint64_t><uintptr_t>t | <uint64_t>i
+        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, t.fd[i], &ev) < 0:
+            _finish_errno(w, t, errno)
+            if i == 1:
+                epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[0], NULL)
+            return
+        t.registered = True
+    # epoll reports the current readiness of edge-triggered fds on ADD: no service here
+
+
+cdef void _on_wake(Worker *w) noexcept nogil:
+    cdef uint64_t v
+    cdef Tunnel *subs
+    cdef Tunnel *cans
+    cdef Tunnel *t
+    cdef Tunnel *nxt
+    cdef Tunnel *rev = NULL
+    while read(w.evfd, &v, 8) < 0 and errno == EINTR:
+        pass
+    pthread_mutex_lock(&w.mu)
+    subs = w.sub_head
+    cans = w.cancel_head
+    w.sub_head = NULL
+    w.cancel_head = NULL
+    w.wake_pending = False
+    pthread_mutex_unlock(&w.mu)
+    # submissions were pushed LIFO: register oldest first
+    t = subs
+    while t != NULL:
+        nxt = t.snext
+        t.snext = rev
+        rev = t
+        t = nxt
+    t = rev
+    while t != NULL:
+        nxt = t.snext
+        t.snext = NULL
+        _register(w, t)
+        t = nxt
+    t = cans
+    while t != NULL:
+        nxt = t.xnext
+        t.xnext = NULL
+        _finish(w, t, RES_CANCELLED, 0)
+        _drop_ref(t)          # the cancel list's reference (freed only if nothing else holds it)
+        t = nxt
+
+
+cdef void _expire(Worker *w, double now) noexcept nogil:
+    cdef Tunnel *t
+    cdef double dl, tl
+    while w.hlen > 0 and w.heap[0].key <= now:
+        t = w.heap[0]
+        tl = t.start + t.total
+        dl = t.last + t.idle
+        if tl < dl:
+            dl = tl
+        if dl <= now:
+            _finish(w, t, RES_TOTAL if now >= tl else RES_IDLE, 0)
+        else:
+            t.key = dl
+            _heap_down(w, 0)
+
+
+cdef void _deliver_batch(Tunnel *head) noexcept with gil:
+    cdef Tunnel *t = head
+    cdef PyObject *wp
+    cdef _TunnelHandle h
+    while t != NULL:
+        pthread_mutex_lock(&t.w.mu)
+        wp = t.waiter
+        t.waiter = NULL
+        pthread_mutex_unlock(&t.w.mu)
+        if wp != NULL:
+            h = <_TunnelHandle>wp
+            Py_DECREF(h)      # the reference the tunnel held; ``h`` keeps its own
+            try:
+                h.loop.call_soon_threadsafe(h._deliver)
+            except BaseException:
+                pass          # the loop is closed: nobody is waiting any more
+            h = None
+        t = t.dnext
+
+
+cdef void _flush_done(Worker *w) noexcept nogil:
+    cdef Tunnel *head = w.done_head
+    cdef Tunnel *t
+    cdef Tunnel *nxt
+    cdef bint need_gil = False
+    w.done_head = NULL
+    t = head
+    while t != NULL:
+        if t.waiter != NULL:      # racy peek; _deliver_batch re-reads under the mutex
+            need_gil = True
+            break
+        t = t.dnext
+    if need_gil:
+        _deliver_batch(head)
+    t = head
+    while t != NULL:
+        nxt = t.dnext
+        _drop_ref(t)              # the engine's reference
+        t = nxt
+
+
+cdef void _worker_loop(Worker *w) noexcept nogil:
+    cdef epoll_event evs[MAX_EVENTS]
+    cdef int n, i, timeout, k
+    cdef double now, wait
+    cdef uint64_t u
+    cdef Tunnel *t
+    cdef Tunnel *nxt
+    cdef bint stop = False
+    now = _mono()
+    while True:
+        if w.rq_len > 0:
+            timeout = 0
+        elif w.hlen > 0:
+            wait = (w.heap[0].key - now) * 1000.0
+            if wait <= 0:
+                timeout = 0
+            elif wait > 3600000.0:
+                timeout = 3600000
+            else:
+                timeout = <int>ceil(wait)
+        else:
+            timeout = -1
+        n = epoll_wait(w.epfd, evs, MAX_EVENTS, timeout)
+        now = _mono()
+        if n < 0:
+            n = 0                 # EINTR
+        for i in range(n):
+            u = evs[i].data.u64
+            if u == 0:
+                _on_wake(w)
+                pthread_mutex_lock(&w.mu)
+                stop = w.stopping
+                pthread_mutex_unlock(&w.mu)
+            else:
+                _on_event(w, <Tunnel *><uintptr_t>(u & ~(<uint64_t>1)), <int>(u & 1), evs[i].events, now)
+        # tunnels whose budget ran out last time (those queued now wait for the next round)
+        k = w.rq_len
+        while k > 0 and w.rq_head != NULL:
+            k -= 1
+            t = w.rq_head
+            i = t.rq_dirs
+            t.rq_dirs = 0
+            _rq_remove(w, t)
+            _service(w, t, i, now)
+        _expire(w, now)
+        if w.done_head != NULL:
+            _flush_done(w)
+        if stop:
+            break
+    # shutting down: fail every live tunnel, then release the pools
+    _on_wake(w)
+    while w.hlen > 0:
+        _finish(w, w.heap[0], RES_SHUTDOWN, 0)
+    _flush_done(w)
+    while w.pool_n > 0:
+        w.pool_n -= 1
+        close(w.pool_r[w.pool_n])
+        close(w.pool_w[w.pool_n])
+    while w.buf_n > 0:
+        w.buf_n -= 1
+        free(w.bufs[w.buf_n])
+    _close_fd(&w.epfd)
+
+
+def _worker_main(_Engine engine, int idx):
+    cdef Worker *w = engine.workers[idx]
+    with nogil:
+        _worker_loop(w)
+
+
+# ── Python side ──────────────────────────────────────────────────────────────
+
+cdef class _Engine:
+    cdef Worker **workers
+    cdef int nworkers
+    cdef int next_worker
+    cdef object threads
+    cdef bint stopped
+
+    def __cinit__(self, int nthreads):
+        cdef int i
+        cdef Worker *w
+        cdef epoll_event ev
+        self.workers = <Worker **>calloc(nthreads, sizeof(Worker *))
+        if self.workers == NULL:
+            raise MemoryError()
+        self.nworkers = 0
+        self.threads = []
+        for i in range(nthreads):
+            w = <Worker *>calloc(1, sizeof(Worker))
+            if w == NULL:
+                raise MemoryError()
+            w.epfd = -1
+            w.evfd = -1
+            pthread_mutex_init(&w.mu, NULL)
+            self.workers[i] = w
+            self.nworkers += 1
+            w.epfd = epoll_create1(EPOLL_CLOEXEC)
+            if w.epfd < 0:
+                raise OSError(errno, _os.strerror(errno))
+            w.evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+            if w.evfd < 0:
+                raise OSError(errno, _os.strerror(errno))
+            ev.events = EPOLLIN
+            ev.data.u64 = 0
+            if epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.evfd, &ev) < 0:
+                raise OSError(errno, _os.strerror(errno))
+
+    def start(self):
+        cdef int i
+        for i in range(self.nworkers):
+            th = _threading.Thread(
+                target=_worker_main, args=(self, i), name=f"kodarelay-engine-{i}", daemon=True
+            )
+            th.start()
+            self.threads.append(th)
+
+    def stop(self):
+        """Wake every worker, let it fail its tunnels and close its fds, and join it."""
+        cdef int i
+        cdef Worker *w
+        if self.stopped:
+            return
+        self.stopped = True
+        for i in range(self.nworkers):
+            w = self.workers[i]
+            pthread_mutex_lock(&w.mu)
+            w.stopping = True
+            w.wake_pending = False
+            _wake_locked(w)
+            pthread_mutex_unlock(&w.mu)
+        for th in self.threads:
+            if th is not _threading.current_thread():
+                th.join()
+        self.threads = []
+        for i in range(self.nworkers):
+            w = self.workers[i]
+            pthread_mutex_lock(&w.mu)
+            _close_fd(&w.evfd)
+            pthread_mutex_unlock(&w.mu)
+            _close_fd(&w.epfd)    # normally closed by the worker already
+
+    def __dealloc__(self):
+        cdef int i
+        cdef Worker *w
+        if self.workers == NULL:
+            return
+        for i in range(self.nworkers):
+            w = self.workers[i]
+            if not self.stopped:
+                # never started (construction failed): nothing runs on these
+                _close_fd(&w.evfd)
+                _close_fd(&w.epfd)
+            pthread_mutex_destroy(&w.mu)
+            free(w.heap)
+            free(w)
+        free(self.workers)
+        self.workers = NULL
+
+    cdef Worker *pick(self):
+        cdef Worker *w = self.workers[self.next_worker]
+        self.next_worker = (self.next_worker + 1) % self.nworkers
+        return w
+
+    cdef dict stats(self):
+        cdef int i
+        cdef Worker *w
+        cdef Py_ssize_t live = 0, pooled = 0
+        cdef uint64_t total = 0, pipes = 0, sc = 0, cc = 0
+        for i in range(self.nworkers):
+            w = self.workers[i]
+            live += w.ntunnels
+            pooled += w.pool_n
+            total += w.total_tunnels
+            pipes += w.pipes_created
+            sc += w.splice_calls
+            cc += w.copy_calls
+        return {
+            "running": not self.stopped,
+            "threads": self.nworkers,
+            "tunnels": live,
+            "tunnels_total": total,
+            "pooled_pipes": pooled,
+            "pipes_created": pipes,
+            "splice_calls": sc,
+            "copy_calls": cc,
+        }
+
+
+cdef class _TunnelHandle:
+    """Python-side half of a tunnel: the future to resolve and the right to cancel."""
+    cdef Tunnel *t
+    cdef _Engine engine
+    cdef object loop
+    cdef object fut
+    cdef object idle_o
+    cdef object total_o
+
+    def __dealloc__(self):
+        if self.t != NULL:
+            _drop_ref(self.t)
+            self.t = NULL
+
+    def _deliver(self):
+        cdef Tunnel *t = self.t
+        cdef int res, err
+        fut = self.fut
+        if fut.done():
+            return
+        res = t.result
+        err = t.err
+        if res == RES_OK:
+            fut.set_result((t.d[0].moved, t.d[1].moved))
+        elif res == RES_ERRNO:
+            fut.set_exception(OSError(err, _os.strerror(err)))
+        elif res == RES_TOTAL:
+            fut.set_exception(TimeoutError(f"relay exceeded total timeout of {self.total_o}s"))
+        elif res == RES_IDLE:
+            fut.set_exception(TimeoutError(f"relay idle for {self.idle_o}s"))
+        elif res == RES_SHUTDOWN:
+            fut.set_exception(ConnectionAbortedError(ECONNABORTED, "kodarelay relay engine shut down"))
+        else:
+            fut.cancel()
+
+    cdef void cancel(self):
+        cdef Tunnel *t = self.t
+        cdef Worker *w = t.w
+        cdef PyObject *wp = NULL
+        pthread_mutex_lock(&w.mu)
+        if not t.finished and not t.cancel_req:
+            t.cancel_req = True
+            wp = t.waiter
+            t.waiter = NULL
+            t.refs += 1               # held by the cancel list
+            t.xnext = w.cancel_head
+            w.cancel_head = t
+            _wake_locked(w)
+        pthread_mutex_unlock(&w.mu)
+        if wp != NULL:
+            Py_DECREF(<object>wp)
+
+
+cdef _Engine _engine = None
+cdef int _engine_threads = 0
+_engine_lock = _threading.Lock()
+
+
+cdef int _env_threads():
+    raw = _os.environ.get("KODARELAY_ENGINE_THREADS", "").strip()
+    if not raw:
+        return 1
+    try:
+        n = int(raw)
+    except ValueError:
+        return 1
+    return min(max(n, 1), MAX_THREADS)
+
+
+cdef _Engine _get_engine():
+    global _engine
+    if _engine is not None:
+        return _engine
+    with _engine_lock:
+        if _engine is None:
+            e = _Engine(_engine_threads if _engine_threads > 0 else _env_threads())
+            e.start()
+            _engine = e
+        return _engine
+
+
+def set_engine_threads(n):
+    """Number of engine threads (1-64) for the next start of the engine.
+
+    The engine starts lazily with this many threads (default: ``KODARELAY_ENGINE_THREADS``,
+    else 1). A running engine keeps its threads until ``shutdown_engine()``.
+    """
+    global _engine_threads
+    n = int(n)
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"engine threads must be 1-{MAX_THREADS}, got {n}")
+    _engine_threads = n
+
+
+def set_splice_enabled(enabled):
+    """Global switch: ``False`` makes new tunnels copy with recv/send instead of splice(2)."""
+    global g_splice_enabled
+    g_splice_enabled = 1 if enabled else 0
+
+
+def set_pipe_size(nbytes):
+    """Pipe capacity requested (F_SETPIPE_SZ) for pipes created from now on; 0: kernel default."""
+    global g_pipe_size
+    nbytes = int(nbytes)
+    if nbytes < 0 or nbytes > (1 << 30):
+        raise ValueError(f"pipe size out of range: {nbytes}")
+    g_pipe_size = nbytes
+
+
+def engine_stats():
+    """A snapshot of the engine's counters (``{"running": False}`` when it is not started)."""
+    e = _engine
+    if e is None:
+        return {"running": False, "threads": 0, "tunnels": 0, "pooled_pipes": 0}
+    return (<_Engine>e).stats()
+
+
+def shutdown_engine():
+    """Stop the engine: live tunnels fail with ``ConnectionAbortedError``, every fd is closed,
+    the threads are joined. The next relay starts a fresh engine."""
+    global _engine
+    with _engine_lock:
+        e = _engine
+        _engine = None
+    if e is not None:
+        (<_Engine>e).stop()
+
+
+_forked_engines = []
+
+
+def _after_fork_in_child():
+    # The worker threads do not exist in the child and their locks may be held: abandon the
+    # parent's engine without touching it (its fds are close-on-exec). A new one starts lazily.
+    global _engine
+    if _engine is not None:
+        _forked_engines.append(_engine)
+        _engine = None
+    globals()["_engine_lock"] = _threading.Lock()
+
+
+_atexit.register(shutdown_engine)
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_in_child)
+
+if _os.environ.get("KODARELAY_NO_SPLICE", "").strip().lower() in {"1", "true", "yes", "on"}:
+    g_splice_enabled = 0
+if _os.environ.get("KODARELAY_PIPE_SIZE", "").strip().isdigit():
+    g_pipe_size = int(_os.environ["KODARELAY_PIPE_SIZE"].strip())
+
+
+cdef inline int _nodelay(int fd) noexcept nogil:
+    cdef int one = 1
+    return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+
+
+cdef _TunnelHandle _submit(a, b, idle, total, loop):
+    """Detach the sockets, build the tunnel and hand it to a worker. Closes both on failure."""
+    cdef int fa = -1, fb = -1
+    cdef double di, dt
+    cdef Tunnel *t
+    cdef Worker *w
+    cdef _TunnelHandle h
+    cdef _Engine e
+    cdef int i
+    try:
+        a.setblocking(False)
+        b.setblocking(False)
+        di = idle
+        dt = total
+        nd = [s.family in (_AF_INET, _AF_INET6) and s.type == _SOCK_STREAM for s in (a, b)]
+        e = _get_engine()
+        fa = a.detach()
+        fb = b.detach()
+        if fa < 0 or fb < 0:
+            raise OSError(EBADF, _os.strerror(EBADF))
+    except BaseException:
+        _close_fd(&fa)
+        _close_fd(&fb)
+        a.close()
+        b.close()
+        raise
+    if nd[0]:
+        _nodelay(fa)
+    if nd[1]:
+        _nodelay(fb)
+    t = <Tunnel *>calloc(1, sizeof(Tunnel))
+    if t == NULL:
+        _close_fd(&fa)
+        _close_fd(&fb)
+        raise MemoryError()
+    t.fd[0] = fa
+    t.fd[1] = fb
+    for i in range(2):
+        t.d[i].pr = -1
+        t.d[i].pw = -1
+    t.hidx = -1
+    t.idle = di
+    t.total = dt
+    t.start = _mono()
+    t.last = t.start
+    t.refs = 2
+    h = _TunnelHandle.__new__(_TunnelHandle)
+    h.t = t
+    h.engine = e
+    h.loop = loop
+    h.fut = loop.create_future()
+    h.idle_o = idle
+    h.total_o = total
+    w = e.pick()
+    t.w = w
+    Py_INCREF(h)
+    t.waiter = <PyObject *>h
+    pthread_mutex_lock(&w.mu)
+    t.snext = w.sub_head
+    w.sub_head = t
+    _wake_locked(w)
+    pthread_mutex_unlock(&w.mu)
+    return h
+
+
+from socket import AF_INET as _AF_INET, AF_INET6 as _AF_INET6, SOCK_STREAM as _SOCK_STREAM
+
+
+async def relay_with_timeouts(a, b, idle=300.0, total=3600.0):
+    """Copy bytes both ways between ``a`` and ``b`` until both directions reach EOF.
+
+    Compiled engine: same contract as ``kodarelay._relay_py.relay_with_timeouts``. The bytes
+    move in the engine's native threads, without the GIL. Returns ``(a_to_b, b_to_a)``.
+    """
+    loop = _asyncio.get_running_loop()
+    cdef _TunnelHandle h = _submit(a, b, idle, total, loop)
+    try:
+        return await h.fut
+    except BaseException:
+        h.cancel()      # no-op once the engine finished the tunnel
+        raise

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything and run the whole test suite: compiled relay, then the pure-Python twin.
+#   bash scripts/test.sh [extra pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real peers the tests talk to (Debian packages).
+missing=()
+for tool in curl tinyproxy unshare; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    pkgs=()
+    for tool in "${missing[@]}"; do
+        case "$tool" in unshare) pkgs+=(util-linux) ;; *) pkgs+=("$tool") ;; esac
+    done
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+
+echo "== compiled relay (KODARELAY_REQUIRE_EXTENSION=1)"
+KODARELAY_REQUIRE_EXTENSION=1 .venv/bin/python -m pytest -q "$@"
+echo "== pure-Python relay (KODARELAY_NO_EXTENSIONS=1)"
+KODARELAY_NO_EXTENSIONS=1 .venv/bin/python -m pytest -q "$@"
