@@ -24,6 +24,7 @@ extensions = [
     Extension(
         "kodarelay._relay",
         ["kodarelay/_relay.pyx"],
+        depends=["kodarelay/_engine.pxi"],
         extra_compile_args=cflags,
         define_macros=macros,
     )

@@ -590,8 +590,6 @@ cdef int _service_dir(Worker *w, Tunnel *t, int di, double now) noexcept nogil:
                     else:
                         _finish_errno(w, t, e)
                         return -1
-            elif d.pending == 0 and d.pr >= 0 and not progress:
-                _pipe_put(w, d)                # blocked on an empty pipe: give it back
         if d.eof and d.pending == 0 and d.bpending == 0:
             shutdown(dst, SHUT_WR)             # errors (ENOTCONN: peer gone) ignored, as the twin
             d.shut = True
@@ -644,11 +642,11 @@ cdef void _on_event(Worker *w, Tunnel *t, int side, uint32_t ev, double now) noe
 cdef void _register(Worker *w, Tunnel *t) noexcept nogil:
     cdef epoll_event ev
     cdef int i
+    w.ntunnels += 1
+    w.total_tunnels += 1
     if t.cancel_req:
         _finish(w, t, RES_CANCELLED, 0)
         return
-    w.ntunnels += 1
-    w.total_tunnels += 1
     if not g_splice_enabled:
         t.d[0].copy = True
         t.d[1].copy = True
@@ -779,10 +777,10 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
             wait = (w.heap[0].key - now) * 1000.0
             if wait <= 0:
                 timeout = 0
-            elif wait > 3600000.0:
-                timeout = 3600000
-            else:
+            elif wait < 3600000.0:
                 timeout = <int>ceil(wait)
+            else:
+                timeout = 3600000         # (also NaN)
         else:
             timeout = -1
         n = epoll_wait(w.epfd, evs, MAX_EVENTS, timeout)
@@ -1090,7 +1088,8 @@ def _after_fork_in_child():
     if _engine is not None:
         _forked_engines.append(_engine)
         _engine = None
-    globals()["_engine_lock"] = _threading.Lock()
+    global _engine_lock
+    _engine_lock = _threading.Lock()
 
 
 _atexit.register(shutdown_engine)
@@ -1122,6 +1121,10 @@ cdef _TunnelHandle _submit(a, b, idle, total, loop):
         b.setblocking(False)
         di = idle
         dt = total
+        if di != di:          # NaN: no idle limit
+            di = float("inf")
+        if dt != dt:
+            dt = float("inf")
         nd = [s.family in (_AF_INET, _AF_INET6) and s.type == _SOCK_STREAM for s in (a, b)]
         e = _get_engine()
         fa = a.detach()
@@ -1161,16 +1164,31 @@ cdef _TunnelHandle _submit(a, b, idle, total, loop):
     h.fut = loop.create_future()
     h.idle_o = idle
     h.total_o = total
-    w = e.pick()
-    t.w = w
     Py_INCREF(h)
     t.waiter = <PyObject *>h
-    pthread_mutex_lock(&w.mu)
-    t.snext = w.sub_head
-    w.sub_head = t
-    _wake_locked(w)
-    pthread_mutex_unlock(&w.mu)
-    return h
+    while True:
+        w = e.pick()
+        t.w = w
+        h.engine = e
+        pthread_mutex_lock(&w.mu)
+        if not w.stopping:
+            t.snext = w.sub_head
+            w.sub_head = t
+            _wake_locked(w)
+            pthread_mutex_unlock(&w.mu)
+            return h
+        pthread_mutex_unlock(&w.mu)
+        # shutdown_engine() ran in between (another thread): use a fresh engine
+        try:
+            e = _get_engine()
+        except BaseException:
+            t.waiter = NULL
+            Py_DECREF(h)
+            h.t = NULL
+            _close_fd(&t.fd[0])
+            _close_fd(&t.fd[1])
+            free(t)
+            raise
 
 
 from socket import AF_INET as _AF_INET, AF_INET6 as _AF_INET6, SOCK_STREAM as _SOCK_STREAM

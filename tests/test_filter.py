@@ -289,7 +289,9 @@ HOSTILE: list[tuple[str, str]] = [
     ("a" * 63 + ".github.com", "not_allowed"),
     ("a" * 64 + ".github.com", "bad_host"),
     (".".join(["a" * 63] * 4), "bad_host"),  # 255 bytes
-    (".".join(["a" * 49] * 5) + ".com", "bad_host"),  # 254 bytes
+    (".".join(["a" * 49] * 5) + ".com", "not_allowed"),  # 253 bytes: the limit
+    (".".join(["a" * 49] * 5) + ".com.", "not_allowed"),  # 253 + the trailing dot
+    (".".join(["a" * 49] * 5) + ".coms", "bad_host"),  # 254 bytes
     ("a" * 100000, "bad_host"),
     # non-ASCII, IDN homoglyphs (must arrive as punycode)
     ("g\u0456thub.com", "bad_host"),  # Cyrillic i
