@@ -81,9 +81,9 @@ def split_host_port(str authority):
         close = authority.find("]")
         if close < 0 or authority[close + 1:close + 2] != ":":
             raise HeadError(400, "malformed bracketed host")
-        host = authority[1:close]
+        host = authority[:close + 1]
         port_s = authority[close + 2:]
-        if not host:
+        if close == 1:
             raise HeadError(400, "empty host")
     else:
         host, sep, port_s = authority.rpartition(":")

@@ -75,16 +75,17 @@ def split_host_port(authority: str) -> tuple[str, int]:
     """Split a CONNECT authority ``host:port`` / ``[v6]:port`` into ``(host, port)``.
 
     The port is required and must be 1-65535 written in plain decimal digits (no sign, no
-    spaces). The host is returned as written, brackets removed; judging it is the filter's
-    job. Anything else is ``HeadError(400)``.
+    spaces). The host is returned exactly as written, brackets included, so the filter can
+    refuse ``[github.com]`` rather than see ``github.com``; judging the host is its job.
+    Anything else is ``HeadError(400)``.
     """
     if authority.startswith("["):
         close = authority.find("]")
         if close < 0 or authority[close + 1 : close + 2] != ":":
             raise HeadError(400, "malformed bracketed host")
-        host = authority[1:close]
+        host = authority[: close + 1]
         port_s = authority[close + 2 :]
-        if not host:
+        if close == 1:
             raise HeadError(400, "empty host")
     else:
         host, sep, port_s = authority.rpartition(":")
@@ -178,8 +179,14 @@ async def relay_with_timeouts(
     silent is not idle). The relay owns both sockets and closes them on every exit path.
     """
     loop = asyncio.get_running_loop()
-    a.setblocking(False)
-    b.setblocking(False)
+    try:
+        a.setblocking(False)
+        b.setblocking(False)
+    except BaseException:
+        # the relay owns both sockets on every exit path, this one too (e.g. one already closed)
+        a.close()
+        b.close()
+        raise
     last = [time.monotonic()]
 
     async def pump(src: socket.socket, dst: socket.socket) -> int:

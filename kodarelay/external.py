@@ -40,14 +40,11 @@ import subprocess
 import threading
 from typing import Mapping, Sequence, Union
 
+from .env import PROXY_PORT_ENV_KEY
 from .handle import ProxyHandle
 from .ports import pick_ephemeral_port, sleep_backoff_until, wait_for_bind
 
 log = logging.getLogger(__name__)
-
-# Same value as ``kodarelay.env.PROXY_PORT_ENV_KEY``; spelled out so this module has no
-# import-time dependency on the env bouquet.
-PORT_ENV_KEY = "KODA_PROXY_PORT"
 
 #: Bytes of the child's stderr kept for error messages.
 STDERR_TAIL_BYTES = 4096
@@ -229,8 +226,8 @@ class ExternalProxy:
                 raise TypeError(f"env keys and values must be str, not {key!r}: {value!r}")
             if not key or "=" in key or "\0" in key or "\0" in value:
                 raise ValueError(f"invalid environment variable {key!r}")
-        if PORT_ENV_KEY in extra:
-            raise ValueError(f"env must not set {PORT_ENV_KEY}; pass port= instead")
+        if PROXY_PORT_ENV_KEY in extra:
+            raise ValueError(f"env must not set {PROXY_PORT_ENV_KEY}; pass port= instead")
         if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
             raise ValueError(f"port must be None or in 1..65535, not {port!r}")
         if not (startup_timeout > 0 and math.isfinite(startup_timeout)):
@@ -260,7 +257,7 @@ class ExternalProxy:
         program = self.command[0]
         child_env = dict(os.environ)
         child_env.update(self.env)
-        child_env[PORT_ENV_KEY] = str(port)
+        child_env[PROXY_PORT_ENV_KEY] = str(port)
         try:
             proc = subprocess.Popen(
                 self.command,

@@ -20,7 +20,10 @@ always does (fail closed).
 ``Filter.check_resolved`` is the resolved-address guard the servers run after DNS: it
 refuses loopback, link-local, cloud-metadata, unspecified, multicast, broadcast and
 reserved addresses (and private ranges on request) unless an IP / CIDR allow rule names
-them.
+them. "Names" means the rule covers the address and lies inside the refused range it is
+in: ``127.0.0.1``, ``[::1]:8080`` or ``10.0.0.0/8`` unlock those addresses, while a broad
+``0.0.0.0/0`` (any IP literal) or ``169.254.0.0/16`` never unlocks loopback or the
+metadata address 169.254.169.254.
 """
 
 from __future__ import annotations
@@ -448,6 +451,25 @@ class _RuleSet:
         found = [r for a in addrs if (r := self.match(a, port, deny=deny)) is not None]
         return min(found, key=lambda r: r.index) if found else None
 
+    def names_within(self, addr: IPAddress, special: IPNetwork, port: int | None) -> bool:
+        """True when an allow IP / CIDR rule covers ``addr`` and lies inside ``special``.
+
+        A rule must name the special range, not merely overlap it: ``127.0.0.1`` or
+        ``10.0.0.0/8`` unlock their addresses, ``0.0.0.0/0`` or ``169.254.0.0/16`` do not
+        unlock loopback or 169.254.169.254.
+        """
+        for r in self.nets:
+            net = r.net
+            if (
+                net is not None
+                and net.version == special.version == addr.version
+                and addr in net
+                and net.subnet_of(special)  # type: ignore[arg-type]
+                and r.port_matches(port, deny=False)
+            ):
+                return True
+        return False
+
 
 # ── the resolved-address guard's tables ─────────────────────────────────────
 
@@ -510,15 +532,15 @@ def embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
-def _classify(addr: IPAddress, deny_private: bool) -> str | None:
-    """Why ``addr`` (already unwrapped to the address it reaches) is refused, or None."""
+def _classify(addr: IPAddress, deny_private: bool) -> tuple[str, IPNetwork] | None:
+    """Why ``addr`` (already unwrapped to the address it reaches) is refused, and the range."""
     for net, label in _SPECIAL:
         if addr.version == net.version and addr in net:
-            return label
+            return label, net
     if deny_private:
         for net, label in _PRIVATE:
             if addr.version == net.version and addr in net:
-                return label
+                return label, net
     return None
 
 
@@ -606,13 +628,17 @@ class Filter:
 
         ``host`` is re-judged by the rules first (a refusal there is returned as is). Each
         address is unwrapped to the IPv4 it carries (mapped, NAT64, 6to4, Teredo) and then:
-        a deny IP / CIDR rule covering it -> ``denied``; an allow IP / CIDR rule covering
-        it -> fine; the name ``localhost`` allowed by a ``localhost`` rule -> loopback is
-        fine; loopback, link-local, metadata, unspecified, multicast, broadcast, reserved
-        (and with ``deny_private`` RFC 1918, ULA, CGNAT) -> ``resolved_address``. An
+        a deny IP / CIDR rule covering it (raw or unwrapped) -> ``denied``; an ordinary
+        public address -> fine; loopback, link-local, metadata, unspecified, multicast,
+        broadcast, reserved (and with ``deny_private`` RFC 1918, ULA, CGNAT, benchmarking)
+        -> ``resolved_address``, unless an allow IP / CIDR rule names it (covers it and
+        lies inside that range, so ``0.0.0.0/0`` unlocks nothing special) or the target is
+        the name ``localhost`` allowed by a ``localhost`` rule and the address is loopback. An
         unparseable address or an empty list -> ``resolved_address``. For an IP-literal
         target pass ``[host]`` as the addresses.
         """
+        if isinstance(addresses, (str, bytes)):
+            raise TypeError("addresses must be a list of address strings, not a single str")
         decision, canon = self._explain(host, port)
         if not decision.allowed:
             return decision
@@ -620,7 +646,7 @@ class Filter:
         text = decision.host
 
         def refuse(reason: Reason, rule: str | None, detail: str) -> Decision:
-            log.info("refusing %s: %s", text, detail)
+            log.debug("guard refuses %s: %s", text, detail)
             return Decision(False, rule, reason, text, port, detail)
 
         localhost_ok = canon == "localhost" and decision.rule is not None and self._is_localhost_rule(decision.rule)
@@ -636,17 +662,20 @@ class Filter:
             rule = self._deny.match_address(forms, port, deny=True)
             if rule is not None:
                 return refuse("denied", rule.text, f"{addr} is covered by deny rule {rule.text!r}")
-            if self._allow.match_address(forms, port, deny=False) is not None:
-                continue
             target = inner if inner is not None else addr
+            found = _classify(target, deny_private)
+            if found is None and inner is not None:
+                found = _classify(addr, deny_private)
+                target = addr
+            if found is None:
+                continue
+            why, special = found
+            if self._allow.names_within(target, special, port):
+                continue
             if localhost_ok and any(target.version == n.version and target in n for n in _LOOPBACK):
                 continue
-            why = _classify(target, deny_private)
-            if why is None and inner is not None:
-                why = _classify(addr, deny_private)
-            if why is not None:
-                shown = f"{addr} ({inner})" if inner is not None else str(addr)
-                return refuse("resolved_address", None, f"{shown} is {why}")
+            shown = f"{addr} ({inner})" if inner is not None else str(addr)
+            return refuse("resolved_address", None, f"{shown} is {why}")
         if not seen:
             return refuse("resolved_address", None, "no addresses to check")
         return decision

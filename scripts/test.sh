@@ -25,6 +25,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 
+export KODARELAY_REQUIRE_PEERS=1
 echo "== compiled relay (KODARELAY_REQUIRE_EXTENSION=1)"
 KODARELAY_REQUIRE_EXTENSION=1 .venv/bin/python -m pytest -q "$@"
 echo "== pure-Python relay (KODARELAY_NO_EXTENSIONS=1)"

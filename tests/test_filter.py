@@ -4,6 +4,7 @@ resolved-address guard. Addresses here are data fed to the filter; nothing is di
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 from hypothesis import given, settings
@@ -655,6 +656,11 @@ def test_resolved_address_guard(addresses: list[str], deny_private: bool, reason
         assert d.detail
 
 
+def test_guard_wants_a_list() -> None:
+    with pytest.raises(TypeError):
+        GUARD_FILTER.check_resolved("github.com", 443, "93.184.216.34")  # type: ignore[arg-type]
+
+
 def test_guard_rejudges_the_name() -> None:
     assert GUARD_FILTER.check_resolved("evil.com", 443, ["93.184.216.34"]) == NOT_ALLOWED
     assert GUARD_FILTER.check_resolved("github.com\x00", 443, ["93.184.216.34"]) == BAD_HOST
@@ -690,14 +696,27 @@ def test_guard_ip_allow_rule_exempts_the_address() -> None:
     assert f.check_resolved("pinned.test", 80, ["192.168.1.1"], deny_private=True).reason == "resolved_address"
 
 
+def test_guard_broad_allow_rule_does_not_unlock_special_ranges() -> None:
+    f = Filter(["pinned.test", "0.0.0.0/0", "::/0", "169.254.0.0/16", "100.64.0.0/10", "10.0.0.0/7"])
+    for addr in ("127.0.0.1", "::1", "169.254.169.254", "100.100.100.200", "0.0.0.0", "224.0.0.1", "::ffff:127.0.0.1"):
+        assert f.check_resolved("pinned.test", 80, [addr]).reason == "resolved_address", addr
+    assert f.check_resolved("pinned.test", 80, ["169.254.1.1"]).allowed  # the rule names link-local
+    assert f.check_resolved("pinned.test", 80, ["100.64.1.1"], deny_private=True).allowed
+    assert f.check_resolved("pinned.test", 80, ["10.1.1.1"], deny_private=True).reason == "resolved_address"
+    # literal targets: "any IPv4" at the rule level, but still not loopback after the guard
+    assert f.explain("127.0.0.1").allowed
+    assert f.check_resolved("127.0.0.1", 80, ["127.0.0.1"]).reason == "resolved_address"
+    assert f.check_resolved("93.184.216.34", 80, ["93.184.216.34"]).allowed
+
+
 def test_guard_deny_ip_rule_refuses_a_name_resolving_into_it() -> None:
-    f = Filter(["github.com", "0.0.0.0/0"], deny=["140.82.0.0/16", "10.0.0.0/8:22", "[2001:db8::/32]"])
+    f = Filter(["github.com", "10.0.0.0/8"], deny=["140.82.0.0/16", "10.0.0.0/8:22", "[2001:db8::/32]"])
     d = f.check_resolved("github.com", 443, ["93.184.216.34", "140.82.112.3"])
     assert d == Decision(False, "140.82.0.0/16", "denied")
     assert f.check_resolved("github.com", 443, ["::ffff:140.82.112.3"]).rule == "140.82.0.0/16"
     assert f.check_resolved("github.com", 22, ["10.1.1.1"]) == Decision(False, "10.0.0.0/8:22", "denied")
     assert f.check_resolved("github.com", None, ["10.1.1.1"]).reason == "denied", "unknown port fails closed"
-    assert f.check_resolved("github.com", 443, ["10.1.1.1"]).allowed
+    assert f.check_resolved("github.com", 443, ["10.1.1.1"], deny_private=True).allowed
     assert f.check_resolved("github.com", 443, ["2001:db8::1"]).reason == "denied"
 
 
@@ -784,6 +803,18 @@ def test_every_numeric_ipv4_spelling_canonicalises_equal(
     if value == 0x7F000001:
         assert Filter(["127.0.0.1"]).allows(text)
         assert not Filter(["localhost", "127.0.0.2"]).allows(text)
+
+
+@pytest.mark.skipif(not hasattr(socket, "inet_aton"), reason="no inet_aton")
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="0123456789abcdefx.", min_size=1, max_size=24))
+def test_parse_ipv4_agrees_with_inet_aton_where_it_accepts(text: str) -> None:
+    """Differential: whatever the strict parser accepts, libc reads as the same address."""
+    try:
+        mine = parse_ipv4(text)
+    except ValueError:
+        return
+    assert socket.inet_aton(text) == mine.packed
 
 
 @settings(max_examples=200, deadline=None)

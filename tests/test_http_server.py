@@ -273,3 +273,12 @@ def test_no_fd_leak_after_many_refusals_and_tunnels(start_proxy, echo):
         s, head = http_connect(h.port, f"localhost:{echo.port}" if i % 2 else f"denied.test:{echo.port}")
         s.close()
     wait_until(lambda: len(os.listdir("/proc/self/fd")) <= baseline, what="fds to be released")
+
+
+@pytest.mark.parametrize("target", ["[github.com]:443", "[127.0.0.1]:443", "[::ffff:github.com]:443"])
+def test_bracketed_non_ipv6_never_matches_a_name_rule(start_proxy, target):
+    h = start_proxy(["github.com", "127.0.0.1"])
+    s, head = http_connect(h.port, target)
+    assert status_of(head) in (400, 403)
+    if status_of(head) == 403:
+        assert b"X-Proxy-Error: bad_host" in head

@@ -1,0 +1,396 @@
+"""Running a command behind kodarelay: its environment, its supervision, and the network fence.
+
+``kodarelay run`` uses this module twice: on the host, to start CMD (or the namespace
+helper) and wait for it; inside the network namespace of ``--isolate``, to bring loopback
+up, forward a loopback port to the proxy's UDS bridge and start CMD there.
+
+Decisions worth knowing:
+
+* **Signals.** The supervisor blocks the signals it forwards (and ``SIGCHLD``) before any
+  other thread starts, then waits for them with ``sigtimedwait``: no Python handler runs
+  in the middle of anything, and ``siginfo`` tells a keyboard ``^C`` (sent by the kernel
+  to the whole foreground process group, CMD included) from a ``kill`` aimed at kodarelay
+  alone. The first is not forwarded again (CMD would see two SIGINTs); the second is.
+  CMD is started with ``posix_spawn`` and gets the signal mask kodarelay started with.
+* **Exit status.** CMD's own status; ``128 + N`` when a signal ``N`` killed it.
+* **The fence.** ``unshare --net`` (as root) or ``unshare --net --user --map-root-user``
+  (otherwise, like ``unshare -rn``; CMD then sees itself as uid 0 of that user namespace)
+  runs ``python -m kodarelay._isolate_child``, which exits with CMD. In the new namespace
+  there is no interface but loopback: the only way out is the proxy's UDS bridge, a socket
+  *file*, which network namespaces do not separate. The helper reports on a pipe when the
+  fence is ready; if it never does, CMD is not run at all (never unfenced).
+* **The helper dies with kodarelay.** It asks the kernel for ``SIGTERM`` when its parent
+  dies (``PR_SET_PDEATHSIG``) and forwards it to CMD like any other signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Iterable, Mapping, Sequence
+
+from .env import proxy_env_vars, socks5_env_vars
+from .relay import DEFAULT_IDLE_TIMEOUT, DEFAULT_TOTAL_TIMEOUT, relay_with_timeouts
+
+log = logging.getLogger(__name__)
+
+#: Signals a supervisor passes on to its child.
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+#: Signals the terminal sends to the whole foreground process group (CMD gets them itself).
+_KEYBOARD = (signal.SIGINT, signal.SIGQUIT)
+_SI_KERNEL = 0x80
+_POLL = 1.0
+READY_TIMEOUT = 15.0
+
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+#: ``kodarelay run`` itself failed (like ``env`` / ``timeout`` / ``chroot``).
+EXIT_RUN_FAILED = 125
+
+
+class RunError(Exception):
+    """``kodarelay run`` cannot do what was asked; ``exit_code`` is what it exits with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_RUN_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ── the environment ──────────────────────────────────────────────────────────
+
+
+def _is_proxy_key(key: str) -> bool:
+    low = key.lower()
+    return low.endswith("_proxy") or low.endswith("noproxy")
+
+
+def clean_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without any inherited proxy setting (``*_proxy``, ``*noproxy``, any case).
+
+    A caller's ``HTTPS_PROXY`` (or ``FTP_PROXY``, ``npm_config_proxy``...) would otherwise
+    send some of CMD's traffic around kodarelay; kodarelay chains through it instead.
+    """
+    return {k: v for k, v in environ.items() if not _is_proxy_key(k)}
+
+
+def run_bouquet(port: int, ca_bundle: str | None = None, all_proxy_scheme: str = "socks5h") -> list[tuple[str, str]]:
+    """The variables CMD gets: the wide bouquet at ``127.0.0.1:port`` and an empty NO_PROXY.
+
+    NO_PROXY is empty so that nothing, not even ``localhost``, skips the policy; the port
+    speaks HTTP CONNECT and SOCKS5, so ``ALL_PROXY`` points at it too.
+    """
+    pairs = dict(proxy_env_vars(port, ca_bundle, no_proxy="", tools=True))
+    pairs.update(socks5_env_vars(port, scheme=all_proxy_scheme))
+    return sorted(pairs.items())
+
+
+# ── spawning and supervising ─────────────────────────────────────────────────
+
+
+def block_signals() -> set[int]:
+    """Block the forwarded signals and SIGCHLD in this thread; returns the previous mask.
+
+    Call it before starting any thread, so that threads inherit the mask and every such
+    signal waits for ``supervise``.
+    """
+    return set(signal.pthread_sigmask(signal.SIG_BLOCK, (*FORWARDED, signal.SIGCHLD)))
+
+
+def pending_stop_signal() -> int | None:
+    """A terminating signal that arrived while blocked (before CMD started), if any."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        if sig in signal.sigpending():
+            return int(sig)
+    return None
+
+
+def command_exists(cmd: str, path: str | None = None) -> bool:
+    """Whether ``cmd`` names something to execute (a path that exists, or a PATH hit)."""
+    if os.sep in cmd:
+        return os.path.exists(cmd)
+    return shutil.which(cmd, path=path) is not None
+
+
+def spawn(argv: Sequence[str], env: Mapping[str, str], sigmask: Iterable[int]) -> int:
+    """Start ``argv`` (PATH lookup like ``execvp``) with ``env`` and ``sigmask``; returns its pid.
+
+    SIGPIPE and SIGXFSZ go back to their defaults (Python ignores them). Raises
+    ``RunError`` with 127 / 126 when the command is missing / not executable.
+    """
+    try:
+        return os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(env),
+            setsigmask=list(sigmask),
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    except FileNotFoundError:
+        raise RunError(f"{argv[0]}: command not found", EXIT_NOT_FOUND) from None
+    except OSError as e:
+        raise RunError(f"{argv[0]}: cannot run: {e.strerror or e}", EXIT_NOT_EXECUTABLE) from None
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + N for signal N."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _forward(pid: int, info: signal.struct_siginfo) -> None:
+    sig = info.si_signo
+    if sig in _KEYBOARD and info.si_code == _SI_KERNEL:
+        try:
+            same_group = os.getpgid(pid) == os.getpgrp()
+        except ProcessLookupError:
+            return
+        if same_group:
+            log.debug("%s came from the terminal; the child got it too", signal.Signals(sig).name)
+            return
+    log.debug("forwarding %s to pid %d", signal.Signals(sig).name, pid)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def supervise(pid: int) -> int:
+    """Forward signals to ``pid`` until it exits; returns its exit code (128 + N if signalled).
+
+    Needs ``block_signals()`` to have run in this thread before ``pid`` started.
+    """
+    waited = (*FORWARDED, signal.SIGCHLD)
+    while True:
+        info = signal.sigtimedwait(waited, _POLL)
+        if info is not None and info.si_signo != signal.SIGCHLD:
+            _forward(pid, info)
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # somebody else reaped it; nothing more to learn
+            return EXIT_RUN_FAILED
+        if done:
+            return exit_code(status)
+
+
+# ── the host side of --isolate ───────────────────────────────────────────────
+
+
+def unshare_argv(unshare: str, *, root: bool) -> list[str]:
+    """``unshare --net`` as root, else ``unshare --net --user --map-root-user`` (``unshare -rn``)."""
+    argv = [unshare, "--net"]
+    if not root:
+        argv += ["--user", "--map-root-user"]
+    return argv + ["--"]
+
+
+def spawn_isolated(
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    sigmask: Iterable[int],
+    uds_path: str,
+    *,
+    ca_bundle: str | None = None,
+    all_proxy_scheme: str = "socks5h",
+    ready_timeout: float = READY_TIMEOUT,
+) -> int:
+    """Start CMD in a new network namespace whose only way out is ``uds_path``; returns the helper pid.
+
+    Returns once the helper reported the fence ready. Raises ``RunError`` (and leaves no
+    process behind) when ``unshare`` is missing or the namespace could not be set up.
+    """
+    if not sys.platform.startswith("linux"):
+        raise RunError("--isolate needs Linux network namespaces; this is " + sys.platform)
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise RunError("--isolate needs `unshare` (util-linux) on PATH; refusing to run CMD unfenced")
+    rfd, wfd = os.pipe()
+    try:
+        os.set_inheritable(wfd, True)
+        argv = unshare_argv(unshare, root=os.geteuid() == 0) + [
+            sys.executable, "-m", "kodarelay._isolate_child",
+            "--uds", uds_path, "--ready-fd", str(wfd), "--parent", str(os.getpid()),
+            "--all-proxy-scheme", all_proxy_scheme,
+        ]
+        if ca_bundle is not None:
+            argv += ["--ca-bundle", ca_bundle]
+        argv += ["--", *cmd]
+        try:
+            pid = spawn(argv, env, sigmask)
+        finally:
+            os.close(wfd)
+        ready = _read_ready(rfd, ready_timeout)
+    finally:
+        os.close(rfd)
+    if ready:
+        return pid
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    how = f"unshare exited {code}" if code >= 0 else f"the helper was killed by signal {-code}"
+    raise RunError(
+        f"--isolate: could not set up the network namespace ({how}); CMD was not run. "
+        "Namespaces need root, or unprivileged user namespaces (kernel.unprivileged_userns_clone)"
+    )
+
+
+def _read_ready(fd: int, timeout: float) -> bool:
+    """True once the helper wrote ``ok``; False on EOF or after ``timeout`` seconds."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            return False
+        chunk = os.read(fd, 64)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.startswith(b"ok\n")
+
+
+# ── the namespace side of --isolate ──────────────────────────────────────────
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = "16sH22x"  # struct ifreq: name[16], short flags, padding to 40 bytes
+_PR_SET_PDEATHSIG = 1
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in this network namespace (what ``ip link set lo up`` does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        res = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, struct.pack(_IFREQ, b"lo", 0))
+        flags = struct.unpack(_IFREQ, res)[1]
+        if not flags & _IFF_UP:
+            fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | _IFF_UP))
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Ask for ``sig`` when the parent dies; exit at once if it already did."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:
+        os._exit(EXIT_RUN_FAILED)
+
+
+class UdsForwarder:
+    """A loopback TCP listener whose every connection is relayed to a UDS path (on its own thread)."""
+
+    def __init__(self, uds_path: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.uds_path = uds_path
+        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self._lsock.bind((host, port))
+            self._lsock.listen(128)  # connections queue from here on, before the thread runs
+            self._lsock.setblocking(False)
+        except BaseException:
+            self._lsock.close()
+            raise
+        self.port: int = self._lsock.getsockname()[1]
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._thread = threading.Thread(target=self._run, name="kodarelay-isolate-forwarder", daemon=True)
+
+    def start(self) -> UdsForwarder:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._lsock)
+            except OSError as e:
+                if e.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                log.warning("isolate forwarder: accept failed (%s); retrying", e)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._pipe(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        up.setblocking(False)
+        try:
+            await loop.sock_connect(up, self.uds_path)
+        except OSError as e:
+            log.warning("isolate forwarder: cannot reach the proxy at %s: %s", self.uds_path, e)
+            conn.close()
+            up.close()
+            return
+        try:
+            await relay_with_timeouts(conn, up, DEFAULT_IDLE_TIMEOUT, DEFAULT_TOTAL_TIMEOUT)
+        except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+            log.debug("isolate forwarder: relay ended: %s", e)
+
+
+def child_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m kodarelay._isolate_child`` (runs inside the new namespace)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="kodarelay._isolate_child", description="internal helper of kodarelay run --isolate")
+    p.add_argument("--uds", required=True)
+    p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--ca-bundle")
+    p.add_argument("--all-proxy-scheme", default="socks5h")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    logging.basicConfig(level=logging.WARNING, format="kodarelay (isolate): %(message)s")
+    sigmask = block_signals()
+    os.set_inheritable(args.ready_fd, False)
+    die_with_parent(args.parent)
+    if not cmd:
+        print("kodarelay (isolate): no command given", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    try:
+        loopback_up()
+        forwarder = UdsForwarder(args.uds).start()
+    except OSError as e:
+        print(f"kodarelay: --isolate: cannot set up loopback in the namespace: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    env = clean_env(os.environ)
+    env.update(run_bouquet(forwarder.port, args.ca_bundle, args.all_proxy_scheme))
+    os.write(args.ready_fd, b"ok\n")
+    os.close(args.ready_fd)
+    try:
+        pid = spawn(cmd, env, sigmask)
+    except RunError as e:
+        print(f"kodarelay: {e}", file=sys.stderr)
+        return e.exit_code
+    return supervise(pid)
