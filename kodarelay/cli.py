@@ -1,0 +1,519 @@
+"""The ``kodarelay`` command: ``run``, ``serve``, ``env`` and ``check``.
+
+Decisions worth knowing (the README repeats them):
+
+* ``run`` and ``serve`` hand out an **empty NO_PROXY**: every connection, ``localhost``
+  included, goes through the policy. Allow ``localhost`` (or an IP rule) to reach local
+  services. ``env`` does the same unless ``--no-proxy`` says otherwise.
+* One port speaks HTTP CONNECT and SOCKS5 (first byte 0x05); ``ALL_PROXY`` is
+  ``socks5h://`` at that port (``--all-proxy-scheme http`` for httpx / gRPC clients that
+  reject ``socks5h``). The proxy only tunnels (CONNECT): a plain-``http://`` client must
+  tunnel too (``curl -p``), or get 405.
+* ``run`` strips every inherited ``*_proxy`` variable from CMD's environment and hands out
+  the wide bouquet (``tools=True``: pip, git, npm, yarn, cargo, gRPC, ... names).
+* ``--upstream auto`` (default) chains through the caller's own ``HTTPS_PROXY`` (and
+  honours its ``NO_PROXY``); ``direct`` ignores it; a URL chains everything through it.
+* Allow / deny patterns may be repeated or comma-separated (``--allow a.com,b.org``).
+* Exit codes: ``run`` exits with CMD's status (128 + N if signal N killed it), 127 when
+  CMD is not found, 126 when it cannot be executed, 125 when kodarelay itself cannot start
+  (port, namespace), 2 for bad usage (including a bad pattern or upstream URL). ``check``:
+  0 allowed, 1 refused, 2 bad input. ``serve``: 0 after SIGINT / SIGTERM, 1 if it cannot
+  start, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+from ._version import __version__
+
+log = logging.getLogger("kodarelay")
+
+PROG = "kodarelay"
+EXIT_USAGE = 2
+EXIT_SERVE_FAILED = 1
+
+#: A few words on each refusal reason, for the summary of ``run``.
+REASON_TEXT = {
+    "not_allowed": "no --allow rule matches",
+    "denied": "a --deny rule matches",
+    "bad_host": "malformed host name",
+    "resolved_address": "resolves to a loopback, link-local, metadata or other special address",
+    "resolve_failed": "the name does not resolve",
+    "bad_request": "malformed proxy request",
+    "method_not_allowed": "not a CONNECT request (plain-HTTP proxying is not supported; tunnel, e.g. curl -p)",
+    "address_type": "SOCKS5 request for an IP literal (use socks5h:// so the name is sent)",
+    "command": "SOCKS5 command other than CONNECT",
+}
+SUMMARY_LINES = 20
+
+
+class CliError(Exception):
+    """A one-line error for stderr, and the exit code that goes with it."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ── argument types ───────────────────────────────────────────────────────────
+
+
+def _port_type(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not lo <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(f"invalid port {text!r} (want {lo}..65535)")
+        return int(text)
+
+    parse.__name__ = "port"
+    return parse
+
+
+def _patterns(values: Sequence[str] | None) -> list[str]:
+    """Repeated and comma-separated patterns, in order (empty pieces kept: the filter names them)."""
+    out: list[str] = []
+    for value in values or ():
+        out.extend(value.split(","))
+    return out
+
+
+def build_filter(args: argparse.Namespace) -> Any:
+    """The ``Filter`` of ``--allow`` / ``--deny`` / ``--dev-defaults``; CliError naming a bad pattern."""
+    from .filter import DEFAULT_DEV_ALLOWLIST, Filter, PatternError
+
+    allow = _patterns(args.allow)
+    if args.dev_defaults:
+        allow += DEFAULT_DEV_ALLOWLIST
+    try:
+        return Filter(allow, _patterns(args.deny))
+    except PatternError as e:
+        raise CliError(f"bad pattern: {e}") from None
+
+
+def build_upstream(value: str) -> Any:
+    """``auto`` (the caller's HTTPS_PROXY / NO_PROXY), ``direct``, or a proxy URL."""
+    from .upstream import UpstreamConfig
+
+    if value == "auto":
+        return UpstreamConfig.from_env()
+    if value == "direct":
+        return UpstreamConfig.direct()
+    try:
+        return UpstreamConfig.from_url(value)
+    except ValueError as e:
+        raise CliError(f"--upstream: {e} (want auto, direct or [http://][user:pass@]host:port)") from None
+
+
+def check_ca_bundle(path: str | None) -> str | None:
+    """An existing CA bundle file as an absolute path (CMD may change directory)."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise CliError(f"--ca-bundle: no such file: {path!r}")
+    return os.path.abspath(path)
+
+
+def host_port(host: str, port: int | None) -> str:
+    text = f"[{host}]" if ":" in host and not host.startswith("[") and port is not None else host
+    return text if port is None else f"{text}:{port}"
+
+
+def format_bouquet(pairs: Sequence[tuple[str, str]], fmt: str) -> str:
+    """``sh`` (``export K='v'``), ``json`` (an object) or ``dotenv`` (``K=v``) text, newline-terminated."""
+    if fmt == "json":
+        return json.dumps(dict(pairs), indent=2) + "\n"
+    if fmt == "dotenv":
+        return "".join(f"{k}={_dotenv_quote(v)}\n" for k, v in pairs)
+    return "".join(f"export {k}={_sh_quote(v)}\n" for k, v in pairs)
+
+
+def _sh_quote(value: str) -> str:
+    """Always single quotes, so every POSIX shell reads the value back byte for byte."""
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+_DOTENV_SAFE = re.compile(r"[A-Za-z0-9_./:,@%+=\-\[\]]*")
+
+
+def _dotenv_quote(value: str) -> str:
+    """Bare when safe (what ``docker --env-file`` needs), else double-quoted with escapes."""
+    if _DOTENV_SAFE.fullmatch(value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _configure_logging(verbose: int, quiet: bool = False, *, timestamps: bool = False, refusals: bool = True) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+    fmt = "%(asctime)s kodarelay: %(message)s" if timestamps else "kodarelay: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not refusals and not verbose:
+        logging.getLogger("kodarelay.violations").setLevel(logging.ERROR)
+
+
+# ── run ──────────────────────────────────────────────────────────────────────
+
+
+def summarize(violations: Sequence[Any], total: int) -> list[str]:
+    """Lines for stderr: each refused (host:port, reason) once, with its count, most frequent first."""
+    if not total and not violations:
+        return []
+    counts = Counter((v.host, v.port, v.reason) for v in violations)
+    n = max(total, len(violations))
+    lines = [f"refused {n} connection{'s' if n != 1 else ''}:"]
+    for (host, port, reason), count in counts.most_common(SUMMARY_LINES):
+        why = REASON_TEXT.get(reason, reason)
+        lines.append(f"  {count}x {host_port(host or '-', port)}  {reason}: {why}")
+    if len(counts) > SUMMARY_LINES:
+        lines.append(f"  ... and {len(counts) - SUMMARY_LINES} more destinations")
+    if total > len(violations):
+        lines.append(f"  (details kept for the last {len(violations)} only)")
+    return lines
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import isolate
+    from .builtin import BuiltInProxy
+
+    cmd: list[str] = args.cmd
+    if not cmd:
+        raise CliError("run: no command given; put it after --, e.g. kodarelay run --allow pypi.org -- pip download x")
+    _configure_logging(args.verbose, args.quiet, refusals=False)
+    flt = build_filter(args)
+    upstream = build_upstream(args.upstream)
+    ca_bundle = check_ca_bundle(args.ca_bundle)
+    if not isolate.command_exists(cmd[0]):
+        raise CliError(f"{cmd[0]}: command not found", isolate.EXIT_NOT_FOUND)
+    if args.isolate:
+        if not sys.platform.startswith("linux"):
+            raise CliError(f"--isolate needs Linux network namespaces (this is {sys.platform})", isolate.EXIT_RUN_FAILED)
+        import shutil
+
+        if shutil.which("unshare") is None:
+            raise CliError(
+                "--isolate needs `unshare` (util-linux) on PATH; refusing to run CMD unfenced", isolate.EXIT_RUN_FAILED
+            )
+    refused = [0]
+
+    def count(_violation: Any) -> None:
+        refused[0] += 1
+
+    sigmask = isolate.block_signals()  # before the proxy thread starts, so it inherits the mask
+    try:
+        handle = BuiltInProxy(
+            flt, upstream=upstream, socks5=True, on_violation=count, violation_capacity=4096
+        ).start()
+    except (OSError, TimeoutError) as e:
+        raise CliError(f"cannot start the proxy: {e}", isolate.EXIT_RUN_FAILED) from None
+    log.info("proxy on 127.0.0.1:%d (HTTP CONNECT + SOCKS5), upstream %s", handle.port, upstream)
+    try:
+        sig = isolate.pending_stop_signal()
+        if sig is not None:  # told to stop before CMD existed: don't start it
+            return 128 + sig
+        base = isolate.clean_env(os.environ)
+        if args.isolate:
+            if handle.uds_path is None:
+                raise CliError("--isolate: the proxy has no UDS bridge (see the warning above)", isolate.EXIT_RUN_FAILED)
+            pid = isolate.spawn_isolated(
+                cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle, all_proxy_scheme=args.all_proxy_scheme
+            )
+        else:
+            base.update(isolate.run_bouquet(handle.port, ca_bundle, args.all_proxy_scheme))
+            pid = isolate.spawn(cmd, base, sigmask)
+        code = isolate.supervise(pid)
+    except isolate.RunError as e:
+        raise CliError(str(e), e.exit_code) from None
+    finally:
+        handle.shutdown()
+    if not args.quiet:
+        for line in summarize(handle.violations(), refused[0]):
+            print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
+    return code
+
+
+# ── serve ────────────────────────────────────────────────────────────────────
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import isolate
+    from .builtin import BuiltInProxy, BuiltInSocks5Proxy
+    from .env import proxy_env_vars, socks5_env_vars
+
+    _configure_logging(args.verbose, timestamps=True)
+    flt = build_filter(args)
+    upstream = build_upstream(args.upstream)
+    ca_bundle = check_ca_bundle(args.ca_bundle)
+    isolate.block_signals()  # SIGINT / SIGTERM wait for sigwaitinfo below; threads inherit the mask
+    handles = []
+    try:
+        try:
+            handles.append(BuiltInProxy(flt, port=args.port or None, upstream=upstream, socks5=True).start())
+            if args.socks5_port is not None:
+                handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, upstream=upstream).start())
+        except OSError as e:
+            port = args.port if len(handles) == 0 else args.socks5_port
+            raise CliError(f"serve: cannot listen on 127.0.0.1:{port}: {e.strerror or e}", EXIT_SERVE_FAILED) from None
+        except TimeoutError as e:
+            raise CliError(f"serve: {e}", EXIT_SERVE_FAILED) from None
+        main = handles[0]
+        socks_port = handles[1].port if len(handles) > 1 and args.all_proxy_scheme == "socks5h" else main.port
+        pairs = dict(proxy_env_vars(main.port, ca_bundle, no_proxy="", tools=True))
+        pairs.update(socks5_env_vars(socks_port, scheme=args.all_proxy_scheme))
+        try:
+            sys.stdout.write(format_bouquet(sorted(pairs.items()), "sh"))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            pass
+        where = f"127.0.0.1:{main.port} (HTTP CONNECT + SOCKS5)"
+        if len(handles) > 1:
+            where += f", 127.0.0.1:{handles[1].port} (SOCKS5)"
+        if main.uds_path is not None:
+            where += f", UDS bridge {main.uds_path}"
+        print(
+            f"kodarelay: serving on {where}; upstream {upstream}; refusals are logged here (stderr); "
+            "stop with Ctrl-C or SIGTERM",
+            file=sys.stderr,
+            flush=True,
+        )
+        info = signal.sigwaitinfo((signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT))
+        log.debug("got %s; stopping", signal.Signals(info.si_signo).name)
+    finally:
+        for h in handles:
+            h.shutdown()
+    refused = sum(len(h.violations()) for h in handles)
+    print(f"kodarelay: stopped ({refused} refused)", file=sys.stderr)
+    return 0
+
+
+# ── env ──────────────────────────────────────────────────────────────────────
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .env import proxy_env_vars, socks5_env_vars
+
+    try:
+        pairs = dict(proxy_env_vars(args.port, args.ca_bundle, no_proxy=args.no_proxy, tools=args.tools))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if args.socks5_port is not None:
+        pairs.update(socks5_env_vars(args.socks5_port))
+    sys.stdout.write(format_bouquet(sorted(pairs.items()), args.format))
+    return 0
+
+
+# ── check ────────────────────────────────────────────────────────────────────
+
+
+def _has_port(pattern: str) -> bool:
+    pattern = pattern.strip()
+    return "]:" in pattern if pattern.startswith("[") else pattern.count(":") == 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    flt = build_filter(args)
+    d = flt.explain(args.target)
+    if d.reason == "bad_host":
+        raise CliError(f"check: bad host {args.target!r}: {d.detail}")
+    target = host_port(d.host or args.target, d.port)
+    verdict = "allowed" if d.allowed else "denied"
+    print(f"{verdict} {target} rule={d.rule if d.rule is not None else '-'} reason={d.reason}")
+    if d.reason == "not_allowed" and d.port is None and any(_has_port(p) for p in flt.allow_patterns):
+        print("note: no port given, and port-limited allow rules never match an unknown port; try HOST:PORT")
+    return 0 if d.allowed else 1
+
+
+# ── the parser ───────────────────────────────────────────────────────────────
+
+MAIN_EPILOG = """\
+examples:
+  kodarelay run --allow pypi.org,files.pythonhosted.org -- pip download requests
+  kodarelay run --dev-defaults --isolate -- npm install
+  kodarelay serve --allow github.com --port 3128
+  kodarelay env --port 3128 --format json
+  kodarelay check github.com:443 --dev-defaults
+
+Each subcommand has its own --help.
+"""
+
+RUN_EPILOG = """\
+examples:
+  kodarelay run --allow pypi.org,files.pythonhosted.org -- pip download requests
+  kodarelay run --dev-defaults --deny gist.github.com -- git clone https://github.com/psf/requests
+  kodarelay run --allow localhost --ca-bundle ca.pem -- curl https://localhost:8443/
+  kodarelay run --allow api.example.com --isolate -- python agent.py
+  kodarelay run --upstream http://proxy.corp:3128 --allow github.com -- ./fetch.sh
+
+CMD gets HTTPS_PROXY / HTTP_PROXY (and the names pip, git, npm, yarn, gRPC... read),
+ALL_PROXY=socks5h://... on the same port, the CA variables with --ca-bundle, and an
+empty NO_PROXY: even localhost goes through the policy. Inherited *_proxy variables are
+removed. The proxy tunnels only (CONNECT): plain-http clients must tunnel (curl -p).
+
+--isolate (Linux) runs CMD in its own network namespace (unshare --net, or unshare -rn
+when not root) whose only way out is the proxy: a client that ignores the proxy
+variables gets no connection at all. Without namespaces kodarelay refuses to run CMD.
+
+SIGINT / SIGTERM / SIGHUP / SIGQUIT / SIGUSR1 / SIGUSR2 are forwarded to CMD.
+Exit status: CMD's (128+N if signal N killed it); 127 CMD not found; 126 CMD not
+executable; 125 kodarelay could not start; 2 bad usage. Refusals are summarised on
+stderr when CMD ends (--quiet: no summary).
+"""
+
+SERVE_EPILOG = """\
+examples:
+  kodarelay serve --allow github.com,*.githubusercontent.com
+  kodarelay serve --dev-defaults --port 3128 --socks5-port 1080
+  kodarelay serve --allow localhost --upstream direct -v
+
+Prints the bouquet as export lines on stdout (copy them into the sandbox's shell) and
+logs every refusal on stderr. Runs until SIGINT or SIGTERM, then stops cleanly (exit 0).
+--port 0 (the default) picks a free port.
+"""
+
+ENV_EPILOG = """\
+examples:
+  kodarelay env --port 3128
+  kodarelay env --port 3128 --socks5-port 1080 --ca-bundle /etc/ssl/mitm.pem --tools
+  kodarelay env --port 3128 --format dotenv > proxy.env
+  kodarelay env --port 3128 --no-proxy localhost,127.0.0.1 --format json
+
+Without --socks5-port no ALL_PROXY is printed. NO_PROXY is empty unless --no-proxy.
+"""
+
+CHECK_EPILOG = """\
+examples:
+  kodarelay check github.com:443 --dev-defaults
+  kodarelay check registry.npmjs.org --allow '*.npmjs.org:443'
+  kodarelay check gist.github.com --allow '*.github.com' --deny gist.github.com
+  kodarelay check '[::1]:8080' --allow '::1'
+
+Prints "allowed" or "denied", the target, the rule that decided and the reason.
+Judges the rules only (no DNS): the proxy also refuses names that resolve to loopback,
+link-local or metadata addresses unless an IP rule (or a localhost rule) allows them.
+Exit status: 0 allowed, 1 denied, 2 bad input.
+"""
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow", "-a", action="append", metavar="PATTERN",
+        help="allow host pattern (repeatable, comma-separated): github.com, *.npmjs.org, pypi.org:443, 10.0.0.0/8",
+    )
+    p.add_argument("--deny", "-d", action="append", metavar="PATTERN", help="deny pattern; deny wins over allow")
+    p.add_argument("--dev-defaults", action="store_true", help="also allow the default dev allowlist (GitHub, npm, PyPI, crates.io, Docker Hub)")
+
+
+def _add_proxy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--upstream", default="auto", metavar="auto|direct|URL",
+        help="chain through the caller's HTTPS_PROXY (auto, the default), connect directly, or use this proxy URL",
+    )
+    p.add_argument("--ca-bundle", metavar="PATH", help="CA bundle CMD must trust (sets SSL_CERT_FILE, CURL_CA_BUNDLE, PIP_CERT, ...)")
+    p.add_argument(
+        "--all-proxy-scheme", choices=("socks5h", "http"), default="socks5h",
+        help="scheme of ALL_PROXY (default socks5h; http for httpx / gRPC clients that reject socks5h)",
+    )
+    p.add_argument("--verbose", "-v", action="count", default=0, help="log more (-vv: debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Allowlisting egress proxy (HTTP CONNECT + SOCKS5) for AI-agent sandboxes.",
+        epilog=MAIN_EPILOG,
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run", help="run a command behind the proxy", epilog=RUN_EPILOG, formatter_class=fmt,
+        description="Start the proxy, run CMD with its environment pointing at it, exit with CMD's status.",
+        usage="%(prog)s [options] -- CMD [ARGS...]",
+    )
+    _add_policy_args(run)
+    _add_proxy_args(run)
+    run.add_argument("--isolate", action="store_true", help="run CMD in its own network namespace (Linux): no way out but the proxy")
+    run.add_argument("--quiet", "-q", action="store_true", help="no refusal summary, no warnings")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser(
+        "serve", help="run the proxy in the foreground and print export lines", epilog=SERVE_EPILOG, formatter_class=fmt,
+        description="Run the proxy in the foreground until SIGINT / SIGTERM.",
+    )
+    _add_policy_args(serve)
+    _add_proxy_args(serve)
+    serve.add_argument("--port", "-p", type=_port_type(0), default=0, help="HTTP CONNECT + SOCKS5 port (default: a free one)")
+    serve.add_argument("--socks5-port", type=_port_type(0), metavar="PORT", help="also serve SOCKS5 alone on this port (0: a free one)")
+    serve.set_defaults(func=cmd_serve)
+
+    env = sub.add_parser(
+        "env", help="print the environment for a proxy on a port", epilog=ENV_EPILOG, formatter_class=fmt,
+        description="Print the proxy environment bouquet for a proxy on 127.0.0.1.",
+    )
+    env.add_argument("--port", "-p", type=_port_type(1), required=True, help="the proxy's HTTP CONNECT port")
+    env.add_argument("--socks5-port", type=_port_type(1), metavar="PORT", help="the proxy's SOCKS5 port (adds ALL_PROXY=socks5h://...)")
+    env.add_argument("--ca-bundle", metavar="PATH", help="CA bundle path (adds SSL_CERT_FILE, CURL_CA_BUNDLE, ...)")
+    env.add_argument("--format", "-f", choices=("sh", "json", "dotenv"), default="sh", help="output format (default sh)")
+    env.add_argument("--tools", action="store_true", help="also the names npm, yarn, pip, git, cargo, gRPC, Docker... read")
+    env.add_argument("--no-proxy", default="", metavar="LIST", help="NO_PROXY value (default empty: everything goes through the proxy)")
+    env.set_defaults(func=cmd_env)
+
+    check = sub.add_parser(
+        "check", help="show whether a host is allowed, and by which rule", epilog=CHECK_EPILOG, formatter_class=fmt,
+        description="Judge HOST[:PORT] against the allow / deny rules.",
+    )
+    check.add_argument("target", metavar="HOST[:PORT]")
+    _add_policy_args(check)
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; for ``run``, everything after the first ``--`` is CMD, untouched."""
+    parser = build_parser()
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        head, tail = argv[:i], argv[i + 1 :]
+        args = parser.parse_args(head)
+        if args.command == "run":
+            args.cmd = [*args.cmd, "--", *tail] if args.cmd else tail
+            return args
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args))
+    except CliError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `kodarelay env ... | head -1`
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep the interpreter's final flush quiet
+        except OSError:
+            pass
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
