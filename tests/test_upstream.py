@@ -200,3 +200,23 @@ def test_upstream_refusal_is_502_and_socks_05(answer):
             assert rep[:2] == b"\x05\x05"
     finally:
         up.close()
+
+
+def test_credentials_never_reach_the_logs(caplog, monkeypatch):
+    up = FakeUpstream(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+    try:
+        caplog.set_level("DEBUG", logger="kodarelay")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://alice:hunter2-secret@127.0.0.1:{up.port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        cfg = UpstreamConfig.from_env()
+        with BuiltInProxy(Filter(["x.test"])).start() as h:
+            s, head = http_connect(h.port, "x.test:443")
+            assert status_of(head) == 502
+        assert up.requests and b"Proxy-Authorization: Basic" in up.requests[0]
+        monkeypatch.setenv("HTTPS_PROXY", "http://alice:hunter2-secret@bad host:1")
+        assert UpstreamConfig.from_env().is_direct
+        assert "hunter2" not in caplog.text and "hunter2" not in repr(cfg) and "hunter2" not in str(cfg)
+        assert "x.test" in caplog.text  # the refusal itself was logged
+    finally:
+        up.close()
