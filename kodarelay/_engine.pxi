@@ -156,6 +156,7 @@ cdef struct Dir:
     bint eof
     bint shut
     bint copy
+    bint wout              # blocked writing: bytes wait for the destination to drain
 
 
 cdef struct Worker
@@ -516,6 +517,7 @@ cdef int _service_copy(Worker *w, Tunnel *t, Dir *d, int src, int dst, double no
     if e == EINTR:
         return 1
     if e == EAGAIN:
+        d.wout = True
         return 0
     _finish_errno(w, t, e)
     return -1
@@ -533,6 +535,7 @@ cdef int _service_dir(Worker *w, Tunnel *t, int di, double now) noexcept nogil:
     cdef ssize_t n
     cdef int e, r, rounds
     cdef bint progress
+    d.wout = False
     for rounds in range(BUDGET):
         if d.shut:
             return 0
@@ -586,7 +589,8 @@ cdef int _service_dir(Worker *w, Tunnel *t, int di, double now) noexcept nogil:
                         d.copy = True          # copy path empties the pipe first
                         progress = True
                     elif e == EAGAIN:
-                        return 0               # bytes stay in the pipe until EPOLLOUT
+                        d.wout = True          # bytes stay in the pipe until EPOLLOUT
+                        return 0
                     else:
                         _finish_errno(w, t, e)
                         return -1
@@ -626,10 +630,20 @@ cdef void _on_event(Worker *w, Tunnel *t, int side, uint32_t ev, double now) noe
     cdef socklen_t sl = sizeof(int)
     if t.result != RES_RUNNING:
         return
-    if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-        dirs |= 1 << side            # fd[side] readable: direction reading it
-    if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
-        dirs |= 1 << (1 - side)      # fd[side] writable: direction writing it
+    # Edge-triggered epoll reports every ready bit on each wakeup (a writable socket shows
+    # EPOLLOUT with each arriving segment): only wake a direction for what it waits on.
+    # Reading fd[side] helps its direction unless that one waits to write (the pipe must
+    # empty before the next drain); fd[side] writable helps the other direction only if
+    # that one is blocked writing.
+    if ev & (EPOLLHUP | EPOLLERR):
+        dirs = 3
+    else:
+        if ev & (EPOLLIN | EPOLLRDHUP) and not t.d[side].wout:
+            dirs |= 1 << side
+        if ev & EPOLLOUT and t.d[1 - side].wout:
+            dirs |= 1 << (1 - side)
+    if dirs == 0:
+        return
     _service(w, t, dirs, now)
     if ev & EPOLLERR and t.result == RES_RUNNING:
         # an error on a socket neither direction would touch again (e.g. a reset after EOF)

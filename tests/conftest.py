@@ -43,3 +43,13 @@ def impl(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     if not request.config.getoption("--c-extensions"):
         pytest.skip("compiled parameter disabled (--no-c-extensions / KODARELAY_NO_EXTENSIONS)")
     return _compiled_module()
+
+
+@pytest.fixture
+def echo():  # type: ignore[no-untyped-def]
+    """A threaded TCP echo server on 127.0.0.1:0."""
+    from peers import EchoServer
+
+    server = EchoServer()
+    yield server
+    server.close()

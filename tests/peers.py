@@ -124,6 +124,26 @@ def require_tool(name: str) -> str:
     return path
 
 
+def dead_port() -> int:
+    """A loopback port with nothing listening on it (bound, then released)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def pinned(mapping: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+    """A resolver for the proxies that knows only ``mapping`` (anything else: OSError)."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host not in mapping:
+            raise OSError(f"no such host {host}")
+        return mapping[host]
+
+    return resolve
+
+
 def recv_until(sock: socket.socket, marker: bytes, limit: int = 65536) -> bytes:
     buf = b""
     while marker not in buf:

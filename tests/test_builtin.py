@@ -13,7 +13,7 @@ import pytest
 
 from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig
 
-from peers import EchoServer, http_connect, port_is_closed, recv_exact, status_of
+from peers import EchoServer, dead_port, http_connect, port_is_closed, recv_exact, status_of
 
 
 async def _aconnect(port: int, target: str) -> bytes:
@@ -100,10 +100,7 @@ def test_garbage_collected_handle_stops_the_proxy():
 
 
 def test_upstream_none_reads_the_environment(monkeypatch):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    dead = probe.getsockname()[1]
-    probe.close()
+    dead = dead_port()
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{dead}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)

@@ -7,7 +7,6 @@ could reach the echo server is a bug in canonicalisation, matching or the guard.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 

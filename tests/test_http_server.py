@@ -12,14 +12,8 @@ import pytest
 
 from kodarelay import BuiltInProxy, Filter, UpstreamConfig
 
-from peers import EchoServer, connect, http_connect, recv_exact, recv_until, status_of, wait_until
+from peers import EchoServer, connect, dead_port, http_connect, pinned, recv_exact, recv_until, status_of, wait_until
 
-
-@pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture
@@ -37,13 +31,6 @@ def start_proxy():
         h.shutdown()
 
 
-def pinned(mapping: dict[str, list[str]]):
-    async def resolve(host: str, port: int) -> list[str]:
-        if host not in mapping:
-            raise OSError(f"no such host {host}")
-        return mapping[host]
-
-    return resolve
 
 
 def test_allowed_host_is_tunnelled(start_proxy, echo):
@@ -127,12 +114,9 @@ def test_slow_head_gets_408_and_others_are_served(start_proxy, echo):
 
 
 def test_unreachable_target_gets_502(start_proxy):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    dead_port = probe.getsockname()[1]
-    probe.close()
+    dead = dead_port()
     h = start_proxy(["127.0.0.1"])
-    s, head = http_connect(h.port, f"127.0.0.1:{dead_port}")
+    s, head = http_connect(h.port, f"127.0.0.1:{dead}")
     assert status_of(head) == 502
 
 

@@ -9,14 +9,8 @@ import pytest
 
 from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig
 
-from peers import EchoServer, connect, recv_exact, socks5_connect
+from peers import connect, dead_port, http_connect, pinned, recv_exact, socks5_connect, status_of
 
-
-@pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture
@@ -34,13 +28,6 @@ def start_socks():
         h.shutdown()
 
 
-def pinned(mapping):
-    async def resolve(host, port):
-        if host not in mapping:
-            raise OSError(f"no such host {host}")
-        return mapping[host]
-
-    return resolve
 
 
 def test_connect_allowed_domain(start_socks, echo):
@@ -119,10 +106,7 @@ def test_unknown_atyp_is_closed(start_socks):
 
 
 def test_connection_refused_gets_rep_05(start_socks):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    dead = probe.getsockname()[1]
-    probe.close()
+    dead = dead_port()
     h = start_socks()
     s, rep = socks5_connect(h.port, b"localhost", dead)
     assert rep[:2] == b"\x05\x05"
@@ -173,7 +157,5 @@ def test_one_port_serves_both_protocols(start_socks, echo):
     assert rep[:2] == b"\x05\x00"
     s.sendall(b"socks")
     assert recv_exact(s, 5) == b"socks"
-    from peers import http_connect, status_of
-
     s2, head = http_connect(h.port, f"localhost:{echo.port}")
     assert status_of(head) == 200

@@ -10,8 +10,7 @@ import pytest
 from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig
 from kodarelay.upstream import bypasses_proxy, connect_request, parse_no_proxy, parse_proxy_url
 
-from peers import require_tool
-from peers import EchoServer, http_connect, recv_exact, recv_until, socks5_connect, status_of, tinyproxy
+from peers import dead_port, http_connect, require_tool, recv_exact, recv_until, socks5_connect, status_of, tinyproxy
 
 
 @pytest.mark.parametrize(
@@ -81,12 +80,6 @@ def test_bypasses_proxy(host, entries, expected):
     assert bypasses_proxy(host, entries) is expected
 
 
-@pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
-
 
 @pytest.fixture
 def tiny(tmp_path):
@@ -116,10 +109,7 @@ def test_socks5_chains_through_tinyproxy(tiny, echo):
 
 def test_no_proxy_bypasses_upstream(echo):
     # An upstream that does not exist: only a bypass can succeed.
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    dead = probe.getsockname()[1]
-    probe.close()
+    dead = dead_port()
     cfg = UpstreamConfig.http_proxy("127.0.0.1", dead, no_proxy=("localhost",))
     with BuiltInProxy(Filter(["localhost", "other.test"]), upstream=cfg).start() as h:
         s, head = http_connect(h.port, f"localhost:{echo.port}")
