@@ -99,38 +99,29 @@ async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadli
         await reply(srv, conn, 408)
         return
     except HeadError as e:
-        srv.record("", None, "bad_request", "http")
+        srv.record("http", "", None, "bad_request")
         await reply(srv, conn, e.status)
         return
     head, early = buf[:end], buf[end:]
     try:
         method, target, _version = parsers.parse_request_line(head)
     except HeadError as e:
-        srv.record("", None, "bad_request", "http")
+        srv.record("http", "", None, "bad_request")
         await reply(srv, conn, e.status)
         return
     if method != "CONNECT":
-        srv.record(target, None, "method_not_allowed", "http")
+        srv.record("http", target, None, "method_not_allowed")
         await reply(srv, conn, 405)
         return
     try:
         host, port = parsers.split_host_port(target)
     except HeadError as e:
-        srv.record(target, None, "bad_request", "http")
+        srv.record("http", target, None, "bad_request")
         await reply(srv, conn, e.status)
         return
-    decision = srv.filter.explain(host, port)
-    if not decision.allowed:
-        srv.record(host, port, decision.reason, "http")
-        await reply(srv, conn, 403, decision.reason)
-        return
     try:
-        upstream, from_upstream = await srv.dial(host, port)
+        upstream, from_upstream = await srv.open_tunnel("http", host, port)
     except Refusal as r:
-        if r.reason is not None:
-            srv.record(host, port, r.reason, "http")
-        else:
-            log.info("CONNECT %s:%d failed: %s", host, port, r)
         await reply(srv, conn, r.http_status, r.reason if r.http_status == 403 else None)
         return
     try:

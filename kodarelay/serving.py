@@ -12,7 +12,7 @@ import time
 from typing import Any, TypeVar
 
 from . import relay
-from .dial import Dialer, Refusal, Resolver
+from .dial import REP_NOT_ALLOWED, Dialer, Refusal, Resolver
 from .filter import Filter
 from .upstream import UpstreamConfig
 from .violations import OnViolation, Violation, ViolationLog
@@ -180,11 +180,27 @@ class ProxyServer:
     async def send(self, conn: socket.socket, data: bytes) -> None:
         await self._loop.sock_sendall(conn, data)
 
-    def record(self, host: str, port: int | None, reason: str, protocol: str | None = None) -> None:
-        self.violation_log.record(protocol or self.protocol, host, port, reason)
+    def record(self, protocol: str, host: str, port: int | None, reason: str) -> None:
+        self.violation_log.record(protocol, host, port, reason)
 
-    async def dial(self, host: str, port: int) -> tuple[socket.socket, bytes]:
-        return await self.dialer.dial(host, port)
+    async def open_tunnel(self, protocol: str, host: str, port: int) -> tuple[socket.socket, bytes]:
+        """Judge ``host:port`` and connect to it; returns the socket and bytes already received.
+
+        Every refusal is recorded (policy refusals as violations, unreachable targets as a
+        log line) and raised as ``Refusal``, which carries each protocol's reply.
+        """
+        try:
+            decision = self.filter.explain(host, port)
+            if not decision.allowed:
+                raise Refusal(f"{host}:{port} is {decision.reason}", http_status=403, socks_rep=REP_NOT_ALLOWED,
+                              reason=decision.reason)
+            return await self.dialer.dial(host, port)
+        except Refusal as r:
+            if r.reason is not None:
+                self.record(protocol, host, port, r.reason)
+            else:
+                log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, r)
+            raise
 
     async def tunnel(self, client: socket.socket, upstream: socket.socket, to_upstream: bytes, to_client: bytes) -> None:
         """Forward bytes already read on either side, then relay until both ends are done."""

@@ -16,7 +16,7 @@ import logging
 import socket
 
 from . import relay
-from .dial import REP_GENERAL_FAILURE, REP_NOT_ALLOWED, Refusal
+from .dial import REP_GENERAL_FAILURE, Refusal
 from .serving import HandshakeTimeout, ProxyServer
 
 log = logging.getLogger(__name__)
@@ -82,32 +82,23 @@ async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, dead
         return
     except Socks5Error as e:
         if e.rep is not None:
-            srv.record("", None, "bad_host", "socks5")
+            srv.record("socks5", "", None, "bad_host")
             await reply(e.rep)
         else:
             log.debug("closing SOCKS5 connection: %s", e)
         return
     early = buf[used:]
     if cmd != CMD_CONNECT:
-        srv.record(host, port, "command", "socks5")
+        srv.record("socks5", host, port, "command")
         await reply(REP_COMMAND_NOT_SUPPORTED)
         return
     if atyp != ATYP_DOMAIN:
-        srv.record(host, port, "address_type", "socks5")
+        srv.record("socks5", host, port, "address_type")
         await reply(REP_ADDRESS_TYPE_NOT_SUPPORTED)
         return
-    decision = srv.filter.explain(host, port)
-    if not decision.allowed:
-        srv.record(host, port, decision.reason, "socks5")
-        await reply(REP_NOT_ALLOWED)
-        return
     try:
-        upstream, from_upstream = await srv.dial(host, port)
+        upstream, from_upstream = await srv.open_tunnel("socks5", host, port)
     except Refusal as r:
-        if r.reason is not None:
-            srv.record(host, port, r.reason, "socks5")
-        else:
-            log.info("SOCKS5 CONNECT %s:%d failed: %s", host, port, r)
         await reply(r.socks_rep or REP_GENERAL_FAILURE)
         return
     try:

@@ -159,3 +159,8 @@ def test_one_port_serves_both_protocols(start_socks, echo):
     assert recv_exact(s, 5) == b"socks"
     s2, head = http_connect(h.port, f"localhost:{echo.port}")
     assert status_of(head) == 200
+    s3, rep = socks5_connect(h.port, b"evil.test", echo.port)
+    assert rep[:2] == b"\x05\x02"
+    s4, head = http_connect(h.port, f"evil.test:{echo.port}")
+    assert status_of(head) == 403
+    assert [(v.protocol, v.host) for v in h.violations()] == [("socks5", "evil.test"), ("http", "evil.test")]
