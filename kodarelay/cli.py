@@ -31,7 +31,8 @@ import re
 import signal
 import sys
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._version import __version__
 
@@ -159,7 +160,11 @@ def _configure_logging(verbose: int, quiet: bool = False, *, timestamps: bool = 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    if not refusals and not verbose:
+    # Refusals are logged at INFO (or WARNING) by kodarelay.violations: serve always shows
+    # them; run shows them with -v only, since it summarises them when CMD ends.
+    if refusals:
+        logging.getLogger("kodarelay.violations").setLevel(logging.ERROR if quiet else logging.INFO)
+    elif not verbose:
         logging.getLogger("kodarelay.violations").setLevel(logging.ERROR)
 
 
@@ -255,13 +260,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flt = build_filter(args)
     upstream = build_upstream(args.upstream)
     ca_bundle = check_ca_bundle(args.ca_bundle)
+    refused = [0]
+
+    def count(_violation: Any) -> None:
+        refused[0] += 1
+
+    options: dict[str, Any] = {"upstream": upstream, "on_violation": count}
+    separate_socks = args.socks5_port is not None and (args.socks5_port == 0 or args.socks5_port != args.port)
     isolate.block_signals()  # SIGINT / SIGTERM wait for sigwaitinfo below; threads inherit the mask
     handles = []
     try:
         try:
-            handles.append(BuiltInProxy(flt, port=args.port or None, upstream=upstream, socks5=True).start())
-            if args.socks5_port is not None:
-                handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, upstream=upstream).start())
+            handles.append(BuiltInProxy(flt, port=args.port or None, socks5=True, **options).start())
+            if separate_socks:
+                handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, **options).start())
         except OSError as e:
             port = args.port if len(handles) == 0 else args.socks5_port
             raise CliError(f"serve: cannot listen on 127.0.0.1:{port}: {e.strerror or e}", EXIT_SERVE_FAILED) from None
@@ -292,8 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for h in handles:
             h.shutdown()
-    refused = sum(len(h.violations()) for h in handles)
-    print(f"kodarelay: stopped ({refused} refused)", file=sys.stderr)
+    print(f"kodarelay: stopped ({refused[0]} refused)", file=sys.stderr)
     return 0
 
 
@@ -419,7 +430,7 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
         "--upstream", default="auto", metavar="auto|direct|URL",
         help="chain through the caller's HTTPS_PROXY (auto, the default), connect directly, or use this proxy URL",
     )
-    p.add_argument("--ca-bundle", metavar="PATH", help="CA bundle CMD must trust (sets SSL_CERT_FILE, CURL_CA_BUNDLE, PIP_CERT, ...)")
+    p.add_argument("--ca-bundle", metavar="PATH", help="CA bundle the clients must trust (sets SSL_CERT_FILE, CURL_CA_BUNDLE, PIP_CERT, ...)")
     p.add_argument(
         "--all-proxy-scheme", choices=("socks5h", "http"), default="socks5h",
         help="scheme of ALL_PROXY (default socks5h; http for httpx / gRPC clients that reject socks5h)",
@@ -487,13 +498,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse ``argv``; for ``run``, everything after the first ``--`` is CMD, untouched."""
     parser = build_parser()
     argv = list(argv)
-    if "--" in argv:
+    if argv[:1] == ["run"] and "--" in argv:
         i = argv.index("--")
-        head, tail = argv[:i], argv[i + 1 :]
-        args = parser.parse_args(head)
-        if args.command == "run":
-            args.cmd = [*args.cmd, "--", *tail] if args.cmd else tail
-            return args
+        args = parser.parse_args(argv[:i])
+        tail = argv[i + 1 :]
+        args.cmd = [*args.cmd, "--", *tail] if args.cmd else tail  # a "--" that belongs to CMD
+        return args
     return parser.parse_args(argv)
 
 

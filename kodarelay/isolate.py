@@ -40,7 +40,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from .env import proxy_env_vars, socks5_env_vars
 from .relay import DEFAULT_IDLE_TIMEOUT, DEFAULT_TOTAL_TIMEOUT, relay_with_timeouts
@@ -81,7 +81,7 @@ class RunError(Exception):
 
 def _is_proxy_key(key: str) -> bool:
     low = key.lower()
-    return low.endswith("_proxy") or low.endswith("noproxy")
+    return low.endswith(("_proxy", "noproxy"))
 
 
 def clean_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -327,13 +327,16 @@ class UdsForwarder:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
+        last_warning = 0.0
         while True:
             try:
                 conn, _ = await loop.sock_accept(self._lsock)
             except OSError as e:
                 if e.errno in (errno.EBADF, errno.EINVAL):
                     return
-                log.warning("isolate forwarder: accept failed (%s); retrying", e)
+                if time.monotonic() - last_warning >= 1.0:  # EMFILE bursts: one line a second
+                    last_warning = time.monotonic()
+                    log.warning("isolate forwarder: accept failed (%s); retrying", e)
                 await asyncio.sleep(0.1)
                 continue
             task = loop.create_task(self._pipe(conn))
@@ -368,9 +371,10 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--parent", type=int, required=True)
     p.add_argument("--ca-bundle")
     p.add_argument("--all-proxy-scheme", default="socks5h")
-    p.add_argument("cmd", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # CMD follows the first "--", untouched
+    args = p.parse_args(argv[:split])
+    cmd = argv[split + 1 :]
     logging.basicConfig(level=logging.WARNING, format="kodarelay (isolate): %(message)s")
     sigmask = block_signals()
     os.set_inheritable(args.ready_fd, False)
