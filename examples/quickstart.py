@@ -1,16 +1,39 @@
-"""Start kodarelay's proxy and watch it admit one host and refuse another (loopback only).
+"""kodarelay's main job in one go, on loopback only: fence a command, admit one host, refuse another.
 
     python examples/quickstart.py
+
+It starts a small web site on 127.0.0.1, then runs
+
+    kodarelay run --allow localhost -- python fetch.py http://localhost:PORT/ http://blocked.example/
+
+where fetch.py is any program that honours HTTPS_PROXY (here: Python's http.client, which
+tunnels through CONNECT like curl -p). kodarelay passes the command's exit status through and
+prints what it refused.
 """
 
 from __future__ import annotations
 
-import http.client
 import http.server
+import subprocess
+import sys
 import threading
 
-import kodarelay
-from kodarelay import BuiltInProxy, Filter, UpstreamConfig
+FETCH = r"""
+import http.client, os, sys, urllib.parse
+proxy = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
+failures = 0
+for url in sys.argv[1:]:
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=10)
+    conn.set_tunnel(u.hostname, u.port or 80)
+    try:
+        conn.request("GET", u.path or "/")
+        print(f"  fetched {url}: {conn.getresponse().read().decode().strip()!r}")
+    except OSError as e:
+        failures += 1
+        print(f"  refused {url}: {e}")
+sys.exit(failures)
+"""
 
 
 class Hello(http.server.BaseHTTPRequestHandler):
@@ -25,31 +48,19 @@ class Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def fetch_through(proxy_port: int, host: str, port: int) -> str:
-    """GET / on host:port through an HTTP CONNECT tunnel, as curl -p or pip would."""
-    conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=10)
-    conn.set_tunnel(host, port)
-    try:
-        conn.request("GET", "/")
-        return f"200 {conn.getresponse().read().decode().strip()!r}"
-    except OSError as e:  # http.client reports a refused CONNECT as OSError("Tunnel connection failed: 403 ...")
-        return str(e)
-    finally:
-        conn.close()
-
-
-def main() -> None:
+def main() -> int:
     site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
     threading.Thread(target=site.serve_forever, daemon=True).start()
-    policy = Filter(["localhost"])
-    with BuiltInProxy(policy, upstream=UpstreamConfig.direct()).start() as proxy:
-        print(f"kodarelay {kodarelay.__version__} (relay: {kodarelay.IMPLEMENTATION}) on 127.0.0.1:{proxy.port}, allow: localhost")
-        print(f"  localhost:{site.server_address[1]:<6}  -> {fetch_through(proxy.port, 'localhost', site.server_address[1])}")
-        print(f"  blocked.example:443 -> {fetch_through(proxy.port, 'blocked.example', 443)}")
-        for v in proxy.violations():
-            print(f"  violation recorded: {v.protocol} {v.host}:{v.port} ({v.reason})")
+    port = site.server_address[1]
+    cmd = [sys.executable, "-m", "kodarelay", "run", "--allow", "localhost", "--upstream", "direct", "--",
+           sys.executable, "-c", FETCH, f"http://localhost:{port}/", "http://blocked.example/"]
+    print("$ kodarelay run --allow localhost -- python fetch.py "
+          f"http://localhost:{port}/ http://blocked.example/", flush=True)
+    status = subprocess.run(cmd).returncode
+    print(f"exit status {status} (the command's own: one URL was refused)")
     site.shutdown()
+    return 0 if status == 1 else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
