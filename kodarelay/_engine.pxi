@@ -18,13 +18,14 @@
 # * Idle / total deadlines live in a per-worker binary heap keyed by a lower bound of each
 #   tunnel's deadline; activity only moves a deadline later, so the heap is fixed lazily when
 #   its top expires. epoll_wait sleeps until the nearest key.
-# * Completion: the worker closes the fds and, once per loop iteration, takes the GIL for the
-#   batch of finished tunnels and calls ``loop.call_soon_threadsafe`` for each (the data path
-#   never touches the GIL). Cancellation: the awaiting task flags the tunnel and wakes the
-#   worker through its eventfd; the worker closes the fds at once.
+# * Completion: the worker closes the fds and, once per loop iteration, hands the batch of
+#   finished tunnels to the engine's completer thread (mutex + condvar), which takes the GIL
+#   and calls ``loop.call_soon_threadsafe`` for each. Workers never wait for the GIL, so a
+#   busy event loop cannot stall other tunnels' bytes. Cancellation: the awaiting task flags
+#   the tunnel and wakes the worker through its eventfd; the worker closes the fds at once.
 # * Locking: each worker has one mutex guarding its submission / cancel lists, the
-#   ``finished`` flag, the waiter pointer, tunnel refcounts and eventfd writes. The worker
-#   never holds it while taking the GIL.
+#   ``finished`` flag, the waiter pointer, tunnel refcounts and eventfd writes. Nothing holds
+#   a worker or completer mutex while taking the GIL.
 
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
@@ -117,6 +118,12 @@ cdef extern from "<time.h>" nogil:
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_cond_init(pthread_cond_t *c, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_signal(pthread_cond_t *c)
     int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
@@ -128,7 +135,8 @@ cdef extern from "<pthread.h>" nogil:
 DEF MAX_EVENTS = 256
 DEF BUDGET = 16                  # drain/pump rounds per direction before yielding to others
 DEF COPY_BUF = 128 * 1024        # copy-mode buffer
-DEF POOL_MAX = 32                # pooled pipes / buffers kept per worker
+DEF POOL_MAX = 1024              # pooled pipes / buffers kept per worker, at most ...
+DEF POOL_SPARE = 8               # ... and at most this many more than live tunnels
 DEF MAX_THREADS = 64
 
 # result codes
@@ -188,7 +196,17 @@ cdef struct Tunnel:
     Tunnel *dnext          # done list (this loop iteration)
 
 
+cdef struct Completer:
+    # Finished tunnels waiting for their Python-side delivery, so that engine workers never
+    # wait for the GIL (a busy event loop can hold it for a whole switch interval).
+    pthread_mutex_t mu
+    pthread_cond_t cond
+    Tunnel *head
+    bint stopping
+
+
 cdef struct Worker:
+    Completer *completer
     int epfd
     int evfd
     pthread_mutex_t mu
@@ -279,7 +297,7 @@ cdef int _pipe_get(Worker *w, Dir *d) noexcept nogil:
 cdef void _pipe_put(Worker *w, Dir *d) noexcept nogil:
     if d.pr < 0:
         return
-    if d.pending == 0 and w.pool_n < POOL_MAX:
+    if d.pending == 0 and w.pool_n < POOL_MAX and w.pool_n < POOL_SPARE + w.ntunnels:
         w.pool_r[w.pool_n] = d.pr
         w.pool_w[w.pool_n] = d.pw
         w.pool_cap[w.pool_n] = d.pcap
@@ -295,7 +313,7 @@ cdef void _pipe_put(Worker *w, Dir *d) noexcept nogil:
 cdef void _buf_put(Worker *w, Dir *d) noexcept nogil:
     if d.buf == NULL:
         return
-    if w.buf_n < POOL_MAX:
+    if w.buf_n < POOL_MAX and w.buf_n < POOL_SPARE + w.ntunnels:
         w.bufs[w.buf_n] = d.buf
         w.buf_n += 1
     else:
@@ -316,6 +334,17 @@ cdef int _buf_get(Worker *w, Dir *d) noexcept nogil:
     d.bpending = 0
     d.boff = 0
     return 0
+
+
+cdef void _trim_pools(Worker *w) noexcept nogil:
+    # after a burst of tunnels ends, give back what only that burst needed
+    while w.pool_n > POOL_SPARE + w.ntunnels:
+        w.pool_n -= 1
+        close(w.pool_r[w.pool_n])
+        close(w.pool_w[w.pool_n])
+    while w.buf_n > POOL_SPARE + w.ntunnels:
+        w.buf_n -= 1
+        free(w.bufs[w.buf_n])
 
 
 # ── timer heap (worker thread only) ──────────────────────────────────────────
@@ -672,9 +701,7 @@ cdef void _register(Worker *w, Tunnel *t) noexcept nogil:
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = <uint64_t><uintptr_t>t | <uint64_t>i
         if epoll_ctl(w.epfd, EPOLL_CTL_ADD, t.fd[i], &ev) < 0:
-            _finish_errno(w, t, errno)
-            if i == 1:
-                epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[0], NULL)
+            _finish_errno(w, t, errno)     # deregisters and closes both
             return
         t.registered = True
     # epoll reports the current readiness of edge-triggered fds on ADD: no service here
@@ -755,24 +782,59 @@ cdef void _deliver_batch(Tunnel *head) noexcept with gil:
 
 
 cdef void _flush_done(Worker *w) noexcept nogil:
-    cdef Tunnel *head = w.done_head
-    cdef Tunnel *t
+    """End of an iteration: tunnels with a waiter go to the completer thread, which holds the
+    engine's reference until it has notified the waiter's loop; the others are released."""
+    cdef Tunnel *t = w.done_head
     cdef Tunnel *nxt
-    cdef bint need_gil = False
+    cdef Tunnel *chain = NULL
+    cdef Tunnel *tail = NULL
+    cdef Completer *c = w.completer
     w.done_head = NULL
-    t = head
-    while t != NULL:
-        if t.waiter != NULL:      # racy peek; _deliver_batch re-reads under the mutex
-            need_gil = True
-            break
-        t = t.dnext
-    if need_gil:
-        _deliver_batch(head)
-    t = head
     while t != NULL:
         nxt = t.dnext
-        _drop_ref(t)              # the engine's reference
+        if t.waiter != NULL:      # racy peek: only a cancel clears it, and _deliver_batch re-reads
+            t.dnext = NULL
+            if tail == NULL:
+                chain = t
+            else:
+                tail.dnext = t
+            tail = t
+        else:
+            _drop_ref(t)          # the engine's reference
         t = nxt
+    if chain != NULL:
+        pthread_mutex_lock(&c.mu)
+        tail.dnext = c.head
+        c.head = chain
+        pthread_cond_signal(&c.cond)
+        pthread_mutex_unlock(&c.mu)
+
+
+cdef void _completer_loop(Completer *c) noexcept nogil:
+    cdef Tunnel *head
+    cdef Tunnel *t
+    cdef Tunnel *nxt
+    while True:
+        pthread_mutex_lock(&c.mu)
+        while c.head == NULL and not c.stopping:
+            pthread_cond_wait(&c.cond, &c.mu)
+        head = c.head
+        c.head = NULL
+        pthread_mutex_unlock(&c.mu)
+        if head == NULL:
+            return                # stopping, and nothing left to deliver
+        _deliver_batch(head)
+        t = head
+        while t != NULL:
+            nxt = t.dnext
+            _drop_ref(t)          # the engine's reference
+            t = nxt
+
+
+def _completer_main(_Engine engine):
+    cdef Completer *c = engine.completer
+    with nogil:
+        _completer_loop(c)
 
 
 cdef void _worker_loop(Worker *w) noexcept nogil:
@@ -822,6 +884,7 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
         _expire(w, now)
         if w.done_head != NULL:
             _flush_done(w)
+            _trim_pools(w)
         if stop:
             break
     # shutting down: fail every live tunnel, then release the pools
@@ -849,15 +912,23 @@ def _worker_main(_Engine engine, int idx):
 
 cdef class _Engine:
     cdef Worker **workers
+    cdef Completer *completer
+    cdef object completer_thread
     cdef int nworkers
     cdef int next_worker
     cdef object threads
     cdef bint stopped
+    cdef bint started
 
     def __cinit__(self, int nthreads):
         cdef int i
         cdef Worker *w
         cdef epoll_event ev
+        self.completer = <Completer *>calloc(1, sizeof(Completer))
+        if self.completer == NULL:
+            raise MemoryError()
+        pthread_mutex_init(&self.completer.mu, NULL)
+        pthread_cond_init(&self.completer.cond, NULL)
         self.workers = <Worker **>calloc(nthreads, sizeof(Worker *))
         if self.workers == NULL:
             raise MemoryError()
@@ -870,6 +941,7 @@ cdef class _Engine:
             w.epfd = -1
             w.evfd = -1
             pthread_mutex_init(&w.mu, NULL)
+            w.completer = self.completer
             self.workers[i] = w
             self.nworkers += 1
             w.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -885,6 +957,11 @@ cdef class _Engine:
 
     def start(self):
         cdef int i
+        self.started = True
+        self.completer_thread = _threading.Thread(
+            target=_completer_main, args=(self,), name="kodarelay-engine-completer", daemon=True
+        )
+        self.completer_thread.start()
         for i in range(self.nworkers):
             th = _threading.Thread(
                 target=_worker_main, args=(self, i), name=f"kodarelay-engine-{i}", daemon=True
@@ -910,6 +987,15 @@ cdef class _Engine:
             if th is not _threading.current_thread():
                 th.join()
         self.threads = []
+        # the workers handed their last completions over: let the completer deliver them
+        pthread_mutex_lock(&self.completer.mu)
+        self.completer.stopping = True
+        pthread_cond_signal(&self.completer.cond)
+        pthread_mutex_unlock(&self.completer.mu)
+        th = self.completer_thread
+        if th is not None and th is not _threading.current_thread():
+            th.join()
+        self.completer_thread = None
         for i in range(self.nworkers):
             w = self.workers[i]
             pthread_mutex_lock(&w.mu)
@@ -920,6 +1006,11 @@ cdef class _Engine:
     def __dealloc__(self):
         cdef int i
         cdef Worker *w
+        if self.completer != NULL and (self.stopped or not self.started):
+            pthread_mutex_destroy(&self.completer.mu)
+            pthread_cond_destroy(&self.completer.cond)
+            free(self.completer)
+            self.completer = NULL
         if self.workers == NULL:
             return
         for i in range(self.nworkers):
