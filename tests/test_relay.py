@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from kodarelay import _relay_py, relay
+from kodarelay import relay
 from kodarelay.relay import env_flag
 
 DEADLINE = 20.0  # generous per-operation socket timeout; a hang fails instead of stalling
@@ -137,9 +137,18 @@ def assert_peer_sees_eof(sock: socket.socket) -> None:
         pass
 
 
-def compiled_only(impl) -> None:  # type: ignore[no-untyped-def]
-    if impl is _relay_py:
-        pytest.skip("compiled engine only")
+@pytest.fixture
+def engine():  # type: ignore[no-untyped-def]
+    """The compiled module, for engine-only features (threads, splice switch, shutdown, fork).
+
+    These have no pure-Python counterpart, so they are not parametrized over both
+    implementations; they skip only when the compiled module is disabled on purpose.
+    """
+    if env_flag("KODARELAY_NO_EXTENSIONS"):
+        pytest.skip("KODARELAY_NO_EXTENSIONS is set")
+    from kodarelay import _relay
+
+    return _relay
 
 
 # ── guard ────────────────────────────────────────────────────────────────────
@@ -500,8 +509,8 @@ async def test_event_loops_in_many_threads(impl) -> None:  # type: ignore[no-unt
 # ── compiled engine specifics ────────────────────────────────────────────────
 
 
-async def test_copy_fallback_switch(impl) -> None:  # type: ignore[no-untyped-def]
-    compiled_only(impl)
+async def test_copy_fallback_switch(engine) -> None:  # type: ignore[no-untyped-def]
+    impl = engine
     impl.set_splice_enabled(False)
     try:
         impl.shutdown_engine()
@@ -524,8 +533,8 @@ async def test_copy_fallback_switch(impl) -> None:  # type: ignore[no-untyped-de
         impl.shutdown_engine()
 
 
-async def test_engine_shutdown_fails_live_tunnels(impl) -> None:  # type: ignore[no-untyped-def]
-    compiled_only(impl)
+async def test_engine_shutdown_fails_live_tunnels(engine) -> None:  # type: ignore[no-untyped-def]
+    impl = engine
     t = Tunnel()
     r = asyncio.ensure_future(impl.relay_with_timeouts(t.a, t.b))
     t.client.sendall(b"x")
@@ -544,8 +553,8 @@ async def test_engine_shutdown_fails_live_tunnels(impl) -> None:  # type: ignore
     t.close_peers()
 
 
-async def test_several_engine_threads(impl) -> None:  # type: ignore[no-untyped-def]
-    compiled_only(impl)
+async def test_several_engine_threads(engine) -> None:  # type: ignore[no-untyped-def]
+    impl = engine
     impl.shutdown_engine()
     impl.set_engine_threads(3)
     try:
@@ -569,8 +578,8 @@ async def test_several_engine_threads(impl) -> None:  # type: ignore[no-untyped-
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-async def test_engine_restarts_in_forked_child(impl) -> None:  # type: ignore[no-untyped-def]
-    compiled_only(impl)
+async def test_engine_restarts_in_forked_child(engine) -> None:  # type: ignore[no-untyped-def]
+    impl = engine
     t = Tunnel()
     t.client.shutdown(socket.SHUT_WR)
     t.server.shutdown(socket.SHUT_WR)
@@ -640,7 +649,7 @@ print(n, marks[1][0] - marks[0][0], marks[1][1] - marks[0][1])
 """
 
 
-async def test_engine_releases_the_gil(impl) -> None:  # type: ignore[no-untyped-def]
+async def test_engine_releases_the_gil(engine) -> None:  # type: ignore[no-untyped-def]
     """A pure-Python CPU loop never waits for the GIL while a bulk transfer runs.
 
     The peers run in a child process and the event loop just awaits, so the only thread of
@@ -651,7 +660,7 @@ async def test_engine_releases_the_gil(impl) -> None:  # type: ignore[no-untyped
     the spinner's counter itself, between 1/4 and 3/4 of the transfer, so that taking the
     measurement needs no GIL here either.
     """
-    compiled_only(impl)
+    impl = engine
     total = 512 << 20
     t = Tunnel("unix")
     stop = threading.Event()
