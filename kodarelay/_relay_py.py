@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 
 from ._errors import HeadError, Socks5Error
@@ -166,6 +167,35 @@ def parse_socks5_request(buf: bytes) -> tuple[int, int, int, str, int] | None:
 # ── Relay ────────────────────────────────────────────────────────────────────
 
 _CHUNK = 256 * 1024
+# One copy buffer per thread, shared by every tunnel of that thread's event loop: a tunnel
+# reads into it and sends from it with no await in between, so it is never shared in
+# flight. An idle tunnel therefore holds no buffer at all; only the unsent tail of a
+# partial send is copied out (and kept until the slow reader takes it).
+_buffers = threading.local()
+
+
+def _copy_buffer() -> tuple[bytearray, memoryview]:
+    pair = getattr(_buffers, "pair", None)
+    if pair is None:
+        buf = bytearray(_CHUNK)
+        pair = _buffers.pair = (buf, memoryview(buf))
+    return pair
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, write: bool) -> None:
+    """Wait until ``sock`` is readable (or writable) without holding a buffer."""
+    fut = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
 async def relay_with_timeouts(
@@ -190,11 +220,14 @@ async def relay_with_timeouts(
     last = [time.monotonic()]
 
     async def pump(src: socket.socket, dst: socket.socket) -> int:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
         moved = 0
         while True:
-            n = await loop.sock_recv_into(src, buf)
+            buf, view = _copy_buffer()
+            try:
+                n = src.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                await _ready(loop, src, write=False)
+                continue
             if n == 0:
                 try:
                     dst.shutdown(socket.SHUT_WR)
@@ -202,7 +235,18 @@ async def relay_with_timeouts(
                     pass
                 return moved
             last[0] = time.monotonic()
-            await loop.sock_sendall(dst, view[:n])
+            try:
+                sent = dst.send(view[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            rest = bytes(view[sent:n]) if sent < n else b""  # the shared buffer is reused once we await
+            while rest:
+                await _ready(loop, dst, write=True)
+                try:
+                    rest = rest[dst.send(rest) :]
+                except (BlockingIOError, InterruptedError):
+                    continue
+                last[0] = time.monotonic()  # a slow reader taking bytes is not idle
             last[0] = time.monotonic()
             moved += n
 
