@@ -21,3 +21,23 @@ def impl(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     from kodarelay import _relay
 
     return _relay
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """Ratios, not absolute numbers: this machine is shared and noisy, ratios within one run are not."""
+    try:
+        from test_relay_bench import BULK_RESULTS
+    except ImportError:
+        return
+    if not BULK_RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("bulk relay ratios (same run)")
+    ref = BULK_RESULTS.get("c-splice")
+    py = BULK_RESULTS.get("python")
+    tr.write_line(f"{'relay':<10} {'MB/s':>8} {'CPU-s/GiB':>10} {'MB/s vs c-splice':>17} {'CPU vs c-splice':>16} {'MB/s vs python':>15}")
+    for name, (mbs, cpu) in BULK_RESULTS.items():
+        vs_ref = f"{mbs / ref[0]:.2f}x" if ref else "-"
+        cpu_ref = f"{cpu / ref[1]:.2f}x" if ref and ref[1] else "-"
+        vs_py = f"{mbs / py[0]:.2f}x" if py else "-"
+        tr.write_line(f"{name:<10} {mbs:>8.0f} {cpu:>10.3f} {vs_ref:>17} {cpu_ref:>16} {vs_py:>15}")
