@@ -20,7 +20,7 @@ import socket
 
 from . import relay
 from .dial import Refusal
-from .serving import HandshakeTimeout, ProxyServer
+from .serving import Handoff, HandshakeTimeout, ProxyServer
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +60,20 @@ class Server(ProxyServer):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.socks5 = socks5
 
-    async def _session(self, conn: socket.socket) -> None:
+    async def _session(self, conn: socket.socket) -> Handoff | None:
         deadline = self._loop.time() + self.handshake_timeout
         try:
             first = await self.recv_some(conn, deadline, MAX_HEAD)
         except HandshakeTimeout:
             await reply(self, conn, 408)
-            return
+            return None
         if not first:
-            return
+            return None
         if self.socks5 and first[0] == 0x05:
             from .socks5 import socks5_session
 
-            await socks5_session(self, conn, first, deadline)
-            return
-        await http_session(self, conn, first, deadline)
+            return await socks5_session(self, conn, first, deadline)
+        return await http_session(self, conn, first, deadline)
 
 
 async def reply(srv: ProxyServer, conn: socket.socket, code: int, proxy_error: str | None = None) -> None:
@@ -85,7 +84,7 @@ async def reply(srv: ProxyServer, conn: socket.socket, code: int, proxy_error: s
         pass
 
 
-async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float) -> None:
+async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float) -> Handoff | None:
     """Serve one HTTP CONNECT request whose first bytes are ``buf``."""
     parsers = relay.parsers
 
@@ -129,4 +128,4 @@ async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadli
     except BaseException:
         upstream.close()
         raise
-    await srv.tunnel(conn, upstream, early, from_upstream)
+    return upstream, early, from_upstream

@@ -9,7 +9,7 @@ import errno
 import logging
 import socket
 import time
-from typing import Any, TypeVar
+from typing import Any, Tuple, TypeVar
 
 from . import relay
 from .dial import REP_NOT_ALLOWED, Dialer, Refusal, Resolver
@@ -25,6 +25,12 @@ ACCEPT_BACKOFF = 0.05
 _ACCEPT_RETRYABLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
 
 S = TypeVar("S", bound="ProxyServer")
+
+
+#: What a successful handshake hands to the relay: the connected upstream socket, bytes the
+#: client sent after its request (for the upstream) and bytes the upstream sent after its
+#: response (for the client).
+Handoff = Tuple[socket.socket, bytes, bytes]
 
 
 class HandshakeTimeout(Exception):
@@ -150,7 +156,10 @@ class ProxyServer:
 
     async def _run(self, conn: socket.socket) -> None:
         try:
-            await self._session(conn)
+            handoff = await self._session(conn)
+            if handoff is not None:
+                # The handshake's frames are gone now: an idle tunnel keeps only this one.
+                await self.tunnel(conn, *handoff)
         except asyncio.CancelledError:
             pass
         except TimeoutError as e:
@@ -162,7 +171,8 @@ class ProxyServer:
         finally:
             conn.close()
 
-    async def _session(self, conn: socket.socket) -> None:
+    async def _session(self, conn: socket.socket) -> Handoff | None:
+        """Run the protocol handshake; return what the tunnel needs, or None when refused."""
         raise NotImplementedError
 
     # ── helpers for sessions ─────────────────────────────────────────────────
@@ -254,4 +264,4 @@ class ProxyServer:
         await self.aclose()
 
 
-__all__ = ["ProxyServer", "HandshakeTimeout", "Refusal"]
+__all__ = ["ProxyServer", "Handoff", "HandshakeTimeout", "Refusal"]

@@ -17,7 +17,7 @@ import socket
 
 from . import relay
 from .dial import REP_GENERAL_FAILURE, Refusal
-from .serving import HandshakeTimeout, ProxyServer
+from .serving import Handoff, HandshakeTimeout, ProxyServer
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ class Socks5Server(ProxyServer):
 
     protocol = "socks5"
 
-    async def _session(self, conn: socket.socket) -> None:
+    async def _session(self, conn: socket.socket) -> Handoff | None:
         deadline = self._loop.time() + self.handshake_timeout
-        await socks5_session(self, conn, b"", deadline)
+        return await socks5_session(self, conn, b"", deadline)
 
 
 async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float, parse):  # type: ignore[no-untyped-def]
@@ -60,7 +60,7 @@ async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadlin
         buf += chunk
 
 
-async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float) -> None:
+async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float) -> Handoff | None:
     """Serve one SOCKS5 session whose first bytes (possibly none yet) are ``buf``."""
     parsers = relay.parsers
 
@@ -106,4 +106,4 @@ async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, dead
     except BaseException:
         upstream.close()
         raise
-    await srv.tunnel(conn, upstream, early, from_upstream)
+    return upstream, early, from_upstream
