@@ -158,8 +158,14 @@ class ProxyServer:
         try:
             handoff = await self._session(conn)
             if handoff is not None:
-                # The handshake's frames are gone now: an idle tunnel keeps only this one.
-                await self.tunnel(conn, *handoff)
+                upstream, to_upstream, to_client = handoff
+                del handoff
+                if to_upstream or to_client:
+                    await self._forward_early(conn, upstream, to_upstream, to_client)
+                del to_upstream, to_client
+                # The handshake's frames are gone now: an idle tunnel keeps this frame and
+                # the relay's, nothing else.
+                await relay.relay_with_timeouts(conn, upstream, self.idle_timeout, self.total_timeout)
         except asyncio.CancelledError:
             pass
         except TimeoutError as e:
@@ -212,8 +218,10 @@ class ProxyServer:
                 log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, r)
             raise
 
-    async def tunnel(self, client: socket.socket, upstream: socket.socket, to_upstream: bytes, to_client: bytes) -> None:
-        """Forward bytes already read on either side, then relay until both ends are done."""
+    async def _forward_early(
+        self, client: socket.socket, upstream: socket.socket, to_upstream: bytes, to_client: bytes
+    ) -> None:
+        """Deliver bytes read during the handshake on either side before the relay starts."""
         try:
             if to_client:
                 await self._loop.sock_sendall(client, to_client)
@@ -222,7 +230,6 @@ class ProxyServer:
         except BaseException:
             upstream.close()
             raise
-        await relay.relay_with_timeouts(client, upstream, self.idle_timeout, self.total_timeout)
 
     # ── shutdown ─────────────────────────────────────────────────────────────
 
