@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.server
 import subprocess
 import sys
+import tempfile
 import threading
 
 FETCH = r"""
@@ -56,7 +57,9 @@ def main() -> int:
            sys.executable, "-c", FETCH, f"http://localhost:{port}/", "http://blocked.example/"]
     print("$ kodarelay run --allow localhost -- python fetch.py "
           f"http://localhost:{port}/ http://blocked.example/", flush=True)
-    status = subprocess.run(cmd).returncode
+    # From a neutral directory, so `-m kodarelay` imports the installed package (with its
+    # compiled relay), not a source checkout that happens to be the working directory.
+    status = subprocess.run(cmd, cwd=tempfile.gettempdir()).returncode
     print(f"exit status {status} (the command's own: one URL was refused)")
     site.shutdown()
     return 0 if status == 1 else 1
