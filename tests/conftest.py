@@ -53,3 +53,28 @@ def echo():  # type: ignore[no-untyped-def]
     server = EchoServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A test CA (trustme) and a server context for ``localhost`` / 127.0.0.1: (bundle path, context)."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    cert = authority.issue_cert("localhost", "127.0.0.1")
+    bundle = tmp_path_factory.mktemp("ca") / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    return bundle, ctx
+
+
+@pytest.fixture
+def https_site(ca):  # type: ignore[no-untyped-def]
+    """A threaded HTTPS server on 127.0.0.1:0 with a certificate from ``ca``."""
+    from peers import WebServer
+
+    site = WebServer(tls=ca[1])
+    yield site
+    site.close()

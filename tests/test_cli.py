@@ -13,7 +13,6 @@ import re
 import select
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,6 @@ from kodarelay.bridge import proxy_uds_path
 
 from peers import DEADLINE, WebServer, port_is_closed, require_tool, wait_until
 
-trustme = pytest.importorskip("trustme")
 
 KR = [sys.executable, "-m", "kodarelay"]
 RUN_TIMEOUT = 30
@@ -85,24 +83,6 @@ def reap(proc: subprocess.Popen[bytes], token: str) -> None:
 def write_script(path: Path, body: str) -> str:
     path.write_text(textwrap.dedent(body))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory):
-    authority = trustme.CA()
-    cert = authority.issue_cert("localhost", "127.0.0.1")
-    bundle = tmp_path_factory.mktemp("ca") / "ca.pem"
-    authority.cert_pem.write_to_path(str(bundle))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(ctx)
-    return bundle, ctx
-
-
-@pytest.fixture
-def https_site(ca):
-    site = WebServer(tls=ca[1])
-    yield site
-    site.close()
 
 
 @pytest.fixture

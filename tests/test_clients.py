@@ -13,27 +13,7 @@ import pytest
 from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig, proxy_env_vars, socks5_env_vars
 
 from peers import require_tool
-from peers import WebServer
 
-trustme = pytest.importorskip("trustme")
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory):
-    authority = trustme.CA()
-    cert = authority.issue_cert("localhost", "127.0.0.1")
-    bundle = tmp_path_factory.mktemp("ca") / "ca.pem"
-    authority.cert_pem.write_to_path(str(bundle))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(ctx)
-    return bundle, ctx
-
-
-@pytest.fixture
-def https_site(ca):
-    site = WebServer(tls=ca[1])
-    yield site
-    site.close()
 
 
 @pytest.fixture

@@ -23,18 +23,6 @@ from kodarelay import BuiltInProxy, Filter, UpstreamConfig, proxy_env_vars
 
 from peers import require_tool
 
-trustme = pytest.importorskip("trustme")
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory):
-    authority = trustme.CA()
-    cert = authority.issue_cert("localhost")
-    bundle = tmp_path_factory.mktemp("ca") / "ca.pem"
-    authority.cert_pem.write_to_path(str(bundle))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(ctx)
-    return bundle, ctx
 
 
 class StaticHTTPS:
