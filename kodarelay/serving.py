@@ -12,6 +12,7 @@ import time
 from typing import Any, Tuple, TypeVar
 
 from . import relay
+from ._aio import recv_within
 from .dial import REP_NOT_ALLOWED, Dialer, Refusal, Resolver
 from .filter import Filter
 from .upstream import UpstreamConfig
@@ -189,8 +190,8 @@ class ProxyServer:
         if remaining <= 0:
             raise HandshakeTimeout()
         try:
-            return await asyncio.wait_for(self._loop.sock_recv(conn, n), remaining)
-        except asyncio.TimeoutError:
+            return await recv_within(conn, n, remaining)
+        except TimeoutError:
             raise HandshakeTimeout() from None
 
     async def send(self, conn: socket.socket, data: bytes) -> None:

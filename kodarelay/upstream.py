@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import unquote
 
+from ._aio import connect_within
+
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_HEAD = 8192
@@ -229,14 +231,13 @@ def bypasses_proxy(host: str, no_proxy: tuple[str, ...] | list[str]) -> bool:
 
 async def open_tcp(host: str, port: int, timeout: float) -> socket.socket:
     """Connect to the IP address ``host`` (no name lookup) within ``timeout``."""
-    loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
-    except asyncio.TimeoutError:
+        await connect_within(sock, (host, port), timeout)
+    except TimeoutError:
         sock.close()
         raise TimeoutError(f"connect to {host}:{port} timed out after {timeout}s") from None
     except BaseException:
