@@ -256,7 +256,7 @@ def canonical_host(host: str | IPAddress) -> CanonicalHost:
     return text
 
 
-def parse_target(text: str, port: int | None = None) -> tuple[CanonicalHost, int | None]:
+def parse_target(text: str | IPAddress, port: int | None = None) -> tuple[CanonicalHost, int | None]:
     """Canonical (host, port) from ``host[:port]`` / ``[v6][:port]`` / bare v6 plus a port.
 
     A port in the text and the ``port`` argument must agree; both must be 1..65535.

@@ -92,37 +92,37 @@ async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadli
         while (end := parsers.http_head_end(buf, MAX_HEAD)) < 0:
             chunk = await srv.recv_some(conn, deadline, MAX_HEAD)
             if not chunk:
-                return
+                return None
             buf += chunk
     except HandshakeTimeout:
         await reply(srv, conn, 408)
-        return
+        return None
     except HeadError as e:
         srv.record("http", "", None, "bad_request")
         await reply(srv, conn, e.status)
-        return
+        return None
     head, early = buf[:end], buf[end:]
     try:
         method, target, _version = parsers.parse_request_line(head)
     except HeadError as e:
         srv.record("http", "", None, "bad_request")
         await reply(srv, conn, e.status)
-        return
+        return None
     if method != "CONNECT":
         srv.record("http", target, None, "method_not_allowed")
         await reply(srv, conn, 405)
-        return
+        return None
     try:
         host, port = parsers.split_host_port(target)
     except HeadError as e:
         srv.record("http", target, None, "bad_request")
         await reply(srv, conn, e.status)
-        return
+        return None
     try:
         upstream, from_upstream = await srv.open_tunnel("http", host, port)
     except Refusal as r:
         await reply(srv, conn, r.http_status, r.reason if r.http_status == 403 else None)
-        return
+        return None
     try:
         await srv.send(conn, status_line(200))
     except BaseException:

@@ -75,32 +75,32 @@ async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, dead
         buf = buf[used:]
         if METHOD_NO_AUTH not in methods:
             await srv.send(conn, b"\x05\xff")
-            return
+            return None
         await srv.send(conn, b"\x05\x00")
         (used, cmd, atyp, host, port), buf = await _read_until(srv, conn, buf, deadline, parsers.parse_socks5_request)
     except HandshakeTimeout:
-        return
+        return None
     except Socks5Error as e:
         if e.rep is not None:
             srv.record("socks5", "", None, "bad_host")
             await reply(e.rep)
         else:
             log.debug("closing SOCKS5 connection: %s", e)
-        return
+        return None
     early = buf[used:]
     if cmd != CMD_CONNECT:
         srv.record("socks5", host, port, "command")
         await reply(REP_COMMAND_NOT_SUPPORTED)
-        return
+        return None
     if atyp != ATYP_DOMAIN:
         srv.record("socks5", host, port, "address_type")
         await reply(REP_ADDRESS_TYPE_NOT_SUPPORTED)
-        return
+        return None
     try:
         upstream, from_upstream = await srv.open_tunnel("socks5", host, port)
     except Refusal as r:
         await reply(r.socks_rep or REP_GENERAL_FAILURE)
-        return
+        return None
     try:
         await srv.send(conn, reply_bytes(REP_SUCCEEDED))
     except BaseException:

@@ -256,7 +256,7 @@ async def _open_proxy(cfg: UpstreamConfig, timeout: float) -> socket.socket:
     last: BaseException | None = None
     for info in infos:
         try:
-            return await open_tcp(info[4][0], cfg.port, timeout)
+            return await open_tcp(str(info[4][0]), cfg.port, timeout)
         except OSError as e:
             last = e
     raise last or OSError(f"no address for upstream proxy {cfg.host}")

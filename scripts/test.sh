@@ -25,6 +25,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 
+echo "== type check (mypy)"
+.venv/bin/python -m mypy
+
 export KODARELAY_REQUIRE_PEERS=1
 echo "== compiled relay (KODARELAY_REQUIRE_EXTENSION=1)"
 KODARELAY_REQUIRE_EXTENSION=1 .venv/bin/python -m pytest -q "$@"
