@@ -92,6 +92,48 @@ def cleanup_uds_path(path: str | os.PathLike[str]) -> None:
         log.warning("could not remove UDS path %s: %s", os.fspath(path), e)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def sweep_stale_uds_paths(directory: str | None = None) -> list[str]:
+    """Remove bridge sockets left by kodarelay processes that died without cleaning up.
+
+    Only files named like ``proxy_uds_path`` makes them, that are sockets owned by this
+    user and whose pid is no longer alive, are unlinked. Returns the removed paths.
+    """
+    directory = directory or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name[: -len(".sock")].split("-") if name.startswith("kodarelay-") and name.endswith(".sock") else []
+        if len(parts) != 3 or not parts[1].isdigit() or not _valid_port(parts[2]):
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
+            cleanup_uds_path(path)
+            removed.append(path)
+    if removed:
+        log.info("removed %d stale UDS bridge socket(s) of dead processes", len(removed))
+    return removed
+
+
 def _refuse_non_socket(path: str) -> None:
     try:
         st = os.lstat(path)

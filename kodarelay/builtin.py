@@ -80,9 +80,10 @@ class _BuiltIn:
         server = await self._bind()
         bridge = None
         if self._bridge and sys.platform.startswith("linux"):
-            from .bridge import proxy_uds_path, spawn_uds_bridge
+            from .bridge import proxy_uds_path, spawn_uds_bridge, sweep_stale_uds_paths
 
             try:
+                sweep_stale_uds_paths()
                 bridge = await spawn_uds_bridge(proxy_uds_path(os.getpid(), server.port), server.port)
             except Exception as e:  # the bridge is optional: the TCP port still serves
                 log.warning("could not attach the UDS bridge for port %d: %s", server.port, e)

@@ -351,3 +351,31 @@ def test_rewrite_proxy_url_port_garbage(url: str) -> None:
 def test_rewrite_proxy_url_port_bad_new_port() -> None:
     with pytest.raises(ValueError, match="70000"):
         rewrite_proxy_url_port("http://h:1", 70000)
+
+
+def test_sweep_removes_only_dead_processes_sockets(tmp_path):
+    from kodarelay.bridge import sweep_stale_uds_paths
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        def sock_file(name: str) -> str:
+            path = str(tmp_path / name)
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(path)
+            s.close()
+            return path
+
+        stale = sock_file(f"kodarelay-{dead_pid}-8080.sock")
+        alive = sock_file(f"kodarelay-{live.pid}-8080.sock")
+        mine = sock_file(f"kodarelay-{os.getpid()}-8080.sock")
+        other = sock_file(f"other-{dead_pid}-8080.sock")
+        not_a_socket = tmp_path / f"kodarelay-{dead_pid}-9090.sock"
+        not_a_socket.write_text("keep me")
+        assert sweep_stale_uds_paths(str(tmp_path)) == [stale]
+        assert not os.path.exists(stale)
+        assert all(os.path.exists(p) for p in (alive, mine, other, not_a_socket))
+    finally:
+        live.stdin.close()
+        live.wait(10)
