@@ -1065,7 +1065,7 @@ cdef void _hs_read(Worker *w, Listener *l, Hs *h) noexcept nogil:
 
 cdef void _hs_timeout(Worker *w, Listener *l, Hs *h) noexcept nogil:
     if h.state == ST_FIRST or h.state == ST_HTTP:
-        _send_all_nb(h.fd, b"HTTP/1.1 408 Request Timeout\r\n\r\n", 33)
+        _send_all_nb(h.fd, b"HTTP/1.1 408 Request Timeout\r\n\r\n", 32)
     _hs_close(w, l, h)
 
 
@@ -1424,7 +1424,14 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
             hd = None
             if owner != NULL:
                 nl = <_NativeListener>owner
-                nl.loop.call_soon_threadsafe(nl.cb, items, err)
+                if nl.direct is not None and items:
+                    # the common case is decided right here, in this one GIL acquisition
+                    try:
+                        items = nl.direct(items)
+                    except BaseException:
+                        pass
+                if items or err:
+                    nl.loop.call_soon_threadsafe(nl.cb, items, err)
         except BaseException:
             pass              # the loop is closed: the handles close their connections
         finally:
@@ -1752,8 +1759,10 @@ cdef class _TunnelHandle:
         return self.fut
 
     def abort(self):
-        """End the tunnel (a no-op once the engine finished it)."""
+        """End the tunnel and cancel its future (which the engine no longer resolves)."""
         self.cancel()
+        if not self.fut.done():
+            self.fut.cancel()
 
     cdef void cancel(self):
         cdef Tunnel *t = self.t
@@ -1997,13 +2006,15 @@ cdef class _NativeListener:
     cdef _Engine e
     cdef readonly object loop
     cdef readonly object cb
+    cdef readonly object direct
 
-    def __cinit__(self, lsock, int mode, double hs_timeout, loop, cb):
+    def __cinit__(self, lsock, int mode, double hs_timeout, loop, cb, direct=None):
         cdef Listener *l
         cdef Worker *w
         cdef int fd
         self.loop = loop
         self.cb = cb
+        self.direct = direct
         fd = fcntl(lsock.fileno(), F_DUPFD_CLOEXEC, 0)
         if fd < 0:
             raise OSError(errno, _os.strerror(errno))
@@ -2097,7 +2108,8 @@ cdef class _Handshake:
         """The fd (non-blocking) for the asyncio path; the caller owns it."""
         return self.take()
 
-    def dial(self, addresses, int port, bytes ok_reply, bytes early, connect_timeout, idle, total, bint socks):
+    def dial(self, addresses, int port, bytes ok_reply, bytes early, connect_timeout, idle, total, bint socks,
+             loop=None):
         """Connect to ``addresses`` in order (IP literals, already judged) within ``connect_timeout``;
         on success send ``ok_reply`` to the client and ``early`` to the target and relay the pair.
         Returns the tunnel's handle (its ``fut`` resolves like ``relay_with_timeouts``; a failed
@@ -2165,7 +2177,8 @@ cdef class _Handshake:
             free(t)
             raise
         t.fd[0] = self.take()
-        loop = _asyncio.get_running_loop()
+        if loop is None:
+            loop = _asyncio.get_running_loop()
         h = _TunnelHandle.__new__(_TunnelHandle)
         h.t = t
         h.engine = e
@@ -2201,6 +2214,9 @@ cdef class _Handshake:
                 raise
 
 
-def native_listen(lsock, mode, handshake_timeout, loop, cb):
-    """Serve ``lsock``'s handshakes in the engine (mode: "http", "socks5" or "mux")."""
-    return _NativeListener(lsock, {"http": 0, "socks5": 1, "mux": 2}[mode], handshake_timeout, loop, cb)
+def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None):
+    """Serve ``lsock``'s handshakes in the engine (mode: "http", "socks5" or "mux").
+
+    Each batch first goes to ``direct(items) -> items left`` on the engine's completer thread
+    (when given), then what is left (and any accept error) to ``cb(items, err)`` on ``loop``."""
+    return _NativeListener(lsock, {"http": 0, "socks5": 1, "mux": 2}[mode], handshake_timeout, loop, cb, direct)

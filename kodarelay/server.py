@@ -47,6 +47,9 @@ def status_line(code: int, proxy_error: str | None = None) -> bytes:
     return (head + "\r\n").encode("ascii")
 
 
+OK_REPLY = status_line(200)
+
+
 class Server(ProxyServer):
     """HTTP CONNECT proxy on ``127.0.0.1``. Create with ``await Server.bind(...)``.
 
@@ -61,6 +64,13 @@ class Server(ProxyServer):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.socks5 = socks5
         self.front_mode = "mux" if socks5 else "http"
+
+    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+        if h.proto == 1:
+            from .socks5 import socks5_fast_target
+
+            return socks5_fast_target(h)
+        return http_fast_target(h)
 
     def _decide(self, h: Any) -> None:
         if h.proto == 1:
@@ -169,3 +179,18 @@ def http_decide(srv: ProxyServer, h: Any) -> None:
         h.reply_and_close(status_line(e.status))
         return
     srv.native_open("http", h, host, port, early, status_line(200))
+
+
+def http_fast_target(h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+    """A well-formed CONNECT in a native handshake, else None (``http_decide`` answers it)."""
+    parsers = relay.parsers
+    buf = h.data
+    try:
+        end = parsers.http_head_end(buf, MAX_HEAD)
+        method, target, _version = parsers.parse_request_line(buf[:end])
+        if method != "CONNECT":
+            return None
+        host, port = parsers.split_host_port(target)
+    except HeadError:
+        return None
+    return "http", host, port, buf[end:], OK_REPLY

@@ -168,8 +168,66 @@ class ProxyServer:
 
     def _start_front(self) -> None:
         self._front = relay.impl.native_listen(  # type: ignore[attr-defined]
-            self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch
+            self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct
         )
+
+    def _on_batch_direct(self, items: list[Any]) -> list[Any]:
+        """Runs on the engine's completer thread, holding the GIL it took for the batch: the
+        common case (a well-formed request for an allowed address, dialled directly) is dialled
+        at once; everything else (refusals and their violations, names to resolve, chaining)
+        goes to the event loop, which decides it from scratch. Side-effect free until dial."""
+        rest = []
+        for h in items:
+            try:
+                if self._closed or not self._dial_fast(h):
+                    rest.append(h)
+            except Exception:
+                rest.append(h)
+        return rest
+
+    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+        """(protocol, host, port, early bytes, ok reply) of a well-formed request, else None."""
+        return None
+
+    def _dial_fast(self, h: Any) -> bool:
+        target = self._fast_target(h)
+        if target is None:
+            return False
+        protocol, host, port, early, ok = target
+        if not self.filter.explain(host, port).allowed:
+            return False
+        dialer = self.dialer
+        canon = canonical_host(host)
+        if not isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return False
+        name = str(canon)
+        if not dialer.upstream.is_direct and not bypasses_proxy(name, dialer.upstream.no_proxy):
+            return False
+        if not self.filter.check_resolved(canon, port, [name], deny_private=dialer.deny_private).allowed:
+            return False
+        try:
+            tunnel = h.dial([name], port, ok, early, dialer.connect_timeout, self.idle_timeout,
+                            self.total_timeout, protocol == "socks5", self._loop)
+        except ValueError:
+            return False
+        self._native.add(tunnel)
+        tunnel.fut.add_done_callback(self._tunnel_done(protocol, host, port, tunnel))
+        if self._closed:                # close() ran meanwhile (on the loop thread)
+            tunnel.abort()
+        return True
+
+    def _tunnel_done(self, protocol: str, host: str, port: int, tunnel: Any) -> Callable[[Any], None]:
+        def done(fut: asyncio.Future[Any]) -> None:
+            self._native.discard(tunnel)
+            if fut.cancelled():
+                return
+            e = fut.exception()
+            if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
+                log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, e)
+            elif e is not None:
+                log.debug("tunnel ended: %s", e)
+
+        return done
 
     def _on_batch(self, items: list[Any], err: int) -> None:
         """One batch of handshakes the engine read (and maybe an accept error)."""
@@ -245,18 +303,7 @@ class ProxyServer:
             self._track(self._loop.create_task(self._run_detached(protocol, h, host, port, early, ok)))
             return
         self._native.add(tunnel)
-
-        def done(fut: asyncio.Future[Any]) -> None:
-            self._native.discard(tunnel)
-            if fut.cancelled():
-                return
-            e = fut.exception()
-            if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
-                log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, e)
-            elif e is not None:
-                log.debug("tunnel ended: %s", e)
-
-        tunnel.fut.add_done_callback(done)
+        tunnel.fut.add_done_callback(self._tunnel_done(protocol, host, port, tunnel))
 
     async def _native_slow(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes,
                            chained: bool) -> None:

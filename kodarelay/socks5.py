@@ -52,6 +52,9 @@ class Socks5Server(ProxyServer):
     def _decide(self, h: Any) -> None:
         socks5_decide(self, h)
 
+    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+        return socks5_fast_target(h)
+
 
 async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float, parse):  # type: ignore[no-untyped-def]
     while True:
@@ -143,3 +146,21 @@ def socks5_decide(srv: ProxyServer, h: Any) -> None:
         h.reply_and_close(reply_bytes(REP_ADDRESS_TYPE_NOT_SUPPORTED))
         return
     srv.native_open("socks5", h, host, port, early, reply_bytes(REP_SUCCEEDED))
+
+
+SOCKS_OK = reply_bytes(REP_SUCCEEDED)
+
+
+def socks5_fast_target(h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+    """A well-formed SOCKS5 CONNECT to a name in a native handshake, else None."""
+    data = h.data
+    try:
+        parsed = relay.parsers.parse_socks5_request(data)
+    except Socks5Error:
+        return None
+    if parsed is None:
+        return None
+    used, cmd, atyp, host, port = parsed
+    if cmd != CMD_CONNECT or atyp != ATYP_DOMAIN:
+        return None
+    return "socks5", host, port, data[used:], SOCKS_OK
