@@ -1447,6 +1447,15 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
         l = nxt
 
 
+cdef void _deliver_all(Completer *c, Tunnel *head, Listener *lhead) noexcept with gil:
+    # one GIL acquisition for finished tunnels and handshakes alike: under a CPU-bound
+    # Python thread each acquisition can wait a whole switch interval
+    if head != NULL:
+        _deliver_batch(head)
+    if lhead != NULL:
+        _deliver_handshakes(c, lhead)
+
+
 cdef void _completer_loop(Completer *c) noexcept nogil:
     cdef Tunnel *head
     cdef Tunnel *t
@@ -1461,13 +1470,9 @@ cdef void _completer_loop(Completer *c) noexcept nogil:
         lhead = c.lhead
         c.lhead = NULL
         pthread_mutex_unlock(&c.mu)
-        if lhead != NULL:
-            _deliver_handshakes(c, lhead)
-        if head == NULL:
-            if lhead != NULL:
-                continue
+        if head == NULL and lhead == NULL:
             return                # stopping, and nothing left to deliver
-        _deliver_batch(head)
+        _deliver_all(c, head, lhead)
         t = head
         while t != NULL:
             nxt = t.dnext

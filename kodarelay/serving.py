@@ -80,6 +80,7 @@ class ProxyServer:
         self._last_accept_error_log = 0.0
         self._front: Any = None            # the engine's listener (compiled front-end)
         self._native: set[Any] = set()     # tunnels the engine dialled and relays
+        self._fast_cache: dict[Any, Any] = {}  # see _dial_fast
 
     @classmethod
     async def bind(cls: type[S], port: int | None = None, filter: Filter | None = None, **options: Any) -> S:
@@ -194,17 +195,29 @@ class ProxyServer:
         if target is None:
             return False
         protocol, host, port, early, ok = target
-        if not self.filter.explain(host, port).allowed:
-            return False
         dialer = self.dialer
-        canon = canonical_host(host)
-        if not isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-            return False
-        name = str(canon)
-        if not dialer.upstream.is_direct and not bypasses_proxy(name, dialer.upstream.no_proxy):
-            return False
-        if not self.filter.check_resolved(canon, port, [name], deny_private=dialer.deny_private).allowed:
-            return False
+        # Verdicts for IP literals depend on nothing but the policy: remember the allowed ones
+        # for as long as the filter, upstream and guard are the same objects.
+        policy = (self.filter, dialer.filter, dialer.upstream, dialer.deny_private)
+        cache = self._fast_cache
+        if cache.get(None) != policy:
+            cache.clear()
+            cache[None] = policy
+        name = cache.get((host, port))
+        if name is None:
+            if not self.filter.explain(host, port).allowed:
+                return False
+            canon = canonical_host(host)
+            if not isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+                return False
+            name = str(canon)
+            if not dialer.upstream.is_direct and not bypasses_proxy(name, dialer.upstream.no_proxy):
+                return False
+            if not self.filter.check_resolved(canon, port, [name], deny_private=dialer.deny_private).allowed:
+                return False
+            if len(cache) > 1024:
+                cache.clear()
+            cache[(host, port)] = name
         try:
             tunnel = h.dial([name], port, ok, early, dialer.connect_timeout, self.idle_timeout,
                             self.total_timeout, protocol == "socks5", self._loop)
