@@ -1351,7 +1351,12 @@ cdef void _deliver_batch(Tunnel *head) noexcept with gil:
             h = <_TunnelHandle>wp
             Py_DECREF(h)      # the reference the tunnel held; ``h`` keeps its own
             try:
-                h.loop.call_soon_threadsafe(h._deliver)
+                if h.on_done is not None:
+                    cb = h.on_done
+                    h.on_done = None           # (it usually refers to ``h``: no cycle left)
+                    cb(h.outcome())            # no event-loop wakeup per tunnel
+                else:
+                    h.loop.call_soon_threadsafe(h._deliver)
             except BaseException:
                 pass          # the loop is closed: nobody is waiting any more
             h = None
@@ -1730,11 +1735,27 @@ cdef class _TunnelHandle:
     cdef object fut
     cdef object idle_o
     cdef object total_o
+    cdef object on_done      # native dials: called on the completer thread instead of a future
 
     def __dealloc__(self):
         if self.t != NULL:
             _drop_ref(self.t)
             self.t = NULL
+
+    def outcome(self):
+        """None when the tunnel ended normally (or was cancelled), else its exception."""
+        cdef int res = self.t.result, err = self.t.err
+        if res == RES_ERRNO:
+            return OSError(err, _os.strerror(err))
+        if res == RES_TOTAL:
+            return TimeoutError(f"relay exceeded total timeout of {self.total_o}s")
+        if res == RES_IDLE:
+            return TimeoutError(f"relay idle for {self.idle_o}s")
+        if res == RES_DIAL:
+            return DialError(err, _os.strerror(err))
+        if res == RES_SHUTDOWN:
+            return ConnectionAbortedError(ECONNABORTED, "kodarelay relay engine shut down")
+        return None
 
     def _deliver(self):
         cdef Tunnel *t = self.t
@@ -1764,9 +1785,10 @@ cdef class _TunnelHandle:
         return self.fut
 
     def abort(self):
-        """End the tunnel and cancel its future (which the engine no longer resolves)."""
+        """End the tunnel and cancel its future (which the engine no longer resolves); an
+        ``on_done`` callback is not called after this."""
         self.cancel()
-        if not self.fut.done():
+        if self.fut is not None and not self.fut.done():
             self.fut.cancel()
 
     cdef void cancel(self):
@@ -2114,7 +2136,7 @@ cdef class _Handshake:
         return self.take()
 
     def dial(self, addresses, int port, bytes ok_reply, bytes early, connect_timeout, idle, total, bint socks,
-             loop=None):
+             loop=None, on_done=None):
         """Connect to ``addresses`` in order (IP literals, already judged) within ``connect_timeout``;
         on success send ``ok_reply`` to the client and ``early`` to the target and relay the pair.
         Returns the tunnel's handle (its ``fut`` resolves like ``relay_with_timeouts``; a failed
@@ -2188,7 +2210,8 @@ cdef class _Handshake:
         h.t = t
         h.engine = e
         h.loop = loop
-        h.fut = loop.create_future()
+        h.on_done = on_done
+        h.fut = loop.create_future() if on_done is None else None
         h.idle_o = idle
         h.total_o = total
         Py_INCREF(h)

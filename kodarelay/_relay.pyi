@@ -34,7 +34,7 @@ class _Handshake:
     def detach(self) -> int: ...
     def dial(
         self, addresses: list[str], port: int, ok_reply: bytes, early: bytes, connect_timeout: float,
-        idle: float, total: float, socks: bool, loop: Any = None,
+        idle: float, total: float, socks: bool, loop: Any = None, on_done: Any = None,
     ) -> Any: ...
 
 def native_listen(lsock: socket.socket, mode: str, handshake_timeout: float, loop: Any, cb: Any,

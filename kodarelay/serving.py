@@ -11,7 +11,7 @@ import logging
 import socket
 import time
 import os
-from typing import Any, Callable, Tuple, TypeVar
+from typing import Any, Tuple, TypeVar
 
 from . import relay
 from ._aio import recv_within
@@ -219,28 +219,30 @@ class ProxyServer:
                 cache.clear()
             cache[(host, port)] = name
         try:
-            tunnel = h.dial([name], port, ok, early, dialer.connect_timeout, self.idle_timeout,
-                            self.total_timeout, protocol == "socks5", self._loop)
+            self._dial_native(h, protocol, host, port, [name], early, ok)
         except ValueError:
             return False
-        self._native.add(tunnel)
-        tunnel.fut.add_done_callback(self._tunnel_done(protocol, host, port, tunnel))
-        if self._closed:                # close() ran meanwhile (on the loop thread)
-            tunnel.abort()
         return True
 
-    def _tunnel_done(self, protocol: str, host: str, port: int, tunnel: Any) -> Callable[[Any], None]:
-        def done(fut: asyncio.Future[Any]) -> None:
-            self._native.discard(tunnel)
-            if fut.cancelled():
-                return
-            e = fut.exception()
+    def _dial_native(self, h: Any, protocol: str, host: str, port: int, addresses: list[str], early: bytes,
+                     ok: bytes) -> None:
+        """``h.dial`` and track the tunnel; its end is reported on the engine's completer thread
+        (no event-loop wakeup per tunnel). Safe on either thread."""
+        native = self._native
+
+        def done(e: BaseException | None) -> None:
+            native.discard(tunnel)
             if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
                 log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, e)
             elif e is not None:
                 log.debug("tunnel ended: %s", e)
 
-        return done
+        tunnel = h.dial(addresses, port, ok, early, self.dialer.connect_timeout, self.idle_timeout,
+                        self.total_timeout, protocol == "socks5", self._loop, done)
+        native.add(tunnel)
+        if self._closed:                # close() ran meanwhile (on the loop thread)
+            tunnel.abort()
+            native.discard(tunnel)
 
     def _on_batch(self, items: list[Any], err: int) -> None:
         """One batch of handshakes the engine read (and maybe an accept error)."""
@@ -310,13 +312,9 @@ class ProxyServer:
             self._refuse(protocol, h, host, port, r)
             return
         try:
-            tunnel = h.dial(addresses, port, ok, early, self.dialer.connect_timeout, self.idle_timeout,
-                            self.total_timeout, protocol == "socks5")
+            self._dial_native(h, protocol, host, port, addresses, early, ok)
         except ValueError:              # an address the engine cannot take (scoped IPv6 ...)
             self._track(self._loop.create_task(self._run_detached(protocol, h, host, port, early, ok)))
-            return
-        self._native.add(tunnel)
-        tunnel.fut.add_done_callback(self._tunnel_done(protocol, host, port, tunnel))
 
     async def _native_slow(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes,
                            chained: bool) -> None:
@@ -484,7 +482,8 @@ class ProxyServer:
         for task in list(self._tasks):
             task.cancel()
         for tunnel in list(self._native):
-            tunnel.abort()
+            tunnel.abort()              # the engine closes both fds on its next iteration
+            self._native.discard(tunnel)
 
     def _release_listener(self) -> None:
         """Close the listening socket now, the engine's copy of it included."""
@@ -500,7 +499,6 @@ class ProxyServer:
 
     async def wait_closed(self) -> None:
         tasks: list[Any] = list(self._tasks)
-        tasks.extend(t.fut for t in self._native)
         if self._serve_task is not None:
             tasks.append(self._serve_task)
         if tasks:
