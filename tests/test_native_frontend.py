@@ -254,3 +254,25 @@ def test_no_fd_leak_after_many_connections():
         asyncio.run(main())
     finally:
         echo.close()
+
+
+def test_server_keeps_accepting_after_the_engine_is_shut_down():
+    echo = EchoServer()
+
+    async def main():  # type: ignore[no-untyped-def]
+        srv = await Server.bind(None, Filter(["127.0.0.1"]))
+        task = asyncio.create_task(srv.serve())
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        req = f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\n\r\n".encode()
+        assert (await loop.run_in_executor(None, _exchange, srv.port, req, 0.5)).startswith(b"HTTP/1.1 200")
+        await loop.run_in_executor(None, relay.impl.shutdown_engine)  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)          # the server hears of it and serves on a fresh engine
+        assert (await loop.run_in_executor(None, _exchange, srv.port, req, 0.5)).startswith(b"HTTP/1.1 200")
+        await srv.aclose()
+        await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        echo.close()
