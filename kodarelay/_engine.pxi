@@ -28,6 +28,7 @@
 #   a worker or completer mutex while taking the GIL.
 
 from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.errno cimport errno, EINTR, EAGAIN, EINVAL, ENOSYS, EBADF, ECONNABORTED
 from libc.math cimport ceil
@@ -130,6 +131,49 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_unlock(pthread_mutex_t *m)
 
 
+cdef extern from *:
+    """
+    #include <sys/socket.h>
+    #include <netinet/in.h>
+    #include <arpa/inet.h>
+    #include <string.h>
+    #include <errno.h>
+    typedef struct { struct sockaddr_storage ss; socklen_t len; } kr_addr;
+    static int kr_addr_set(kr_addr *a, const char *txt, int port) {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)&a->ss;
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a->ss;
+        memset(a, 0, sizeof(*a));
+        if (inet_pton(AF_INET, txt, &s4->sin_addr) == 1) {
+            s4->sin_family = AF_INET; s4->sin_port = htons((unsigned short)port); a->len = sizeof(*s4); return 0;
+        }
+        if (inet_pton(AF_INET6, txt, &s6->sin6_addr) == 1) {
+            s6->sin6_family = AF_INET6; s6->sin6_port = htons((unsigned short)port); a->len = sizeof(*s6); return 0;
+        }
+        return -1;
+    }
+    /* a non-blocking socket connecting to a; returns the fd (err: 0 or EINPROGRESS) or -1 (err set) */
+    static int kr_connect(const kr_addr *a, int *err) {
+        int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) { *err = errno; return -1; }
+        if (connect(fd, (const struct sockaddr *)&a->ss, a->len) == 0) { *err = 0; return fd; }
+        *err = errno;
+        if (*err == EINPROGRESS || *err == EINTR) { *err = EINPROGRESS; return fd; }
+        close(fd);
+        return -1;
+    }
+    static int kr_accept(int lfd) { return accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); }
+    static int kr_has_crlfcrlf(const char *buf, size_t from, size_t len) {
+        return memmem(buf + from, len - from, "\\r\\n\\r\\n", 4) != NULL;
+    }
+    """
+    ctypedef struct kr_addr:
+        pass
+    int kr_addr_set(kr_addr *a, const char *txt, int port) nogil
+    int kr_connect(const kr_addr *a, int *err) nogil
+    int kr_accept(int lfd) nogil
+    int kr_has_crlfcrlf(const char *buf, size_t frm, size_t len) nogil
+
+
 # ── tunables ─────────────────────────────────────────────────────────────────
 
 DEF MAX_EVENTS = 256
@@ -147,6 +191,7 @@ DEF RES_IDLE = 3
 DEF RES_TOTAL = 4
 DEF RES_CANCELLED = 5
 DEF RES_SHUTDOWN = 6
+DEF RES_DIAL = 7          # native dial failed (err: the last connect error)
 
 cdef int g_splice_enabled = 1     # global switch: 0 forces the recv/send copy path
 cdef int g_pipe_size = 256 * 1024  # F_SETPIPE_SZ request for new pipes (0: kernel default)
@@ -168,6 +213,7 @@ cdef struct Dir:
 
 
 cdef struct Worker
+cdef struct Listener
 
 
 cdef struct Tunnel:
@@ -194,6 +240,18 @@ cdef struct Tunnel:
     Tunnel *rq_prev        # run queue
     Tunnel *rq_next
     Tunnel *dnext          # done list (this loop iteration)
+    # native dial (phase PH_CONNECT), see the front-end section
+    int phase
+    kr_addr *addrs
+    int naddr
+    int aidx
+    int cerr
+    bint socks
+    double cdeadline
+    char *okrep
+    size_t okn
+    char *early
+    size_t earlyn
 
 
 cdef struct Completer:
@@ -202,6 +260,7 @@ cdef struct Completer:
     pthread_mutex_t mu
     pthread_cond_t cond
     Tunnel *head
+    Listener *lhead        # listeners with handshakes (or an accept error) to deliver
     bint stopping
 
 
@@ -213,6 +272,8 @@ cdef struct Worker:
     # guarded by mu
     Tunnel *sub_head
     Tunnel *cancel_head
+    Listener *lsub         # listeners to start serving
+    bint lclose            # some listener asked to close
     bint wake_pending
     bint stopping
     # worker thread only
@@ -223,6 +284,7 @@ cdef struct Worker:
     Tunnel *rq_tail
     Py_ssize_t rq_len
     Tunnel *done_head
+    Listener *listeners
     int pool_r[POOL_MAX]
     int pool_w[POOL_MAX]
     size_t pool_cap[POOL_MAX]
@@ -235,6 +297,67 @@ cdef struct Worker:
     uint64_t pipes_created
     uint64_t splice_calls
     uint64_t copy_calls
+
+
+DEF HS_BUF = 8192            # an HTTP head must end within this many bytes (else 431)
+DEF ACCEPT_BATCH = 64        # accepts per listener wakeup
+DEF ACCEPT_BACKOFF = 0.05
+
+# handshake states
+DEF ST_FIRST = 0     # mux: the first byte decides HTTP or SOCKS5
+DEF ST_HTTP = 1
+DEF ST_GREET = 2
+DEF ST_REQ = 3
+
+DEF PH_RELAY = 0
+DEF PH_CONNECT = 1
+
+DEF TAG_LISTENER = 2
+DEF TAG_HS = 3
+
+
+cdef struct Hs:
+    # One connection whose handshake the engine reads (worker thread only until delivered,
+    # then owned by its ``_Handshake``).
+    int fd
+    int state
+    int proto            # 0 HTTP, 1 SOCKS5 (at delivery)
+    int flags            # 1: the HTTP head overflowed HS_BUF
+    double deadline
+    size_t len
+    size_t off           # SOCKS5: where the request starts
+    Hs *prev
+    Hs *next
+    Listener *l
+    char buf[HS_BUF]
+
+
+cdef struct Listener:
+    int fd               # the engine's own dup of the listening socket
+    int mode             # 0 HTTP, 1 SOCKS5, 2 both (first byte 0x05: SOCKS5)
+    double hs_timeout
+    Worker *w
+    # worker thread only
+    Hs *head             # handshakes in accept order = deadline order
+    Hs *tail
+    Hs *ready_head       # completed this iteration
+    Hs *ready_tail
+    int accept_err
+    double retry_at      # accept back-off: re-arm at this time (0: armed)
+    bint in_epoll
+    bint done            # the worker closed it
+    Listener *next       # worker's list
+    Listener *snext      # submission list
+    # guarded by w.mu
+    bint closing
+    # guarded by the completer mutex
+    Hs *pend_head
+    Hs *pend_tail
+    int pend_err
+    bint cqueued
+    Listener *cnext
+    PyObject *owner      # the _NativeListener (borrowed; cleared by its dealloc, with the GIL)
+    int refs
 
 
 # ── small helpers (no GIL) ───────────────────────────────────────────────────
@@ -470,6 +593,12 @@ cdef void _finish(Worker *w, Tunnel *t, int result, int err) noexcept nogil:
             _close_fd(&t.fd[i])
         _release_dir(w, &t.d[i])
     t.registered = False
+    free(t.addrs)
+    t.addrs = NULL
+    free(t.okrep)
+    t.okrep = NULL
+    free(t.early)
+    t.early = NULL
     _heap_remove(w, t)
     _rq_remove(w, t)
     if w.ntunnels > 0:
@@ -659,6 +788,10 @@ cdef void _on_event(Worker *w, Tunnel *t, int side, uint32_t ev, double now) noe
     cdef socklen_t sl = sizeof(int)
     if t.result != RES_RUNNING:
         return
+    if t.phase == PH_CONNECT:
+        if side == 1:
+            _connect_event(w, t, ev, now)
+        return
     # Edge-triggered epoll reports every ready bit on each wakeup (a writable socket shows
     # EPOLLOUT with each arriving segment): only wake a direction for what it waits on.
     # Reading fd[side] helps its direction unless that one waits to write (the pipe must
@@ -693,6 +826,13 @@ cdef void _register(Worker *w, Tunnel *t) noexcept nogil:
     if not g_splice_enabled:
         t.d[0].copy = True
         t.d[1].copy = True
+    if t.phase == PH_CONNECT:
+        t.key = t.cdeadline
+        if _heap_push(w, t) < 0:
+            _finish_errno(w, t, 12)
+            return
+        _connect_next(w, t, _mono())
+        return
     t.key = t.start + (t.idle if t.idle < t.total else t.total)
     if _heap_push(w, t) < 0:
         _finish_errno(w, t, 12)
@@ -714,15 +854,26 @@ cdef void _on_wake(Worker *w) noexcept nogil:
     cdef Tunnel *t
     cdef Tunnel *nxt
     cdef Tunnel *rev = NULL
+    cdef Listener *lsubs
+    cdef Listener *lnxt
     while read(w.evfd, &v, 8) < 0 and errno == EINTR:
         pass
     pthread_mutex_lock(&w.mu)
     subs = w.sub_head
     cans = w.cancel_head
+    lsubs = w.lsub
     w.sub_head = NULL
     w.cancel_head = NULL
+    w.lsub = NULL
     w.wake_pending = False
     pthread_mutex_unlock(&w.mu)
+    while lsubs != NULL:
+        lnxt = lsubs.snext
+        lsubs.snext = NULL
+        lsubs.next = w.listeners
+        w.listeners = lsubs
+        _l_arm(w, lsubs)
+        lsubs = lnxt
     # submissions were pushed LIFO: register oldest first
     t = subs
     while t != NULL:
@@ -750,6 +901,12 @@ cdef void _expire(Worker *w, double now) noexcept nogil:
     cdef double dl, tl
     while w.hlen > 0 and w.heap[0].key <= now:
         t = w.heap[0]
+        if t.phase == PH_CONNECT:
+            if t.fd[1] >= 0:
+                epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[1], NULL)
+                _close_fd(&t.fd[1])
+            _dial_fail(w, t, 110)       # ETIMEDOUT
+            continue
         tl = t.start + t.total
         dl = t.last + t.idle
         if tl < dl:
@@ -759,6 +916,426 @@ cdef void _expire(Worker *w, double now) noexcept nogil:
         else:
             t.key = dl
             _heap_down(w, 0)
+
+
+# ── native handshake front-end (worker thread only unless noted) ─────────────
+#
+# A listener is served by one worker: accept4 up to ACCEPT_BATCH per wakeup, then each
+# connection's handshake (HTTP head up to CRLFCRLF; SOCKS5 greeting, ``05 00``/``05 FF``,
+# request) is read without the GIL. Complete handshakes go to the completer in one batch per
+# listener per iteration; Python decides each one and answers through its ``_Handshake``:
+# dial (a tunnel in phase PH_CONNECT, then relayed), reply-and-close, or detach.
+
+cdef inline int _send_all_nb(int fd, const char *p, size_t n) noexcept nogil:
+    """Best-effort non-blocking send; returns bytes sent (a fresh socket takes a small reply)."""
+    cdef ssize_t r
+    cdef size_t done = 0
+    while done < n:
+        r = send(fd, p + done, n - done, MSG_NOSIGNAL)
+        if r > 0:
+            done += <size_t>r
+        elif r < 0 and errno == EINTR:
+            continue
+        else:
+            break
+    return <int>done
+
+
+cdef void _hs_unlink(Listener *l, Hs *h) noexcept nogil:
+    if h.prev != NULL:
+        h.prev.next = h.next
+    else:
+        l.head = h.next
+    if h.next != NULL:
+        h.next.prev = h.prev
+    else:
+        l.tail = h.prev
+    h.prev = NULL
+    h.next = NULL
+
+
+cdef void _hs_close(Worker *w, Listener *l, Hs *h) noexcept nogil:
+    epoll_ctl(w.epfd, EPOLL_CTL_DEL, h.fd, NULL)
+    _hs_unlink(l, h)
+    _close_fd(&h.fd)
+    free(h)
+
+
+cdef void _hs_ready(Worker *w, Listener *l, Hs *h, int proto, int flags) noexcept nogil:
+    epoll_ctl(w.epfd, EPOLL_CTL_DEL, h.fd, NULL)
+    _hs_unlink(l, h)
+    h.proto = proto
+    h.flags = flags
+    if l.ready_tail != NULL:
+        l.ready_tail.next = h
+    else:
+        l.ready_head = h
+    l.ready_tail = h
+
+
+cdef int _hs_progress(Worker *w, Listener *l, Hs *h, size_t before) noexcept nogil:
+    """Advance the state machine over the bytes read. 1: done (delivered or closed), 0: more."""
+    cdef unsigned char *p
+    cdef size_t n, need, m, i
+    cdef bint noauth
+    if h.state == ST_FIRST:
+        h.state = ST_GREET if <unsigned char>h.buf[0] == 5 else ST_HTTP
+    if h.state == ST_HTTP:
+        if kr_has_crlfcrlf(h.buf, before - 3 if before > 3 else 0, h.len):
+            _hs_ready(w, l, h, 0, 0)
+            return 1
+        if h.len >= HS_BUF:
+            _hs_ready(w, l, h, 0, 1)      # Python answers 431 and records the violation
+            return 1
+        return 0
+    p = <unsigned char *>h.buf
+    if h.state == ST_GREET:
+        if p[0] != 5:
+            _hs_close(w, l, h)
+            return 1
+        if h.len < 2:
+            return 0
+        m = p[1]
+        if h.len < 2 + m:
+            return 0
+        noauth = False
+        for i in range(m):
+            if p[2 + i] == 0:
+                noauth = True
+        if not noauth:
+            _send_all_nb(h.fd, b"\x05\xff", 2)
+            _hs_close(w, l, h)
+            return 1
+        if _send_all_nb(h.fd, b"\x05\x00", 2) != 2:
+            _hs_close(w, l, h)
+            return 1
+        h.off = 2 + m
+        h.state = ST_REQ
+    # ST_REQ
+    p = <unsigned char *>h.buf + h.off
+    n = h.len - h.off
+    if n < 1:
+        return 0
+    if p[0] != 5:
+        _hs_close(w, l, h)
+        return 1
+    if n < 4:
+        return 0
+    if p[3] == 1:
+        need = 10
+    elif p[3] == 4:
+        need = 22
+    elif p[3] == 3:
+        if n < 5:
+            return 0
+        need = 7 + <size_t>p[4]
+    else:
+        _hs_close(w, l, h)            # unknown address type
+        return 1
+    if n < need:
+        return 0
+    _hs_ready(w, l, h, 1, 0)
+    return 1
+
+
+cdef void _hs_read(Worker *w, Listener *l, Hs *h) noexcept nogil:
+    cdef ssize_t n
+    cdef size_t before
+    while True:
+        if h.len >= HS_BUF:
+            _hs_close(w, l, h)        # (SOCKS5 handshakes are far shorter; HTTP is delivered at HS_BUF)
+            return
+        n = recv(h.fd, h.buf + h.len, HS_BUF - h.len, 0)
+        if n > 0:
+            before = h.len
+            h.len += <size_t>n
+            if _hs_progress(w, l, h, before):
+                return
+        elif n == 0:
+            _hs_close(w, l, h)
+            return
+        elif errno == EINTR:
+            continue
+        elif errno == EAGAIN:
+            return
+        else:
+            _hs_close(w, l, h)
+            return
+
+
+cdef void _hs_timeout(Worker *w, Listener *l, Hs *h) noexcept nogil:
+    if h.state == ST_FIRST or h.state == ST_HTTP:
+        _send_all_nb(h.fd, b"HTTP/1.1 408 Request Timeout\r\n\r\n", 32)
+    _hs_close(w, l, h)
+
+
+cdef void _l_arm(Worker *w, Listener *l) noexcept nogil:
+    cdef epoll_event ev
+    ev.events = EPOLLIN
+    ev.data.u64 = <uint64_t><uintptr_t>l | <uint64_t>TAG_LISTENER
+    if epoll_ctl(w.epfd, EPOLL_CTL_ADD, l.fd, &ev) == 0:
+        l.in_epoll = True
+        l.retry_at = 0
+    else:
+        l.accept_err = errno
+        l.retry_at = _mono() + ACCEPT_BACKOFF
+
+
+cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
+    cdef int k, fd, e
+    cdef Hs *h
+    cdef epoll_event ev
+    for k in range(ACCEPT_BATCH):
+        fd = kr_accept(l.fd)
+        if fd < 0:
+            e = errno
+            if e == EINTR:
+                continue
+            if e == EAGAIN:
+                return
+            # EMFILE, ENFILE, ...: never stop accepting; back off and re-arm
+            l.accept_err = e
+            if l.in_epoll:
+                epoll_ctl(w.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+                l.in_epoll = False
+            l.retry_at = now + ACCEPT_BACKOFF
+            return
+        h = <Hs *>malloc(sizeof(Hs))
+        if h == NULL:
+            close(fd)
+            continue
+        _nodelay(fd)
+        h.fd = fd
+        h.state = ST_FIRST if l.mode == 2 else (ST_GREET if l.mode == 1 else ST_HTTP)
+        h.proto = 0
+        h.flags = 0
+        h.len = 0
+        h.off = 0
+        h.l = l
+        h.deadline = now + l.hs_timeout
+        h.next = NULL
+        h.prev = l.tail
+        if l.tail != NULL:
+            l.tail.next = h
+        else:
+            l.head = h
+        l.tail = h
+        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET
+        ev.data.u64 = <uint64_t><uintptr_t>h | <uint64_t>TAG_HS
+        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            _hs_close(w, l, h)
+            continue
+        _hs_read(w, l, h)             # the request is usually there already
+
+
+cdef void _l_close(Worker *w, Listener *l) noexcept nogil:
+    """Stop serving ``l``: close its fd and every handshake still being read."""
+    cdef Hs *h
+    if l.done:
+        return
+    l.done = True
+    if l.in_epoll:
+        epoll_ctl(w.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+        l.in_epoll = False
+    _close_fd(&l.fd)
+    while l.head != NULL:
+        _hs_close(w, l, l.head)
+
+
+cdef void _l_drop(Completer *c, Listener *l) noexcept nogil:
+    cdef int left
+    pthread_mutex_lock(&c.mu)
+    l.refs -= 1
+    left = l.refs
+    pthread_mutex_unlock(&c.mu)
+    if left == 0:
+        free(l)
+
+
+cdef void _l_flush(Worker *w, Listener *l) noexcept nogil:
+    """End of an iteration: hand this listener's completed handshakes to the completer."""
+    cdef Completer *c = w.completer
+    if l.ready_head == NULL and l.accept_err == 0:
+        return
+    pthread_mutex_lock(&c.mu)
+    if l.ready_head != NULL:
+        if l.pend_tail != NULL:
+            l.pend_tail.next = l.ready_head
+        else:
+            l.pend_head = l.ready_head
+        l.pend_tail = l.ready_tail
+    if l.accept_err != 0:
+        l.pend_err = l.accept_err
+    l.ready_head = NULL
+    l.ready_tail = NULL
+    l.accept_err = 0
+    if not l.cqueued:
+        l.cqueued = True
+        l.refs += 1
+        l.cnext = c.lhead
+        c.lhead = l
+    pthread_cond_signal(&c.cond)
+    pthread_mutex_unlock(&c.mu)
+
+
+cdef void _listeners_service(Worker *w, double now) noexcept nogil:
+    """Timers (handshake deadlines, accept back-off), closes, and the per-iteration flush."""
+    cdef Listener *l = w.listeners
+    cdef Listener *prev = NULL
+    cdef Listener *nxt
+    cdef bint closing
+    while l != NULL:
+        nxt = l.next
+        while l.head != NULL and l.head.deadline <= now:
+            _hs_timeout(w, l, l.head)
+        if l.retry_at > 0 and l.retry_at <= now and not l.done:
+            _l_arm(w, l)
+        _l_flush(w, l)
+        pthread_mutex_lock(&w.mu)
+        closing = l.closing or w.stopping
+        pthread_mutex_unlock(&w.mu)
+        if closing:
+            pthread_mutex_lock(&w.mu)
+            closing = l.closing
+            pthread_mutex_unlock(&w.mu)
+            if not closing:           # the engine stops under a live server: tell it
+                l.accept_err = -1
+                _l_flush(w, l)
+            _l_close(w, l)
+            if prev != NULL:
+                prev.next = nxt
+            else:
+                w.listeners = nxt
+            _l_drop(w.completer, l)     # the worker's reference
+        else:
+            prev = l
+        l = nxt
+
+
+cdef double _listeners_next(Worker *w) noexcept nogil:
+    cdef Listener *l = w.listeners
+    cdef double t = 1e300
+    while l != NULL:
+        if l.head != NULL and l.head.deadline < t:
+            t = l.head.deadline
+        if l.retry_at > 0 and l.retry_at < t:
+            t = l.retry_at
+        l = l.next
+    return t
+
+
+# ── native dial (tunnels in phase PH_CONNECT) ────────────────────────────────
+
+cdef int _socks_rep_for(int err) noexcept nogil:
+    if err == 111:       # ECONNREFUSED
+        return 5
+    if err == 101:       # ENETUNREACH
+        return 3
+    if err == 113 or err == 110 or err == 112:   # EHOSTUNREACH, ETIMEDOUT, EHOSTDOWN
+        return 4
+    return 1
+
+
+cdef void _dial_fail(Worker *w, Tunnel *t, int err) noexcept nogil:
+    cdef char rep[10]
+    cdef int i
+    if t.socks:
+        for i in range(10):
+            rep[i] = 0
+        rep[0] = 5
+        rep[1] = <char>_socks_rep_for(err)
+        rep[3] = 1
+        _send_all_nb(t.fd[0], rep, 10)
+    else:
+        _send_all_nb(t.fd[0], b"HTTP/1.1 502 Bad Gateway\r\n\r\n", 28)
+    _finish(w, t, RES_DIAL, err)
+
+
+cdef void _connect_next(Worker *w, Tunnel *t, double now) noexcept nogil:
+    cdef int fd, err = 0
+    cdef epoll_event ev
+    while t.aidx < t.naddr and now < t.cdeadline:
+        fd = kr_connect(&t.addrs[t.aidx], &err)
+        t.aidx += 1
+        if fd < 0:
+            t.cerr = err
+            continue
+        t.fd[1] = fd
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.u64 = <uint64_t><uintptr_t>t | <uint64_t>1
+        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            t.cerr = errno
+            _close_fd(&t.fd[1])
+            continue
+        t.registered = True
+        return
+    _dial_fail(w, t, t.cerr if t.cerr != 0 else 110)   # ETIMEDOUT
+
+
+cdef int _preload(Worker *w, Dir *d, int fd, const char *p, size_t n) noexcept nogil:
+    """Send ``p`` to ``fd``; what the socket does not take now waits in the direction's buffer."""
+    cdef int sent
+    if n == 0:
+        return 0
+    sent = _send_all_nb(fd, p, n)
+    if <size_t>sent == n:
+        d.moved += n
+        return 0
+    if errno != EAGAIN and errno != EINTR:
+        return errno
+    if <size_t>sent + COPY_BUF < n or _buf_get(w, d) < 0:
+        return 12
+    d.copy = True
+    memcpy(d.buf, p + sent, n - <size_t>sent)
+    d.bpending = n - <size_t>sent
+    d.moved += <uint64_t>sent
+    return 0
+
+
+cdef void _connect_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept nogil:
+    cdef int soerr = 0, e
+    cdef socklen_t sl = sizeof(int)
+    cdef epoll_event cev
+    if getsockopt(t.fd[1], SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0:
+        soerr = errno
+    if soerr == 0 and not (ev & EPOLLOUT):
+        return
+    if soerr != 0:
+        epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[1], NULL)
+        _close_fd(&t.fd[1])
+        t.cerr = soerr
+        _connect_next(w, t, now)
+        return
+    # connected: the ok reply to the client, the client's early bytes to the target
+    _nodelay(t.fd[1])
+    e = _preload(w, &t.d[1], t.fd[0], t.okrep, t.okn)
+    if e == 0:
+        e = _preload(w, &t.d[0], t.fd[1], t.early, t.earlyn)
+    if e != 0:
+        _finish_errno(w, t, e)
+        return
+    t.d[1].moved = 0          # the reply is ours, not the target's
+    t.d[0].moved = 0
+    free(t.okrep)
+    t.okrep = NULL
+    free(t.early)
+    t.early = NULL
+    free(t.addrs)
+    t.addrs = NULL
+    t.phase = PH_RELAY
+    t.start = now
+    t.last = now
+    _heap_remove(w, t)
+    t.key = t.start + (t.idle if t.idle < t.total else t.total)
+    if _heap_push(w, t) < 0:
+        _finish_errno(w, t, 12)
+        return
+    cev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+    cev.data.u64 = <uint64_t><uintptr_t>t
+    if epoll_ctl(w.epfd, EPOLL_CTL_ADD, t.fd[0], &cev) < 0:
+        _finish_errno(w, t, errno)
+        return
+    _service(w, t, 3, now)
 
 
 cdef void _deliver_batch(Tunnel *head) noexcept with gil:
@@ -774,7 +1351,12 @@ cdef void _deliver_batch(Tunnel *head) noexcept with gil:
             h = <_TunnelHandle>wp
             Py_DECREF(h)      # the reference the tunnel held; ``h`` keeps its own
             try:
-                h.loop.call_soon_threadsafe(h._deliver)
+                if h.on_done is not None:
+                    cb = h.on_done
+                    h.on_done = None           # (it usually refers to ``h``: no cycle left)
+                    cb(h.outcome())            # no event-loop wakeup per tunnel
+                else:
+                    h.loop.call_soon_threadsafe(h._deliver)
             except BaseException:
                 pass          # the loop is closed: nobody is waiting any more
             h = None
@@ -810,20 +1392,92 @@ cdef void _flush_done(Worker *w) noexcept nogil:
         pthread_mutex_unlock(&c.mu)
 
 
+cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
+    """One batch per listener: one GIL acquisition, one call_soon_threadsafe."""
+    cdef Listener *nxt
+    cdef Hs *h
+    cdef Hs *hn
+    cdef int err
+    cdef PyObject *owner
+    cdef _Handshake hd
+    while l != NULL:
+        pthread_mutex_lock(&c.mu)
+        nxt = l.cnext
+        l.cnext = NULL
+        l.cqueued = False
+        h = l.pend_head
+        l.pend_head = NULL
+        l.pend_tail = NULL
+        err = l.pend_err
+        l.pend_err = 0
+        owner = l.owner
+        if owner != NULL:
+            Py_INCREF(<object>owner)
+        pthread_mutex_unlock(&c.mu)
+        try:
+            items = []
+            while h != NULL:
+                hn = h.next
+                h.next = NULL
+                hd = _Handshake.__new__(_Handshake)
+                hd.hs = h
+                hd.proto = h.proto
+                hd.overflow = h.flags & 1
+                hd.data = h.buf[h.off:h.len] if h.proto == 1 else h.buf[:h.len]
+                items.append(hd)
+                h = hn
+            hd = None
+            if owner != NULL:
+                nl = <_NativeListener>owner
+                if nl.direct is not None and items:
+                    # the common case is decided right here, in this one GIL acquisition
+                    try:
+                        items = nl.direct(items)
+                    except BaseException:
+                        pass
+                if items or err:
+                    nl.loop.call_soon_threadsafe(nl.cb, items, err)
+        except BaseException:
+            pass              # the loop is closed: the handles close their connections
+        finally:
+            if owner != NULL:
+                Py_DECREF(<object>owner)
+        items = None
+        while h != NULL:      # (only after a MemoryError above)
+            hn = h.next
+            _close_fd(&h.fd)
+            free(h)
+            h = hn
+        _l_drop(c, l)         # the completer queue's reference
+        l = nxt
+
+
+cdef void _deliver_all(Completer *c, Tunnel *head, Listener *lhead) noexcept with gil:
+    # one GIL acquisition for finished tunnels and handshakes alike: under a CPU-bound
+    # Python thread each acquisition can wait a whole switch interval
+    if head != NULL:
+        _deliver_batch(head)
+    if lhead != NULL:
+        _deliver_handshakes(c, lhead)
+
+
 cdef void _completer_loop(Completer *c) noexcept nogil:
     cdef Tunnel *head
     cdef Tunnel *t
     cdef Tunnel *nxt
+    cdef Listener *lhead
     while True:
         pthread_mutex_lock(&c.mu)
-        while c.head == NULL and not c.stopping:
+        while c.head == NULL and c.lhead == NULL and not c.stopping:
             pthread_cond_wait(&c.cond, &c.mu)
         head = c.head
         c.head = NULL
+        lhead = c.lhead
+        c.lhead = NULL
         pthread_mutex_unlock(&c.mu)
-        if head == NULL:
+        if head == NULL and lhead == NULL:
             return                # stopping, and nothing left to deliver
-        _deliver_batch(head)
+        _deliver_all(c, head, lhead)
         t = head
         while t != NULL:
             nxt = t.dnext
@@ -840,25 +1494,31 @@ def _completer_main(_Engine engine):
 cdef void _worker_loop(Worker *w) noexcept nogil:
     cdef epoll_event evs[MAX_EVENTS]
     cdef int n, i, timeout, k
-    cdef double now, wait
-    cdef uint64_t u
+    cdef double now, wait, nxt_t
+    cdef uint64_t u, tag
     cdef Tunnel *t
     cdef Tunnel *nxt
     cdef bint stop = False
+    cdef Listener *lp
+    cdef Hs *hp
     now = _mono()
     while True:
         if w.rq_len > 0:
             timeout = 0
-        elif w.hlen > 0:
-            wait = (w.heap[0].key - now) * 1000.0
-            if wait <= 0:
-                timeout = 0
-            elif wait < 3600000.0:
-                timeout = <int>ceil(wait)
-            else:
-                timeout = 3600000         # (also NaN)
         else:
-            timeout = -1
+            nxt_t = _listeners_next(w) if w.listeners != NULL else 1e300
+            if w.hlen > 0 and w.heap[0].key < nxt_t:
+                nxt_t = w.heap[0].key
+            if nxt_t >= 1e300:
+                timeout = -1
+            else:
+                wait = (nxt_t - now) * 1000.0
+                if wait <= 0:
+                    timeout = 0
+                elif wait < 3600000.0:
+                    timeout = <int>ceil(wait)
+                else:
+                    timeout = 3600000         # (also NaN)
         n = epoll_wait(w.epfd, evs, MAX_EVENTS, timeout)
         now = _mono()
         if n < 0:
@@ -871,7 +1531,16 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
                 stop = w.stopping
                 pthread_mutex_unlock(&w.mu)
             else:
-                _on_event(w, <Tunnel *><uintptr_t>(u & ~(<uint64_t>1)), <int>(u & 1), evs[i].events, now)
+                tag = u & 3
+                if tag == TAG_LISTENER:
+                    lp = <Listener *><uintptr_t>(u & ~(<uint64_t>3))
+                    if not lp.done:
+                        _l_accept(w, lp, now)
+                elif tag == TAG_HS:
+                    hp = <Hs *><uintptr_t>(u & ~(<uint64_t>3))
+                    _hs_read(w, hp.l, hp)
+                else:
+                    _on_event(w, <Tunnel *><uintptr_t>(u & ~(<uint64_t>1)), <int>(u & 1), evs[i].events, now)
         # tunnels whose budget ran out last time (those queued now wait for the next round)
         k = w.rq_len
         while k > 0 and w.rq_head != NULL:
@@ -882,13 +1551,16 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
             _rq_remove(w, t)
             _service(w, t, i, now)
         _expire(w, now)
+        if w.listeners != NULL:
+            _listeners_service(w, now)
         if w.done_head != NULL:
             _flush_done(w)
             _trim_pools(w)
         if stop:
             break
-    # shutting down: fail every live tunnel, then release the pools
+    # shutting down: close the listeners, fail every live tunnel, then release the pools
     _on_wake(w)
+    _listeners_service(w, now)      # (w.stopping: closes them all)
     while w.hlen > 0:
         _finish(w, w.heap[0], RES_SHUTDOWN, 0)
     _flush_done(w)
@@ -1063,11 +1735,27 @@ cdef class _TunnelHandle:
     cdef object fut
     cdef object idle_o
     cdef object total_o
+    cdef object on_done      # native dials: called on the completer thread instead of a future
 
     def __dealloc__(self):
         if self.t != NULL:
             _drop_ref(self.t)
             self.t = NULL
+
+    def outcome(self):
+        """None when the tunnel ended normally (or was cancelled), else its exception."""
+        cdef int res = self.t.result, err = self.t.err
+        if res == RES_ERRNO:
+            return OSError(err, _os.strerror(err))
+        if res == RES_TOTAL:
+            return TimeoutError(f"relay exceeded total timeout of {self.total_o}s")
+        if res == RES_IDLE:
+            return TimeoutError(f"relay idle for {self.idle_o}s")
+        if res == RES_DIAL:
+            return DialError(err, _os.strerror(err))
+        if res == RES_SHUTDOWN:
+            return ConnectionAbortedError(ECONNABORTED, "kodarelay relay engine shut down")
+        return None
 
     def _deliver(self):
         cdef Tunnel *t = self.t
@@ -1085,10 +1773,23 @@ cdef class _TunnelHandle:
             fut.set_exception(TimeoutError(f"relay exceeded total timeout of {self.total_o}s"))
         elif res == RES_IDLE:
             fut.set_exception(TimeoutError(f"relay idle for {self.idle_o}s"))
+        elif res == RES_DIAL:
+            fut.set_exception(DialError(err, _os.strerror(err)))
         elif res == RES_SHUTDOWN:
             fut.set_exception(ConnectionAbortedError(ECONNABORTED, "kodarelay relay engine shut down"))
         else:
             fut.cancel()
+
+    @property
+    def fut(self):
+        return self.fut
+
+    def abort(self):
+        """End the tunnel and cancel its future (which the engine no longer resolves); an
+        ``on_done`` callback is not called after this."""
+        self.cancel()
+        if self.fut is not None and not self.fut.done():
+            self.fut.cancel()
 
     cdef void cancel(self):
         cdef Tunnel *t = self.t
@@ -1312,3 +2013,238 @@ async def relay_with_timeouts(a, b, idle=300.0, total=3600.0):
     except BaseException:
         h.cancel()      # no-op once the engine finished the tunnel
         raise
+
+
+# ── native handshake front-end: the Python side ──────────────────────────────
+
+class DialError(OSError):
+    """The engine could not connect a natively dialled tunnel (its client got the failure reply)."""
+
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        F_DUPFD_CLOEXEC
+
+
+cdef class _NativeListener:
+    """The engine serving a listening socket's handshakes; batches go to ``cb(items, err)``
+    on ``loop`` (``err``: an accept errno, -1 when the engine stopped, else 0)."""
+    cdef Listener *l
+    cdef _Engine e
+    cdef readonly object loop
+    cdef readonly object cb
+    cdef readonly object direct
+
+    def __cinit__(self, lsock, int mode, double hs_timeout, loop, cb, direct=None):
+        cdef Listener *l
+        cdef Worker *w
+        cdef int fd
+        self.loop = loop
+        self.cb = cb
+        self.direct = direct
+        fd = fcntl(lsock.fileno(), F_DUPFD_CLOEXEC, 0)
+        if fd < 0:
+            raise OSError(errno, _os.strerror(errno))
+        l = <Listener *>calloc(1, sizeof(Listener))
+        if l == NULL:
+            close(fd)
+            raise MemoryError()
+        l.fd = fd
+        l.mode = mode
+        l.hs_timeout = hs_timeout
+        l.refs = 2                    # this object + the worker
+        l.owner = <PyObject *>self
+        while True:
+            try:
+                e = _get_engine()
+            except BaseException:
+                close(fd)
+                free(l)
+                raise
+            w = e.pick()
+            pthread_mutex_lock(&w.mu)
+            if not w.stopping:
+                l.w = w
+                l.snext = w.lsub
+                w.lsub = l
+                _wake_locked(w)
+                pthread_mutex_unlock(&w.mu)
+                break
+            pthread_mutex_unlock(&w.mu)
+        self.e = e
+        self.l = l
+
+    def close(self):
+        """Stop accepting (the engine closes its copy of the listener and open handshakes)."""
+        cdef Listener *l = self.l
+        if l == NULL:
+            return
+        pthread_mutex_lock(&l.w.mu)
+        l.closing = True
+        _wake_locked(l.w)
+        pthread_mutex_unlock(&l.w.mu)
+
+    def __dealloc__(self):
+        cdef Listener *l = self.l
+        if l == NULL:
+            return
+        self.close()
+        pthread_mutex_lock(&l.w.completer.mu)
+        l.owner = NULL
+        pthread_mutex_unlock(&l.w.completer.mu)
+        self.l = NULL
+        _l_drop(l.w.completer, l)
+
+
+cdef class _Handshake:
+    """A connection whose handshake the engine read; answer it exactly once."""
+    cdef Hs *hs
+    cdef readonly int proto           # 0 HTTP, 1 SOCKS5
+    cdef readonly bint overflow       # the HTTP head did not end within 8 KiB
+    cdef readonly bytes data          # HTTP: everything read; SOCKS5: the request onwards
+
+    def __dealloc__(self):
+        if self.hs != NULL:
+            _close_fd(&self.hs.fd)
+            free(self.hs)
+            self.hs = NULL
+
+    cdef int take(self) except -1:
+        cdef int fd
+        if self.hs == NULL:
+            raise ValueError("handshake already answered")
+        fd = self.hs.fd
+        free(self.hs)
+        self.hs = NULL
+        return fd
+
+    def close(self):
+        if self.hs != NULL:
+            _close_fd(&self.hs.fd)
+            free(self.hs)
+            self.hs = NULL
+
+    def reply_and_close(self, const unsigned char[:] reply):
+        """Send ``reply`` (non-blocking, best effort: a fresh socket takes it) and close."""
+        cdef int fd = self.take()
+        if reply.shape[0] > 0:
+            _send_all_nb(fd, <const char *>&reply[0], reply.shape[0])
+        close(fd)
+
+    def detach(self):
+        """The fd (non-blocking) for the asyncio path; the caller owns it."""
+        return self.take()
+
+    def dial(self, addresses, int port, bytes ok_reply, bytes early, connect_timeout, idle, total, bint socks,
+             loop=None, on_done=None):
+        """Connect to ``addresses`` in order (IP literals, already judged) within ``connect_timeout``;
+        on success send ``ok_reply`` to the client and ``early`` to the target and relay the pair.
+        Returns the tunnel's handle (its ``fut`` resolves like ``relay_with_timeouts``; a failed
+        dial raises ``DialError`` after the protocol's failure reply went to the client)."""
+        cdef Py_ssize_t n = len(addresses), i
+        cdef kr_addr *addrs
+        cdef Tunnel *t
+        cdef Worker *w
+        cdef _TunnelHandle h
+        cdef _Engine e
+        cdef double di = idle, dt = total
+        if self.hs == NULL:
+            raise ValueError("handshake already answered")
+        if n == 0:
+            raise ValueError("no address to dial")
+        addrs = <kr_addr *>calloc(n, sizeof(kr_addr))
+        if addrs == NULL:
+            raise MemoryError()
+        for i in range(n):
+            a = str(addresses[i]).encode("ascii")
+            if kr_addr_set(&addrs[i], a, port) < 0:
+                free(addrs)
+                raise ValueError(f"not an IP address: {addresses[i]!r}")
+        t = <Tunnel *>calloc(1, sizeof(Tunnel))
+        if t == NULL:
+            free(addrs)
+            raise MemoryError()
+        t.addrs = addrs
+        t.naddr = <int>n
+        t.okrep = <char *>malloc(len(ok_reply) + 1)
+        t.early = <char *>malloc(len(early) + 1)
+        if t.okrep == NULL or t.early == NULL:
+            free(t.okrep)
+            free(t.early)
+            free(addrs)
+            free(t)
+            raise MemoryError()
+        memcpy(t.okrep, <char *>ok_reply, len(ok_reply))
+        t.okn = len(ok_reply)
+        memcpy(t.early, <char *>early, len(early))
+        t.earlyn = len(early)
+        t.socks = socks
+        t.phase = PH_CONNECT
+        if di != di:
+            di = float("inf")
+        if dt != dt:
+            dt = float("inf")
+        for i in range(2):
+            t.d[i].pr = -1
+            t.d[i].pw = -1
+        t.hidx = -1
+        t.idle = di
+        t.total = dt
+        t.start = _mono()
+        t.last = t.start
+        t.cdeadline = t.start + <double>connect_timeout
+        t.refs = 2
+        t.fd[1] = -1
+        try:
+            e = _get_engine()
+        except BaseException:
+            free(t.okrep)
+            free(t.early)
+            free(addrs)
+            free(t)
+            raise
+        t.fd[0] = self.take()
+        if loop is None:
+            loop = _asyncio.get_running_loop()
+        h = _TunnelHandle.__new__(_TunnelHandle)
+        h.t = t
+        h.engine = e
+        h.loop = loop
+        h.on_done = on_done
+        h.fut = loop.create_future() if on_done is None else None
+        h.idle_o = idle
+        h.total_o = total
+        Py_INCREF(h)
+        t.waiter = <PyObject *>h
+        while True:
+            w = e.pick()
+            t.w = w
+            h.engine = e
+            pthread_mutex_lock(&w.mu)
+            if not w.stopping:
+                t.snext = w.sub_head
+                w.sub_head = t
+                _wake_locked(w)
+                pthread_mutex_unlock(&w.mu)
+                return h
+            pthread_mutex_unlock(&w.mu)
+            try:
+                e = _get_engine()
+            except BaseException:
+                t.waiter = NULL
+                Py_DECREF(h)
+                h.t = NULL
+                _close_fd(&t.fd[0])
+                free(t.okrep)
+                free(t.early)
+                free(addrs)
+                free(t)
+                raise
+
+
+def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None):
+    """Serve ``lsock``'s handshakes in the engine (mode: "http", "socks5" or "mux").
+
+    Each batch first goes to ``direct(items) -> items left`` on the engine's completer thread
+    (when given), then what is left (and any accept error) to ``cb(items, err)`` on ``loop``."""
+    return _NativeListener(lsock, {"http": 0, "socks5": 1, "mux": 2}[mode], handshake_timeout, loop, cb, direct)

@@ -158,7 +158,7 @@ class _BuiltIn:
 def _close_without_loop(server: ProxyServer, bridge: Any) -> None:
     """Last-resort cleanup when the server's loop is gone: release the port and the UDS path."""
     server._closed = True
-    server._lsock.close()
+    server._release_listener()
     if bridge is not None:
         try:
             bridge.close()

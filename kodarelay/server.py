@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 from . import relay
 from .dial import Refusal
@@ -46,6 +47,9 @@ def status_line(code: int, proxy_error: str | None = None) -> bytes:
     return (head + "\r\n").encode("ascii")
 
 
+OK_REPLY = status_line(200)
+
+
 class Server(ProxyServer):
     """HTTP CONNECT proxy on ``127.0.0.1``. Create with ``await Server.bind(...)``.
 
@@ -59,6 +63,22 @@ class Server(ProxyServer):
     def __init__(self, *args: object, socks5: bool = False, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.socks5 = socks5
+        self.front_mode = "mux" if socks5 else "http"
+
+    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+        if h.proto == 1:
+            from .socks5 import socks5_fast_target
+
+            return socks5_fast_target(h)
+        return http_fast_target(h)
+
+    def _decide(self, h: Any) -> None:
+        if h.proto == 1:
+            from .socks5 import socks5_decide
+
+            socks5_decide(self, h)
+        else:
+            http_decide(self, h)
 
     async def _session(self, conn: socket.socket) -> Handoff | None:
         deadline = self._loop.time() + self.handshake_timeout
@@ -129,3 +149,48 @@ async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadli
         upstream.close()
         raise
     return upstream, early, from_upstream
+
+
+def http_decide(srv: ProxyServer, h: Any) -> None:
+    """``http_session`` for a head the engine read: the same checks, violations and replies."""
+    parsers = relay.parsers
+    buf = h.data
+    try:
+        end = parsers.http_head_end(buf, MAX_HEAD)
+    except HeadError as e:
+        srv.record("http", "", None, "bad_request")
+        h.reply_and_close(status_line(e.status))
+        return
+    head, early = buf[:end], buf[end:]
+    try:
+        method, target, _version = parsers.parse_request_line(head)
+    except HeadError as e:
+        srv.record("http", "", None, "bad_request")
+        h.reply_and_close(status_line(e.status))
+        return
+    if method != "CONNECT":
+        srv.record("http", target, None, "method_not_allowed")
+        h.reply_and_close(status_line(405))
+        return
+    try:
+        host, port = parsers.split_host_port(target)
+    except HeadError as e:
+        srv.record("http", target, None, "bad_request")
+        h.reply_and_close(status_line(e.status))
+        return
+    srv.native_open("http", h, host, port, early, status_line(200))
+
+
+def http_fast_target(h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+    """A well-formed CONNECT in a native handshake, else None (``http_decide`` answers it)."""
+    parsers = relay.parsers
+    buf = h.data
+    try:
+        end = parsers.http_head_end(buf, MAX_HEAD)
+        method, target, _version = parsers.parse_request_line(buf[:end])
+        if method != "CONNECT":
+            return None
+        host, port = parsers.split_host_port(target)
+    except HeadError:
+        return None
+    return "http", host, port, buf[end:], OK_REPLY

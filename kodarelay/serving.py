@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import time
+import os
 from typing import Any, Tuple, TypeVar
 
 from . import relay
 from ._aio import recv_within
-from .dial import REP_NOT_ALLOWED, Dialer, Refusal, Resolver
-from .filter import Filter
-from .upstream import UpstreamConfig
+from .dial import REP_GENERAL_FAILURE, REP_NOT_ALLOWED, Dialer, Refusal, Resolver
+from .filter import Filter, canonical_host
+from .upstream import UpstreamConfig, bypasses_proxy
 from .violations import OnViolation, Violation, ViolationLog
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,11 @@ S = TypeVar("S", bound="ProxyServer")
 #: client sent after its request (for the upstream) and bytes the upstream sent after its
 #: response (for the client).
 Handoff = Tuple[socket.socket, bytes, bytes]
+
+
+def native_frontend_available() -> bool:
+    """The compiled engine serves accept and handshakes (``KODARELAY_NO_NATIVE_FRONTEND`` turns it off)."""
+    return hasattr(relay.impl, "native_listen") and not relay.env_flag("KODARELAY_NO_NATIVE_FRONTEND")
 
 
 class HandshakeTimeout(Exception):
@@ -71,6 +78,9 @@ class ProxyServer:
         self._serve_task: asyncio.Task[Any] | None = None
         self._closed = False
         self._last_accept_error_log = 0.0
+        self._front: Any = None            # the engine's listener (compiled front-end)
+        self._native: set[Any] = set()     # tunnels the engine dialled and relays
+        self._fast_cache: dict[Any, Any] = {}  # see _dial_fast
 
     @classmethod
     async def bind(cls: type[S], port: int | None = None, filter: Filter | None = None, **options: Any) -> S:
@@ -107,7 +117,7 @@ class ProxyServer:
     @property
     def tunnel_count(self) -> int:
         """Connections being served right now (handshaking or relaying)."""
-        return len(self._tasks)
+        return len(self._tasks) + len(self._native)
 
     # ── accepting ────────────────────────────────────────────────────────────
 
@@ -120,6 +130,19 @@ class ProxyServer:
         if self._serve_task is not None:
             raise RuntimeError("serve() is already running")
         self._serve_task = asyncio.current_task()
+        if native_frontend_available():
+            try:
+                self._start_front()
+                await self._loop.create_future()      # until close() cancels it
+            except asyncio.CancelledError:
+                if not self._closed:
+                    raise
+            finally:
+                self._serve_task = None
+                if self._front is not None:     # serving ends: the engine stops accepting
+                    self._front.close()
+                    self._front = None
+            return
         try:
             while not self._closed:
                 try:
@@ -138,6 +161,211 @@ class ProxyServer:
                 raise
         finally:
             self._serve_task = None
+
+    # ── the compiled front-end ───────────────────────────────────────────────
+
+    #: "http", "socks5" or "mux": what the engine reads before handing a connection over
+    front_mode = "http"
+
+    def _start_front(self) -> None:
+        self._front = relay.impl.native_listen(  # type: ignore[attr-defined]
+            self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct
+        )
+
+    def _on_batch_direct(self, items: list[Any]) -> list[Any]:
+        """Runs on the engine's completer thread, holding the GIL it took for the batch: the
+        common case (a well-formed request for an allowed address, dialled directly) is dialled
+        at once; everything else (refusals and their violations, names to resolve, chaining)
+        goes to the event loop, which decides it from scratch. Side-effect free until dial."""
+        rest = []
+        for h in items:
+            try:
+                if self._closed or not self._dial_fast(h):
+                    rest.append(h)
+            except Exception:
+                rest.append(h)
+        return rest
+
+    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+        """(protocol, host, port, early bytes, ok reply) of a well-formed request, else None."""
+        return None
+
+    def _dial_fast(self, h: Any) -> bool:
+        target = self._fast_target(h)
+        if target is None:
+            return False
+        protocol, host, port, early, ok = target
+        dialer = self.dialer
+        # Verdicts for IP literals depend on nothing but the policy: remember the allowed ones
+        # for as long as the filter, upstream and guard are the same objects.
+        policy = (self.filter, dialer.filter, dialer.upstream, dialer.deny_private)
+        cache = self._fast_cache
+        if cache.get(None) != policy:
+            cache.clear()
+            cache[None] = policy
+        name = cache.get((host, port))
+        if name is None:
+            if not self.filter.explain(host, port).allowed:
+                return False
+            canon = canonical_host(host)
+            if not isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+                return False
+            name = str(canon)
+            if not dialer.upstream.is_direct and not bypasses_proxy(name, dialer.upstream.no_proxy):
+                return False
+            if not self.filter.check_resolved(canon, port, [name], deny_private=dialer.deny_private).allowed:
+                return False
+            if len(cache) > 1024:
+                cache.clear()
+            cache[(host, port)] = name
+        try:
+            self._dial_native(h, protocol, host, port, [name], early, ok)
+        except ValueError:
+            return False
+        return True
+
+    def _dial_native(self, h: Any, protocol: str, host: str, port: int, addresses: list[str], early: bytes,
+                     ok: bytes) -> None:
+        """``h.dial`` and track the tunnel; its end is reported on the engine's completer thread
+        (no event-loop wakeup per tunnel). Safe on either thread."""
+        native = self._native
+
+        def done(e: BaseException | None) -> None:
+            native.discard(tunnel)
+            if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
+                log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, e)
+            elif e is not None:
+                log.debug("tunnel ended: %s", e)
+
+        tunnel = h.dial(addresses, port, ok, early, self.dialer.connect_timeout, self.idle_timeout,
+                        self.total_timeout, protocol == "socks5", self._loop, done)
+        native.add(tunnel)
+        if self._closed:                # close() ran meanwhile (on the loop thread)
+            tunnel.abort()
+            native.discard(tunnel)
+
+    def _on_batch(self, items: list[Any], err: int) -> None:
+        """One batch of handshakes the engine read (and maybe an accept error)."""
+        if err == -1:                       # the engine was shut down under us: start again
+            if not self._closed and self._serve_task is not None:
+                self._start_front()
+        elif err and not self._closed:
+            e = OSError(err, os.strerror(err))
+            if err not in _ACCEPT_RETRYABLE:
+                log.error("accept on port %d failed: %s", self._port, e)
+            self._log_accept_error(e)
+        for h in items:
+            if self._closed:
+                h.close()
+                continue
+            try:
+                self._decide(h)
+            except Exception:
+                log.exception("unexpected error serving a connection")
+                h.close()
+
+    def _decide(self, h: Any) -> None:
+        """Answer one native handshake: ``h.dial``, ``h.reply_and_close`` or the asyncio path."""
+        raise NotImplementedError
+
+    def refusal_bytes(self, protocol: str, r: Refusal) -> bytes:
+        if protocol == "socks5":
+            from .socks5 import reply_bytes
+
+            return reply_bytes(r.socks_rep or REP_GENERAL_FAILURE)
+        from .server import status_line
+
+        return status_line(r.http_status, r.reason if r.http_status == 403 else None)
+
+    def _refuse(self, protocol: str, h: Any, host: str, port: int, r: Refusal) -> None:
+        if r.reason is not None:
+            self.record(protocol, host, port, r.reason)
+        else:
+            log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, r)
+        h.reply_and_close(self.refusal_bytes(protocol, r))
+
+    def native_open(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes) -> None:
+        """``open_tunnel`` for a native handshake: judge now; dial in the engine when the target
+        is an address (or after resolving it); chained tunnels take the asyncio path."""
+        decision = self.filter.explain(host, port)
+        if not decision.allowed:
+            r = Refusal(f"{host}:{port} is {decision.reason}", http_status=403, socks_rep=REP_NOT_ALLOWED,
+                        reason=decision.reason)
+            self._refuse(protocol, h, host, port, r)
+            return
+        dialer = self.dialer
+        canon = canonical_host(host)
+        name = str(canon)
+        chained = not dialer.upstream.is_direct and not bypasses_proxy(name, dialer.upstream.no_proxy)
+        if chained or not isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            self._track(self._loop.create_task(self._native_slow(protocol, h, host, port, early, ok, chained)))
+            return
+        self._native_dial(protocol, h, host, port, [name], early, ok)
+
+    def _native_dial(self, protocol: str, h: Any, host: str, port: int, addresses: list[str], early: bytes,
+                     ok: bytes) -> None:
+        canon = canonical_host(host)
+        decision = self.filter.check_resolved(canon, port, addresses, deny_private=self.dialer.deny_private)
+        if not decision.allowed:
+            r = Refusal(f"{canon} resolves to a refused address", http_status=403, socks_rep=REP_NOT_ALLOWED,
+                        reason=decision.reason)
+            self._refuse(protocol, h, host, port, r)
+            return
+        try:
+            self._dial_native(h, protocol, host, port, addresses, early, ok)
+        except ValueError:              # an address the engine cannot take (scoped IPv6 ...)
+            self._track(self._loop.create_task(self._run_detached(protocol, h, host, port, early, ok)))
+
+    async def _native_slow(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes,
+                           chained: bool) -> None:
+        try:
+            if chained:
+                await self._run_detached(protocol, h, host, port, early, ok)
+                return
+            name = str(canonical_host(host))
+            try:
+                addresses = await self.dialer._resolve(name, port)
+            except Refusal as r:
+                self._refuse(protocol, h, host, port, r)
+                return
+            if not self._closed:
+                self._native_dial(protocol, h, host, port, addresses, early, ok)
+        finally:
+            h.close()       # a no-op once answered
+
+    async def _run_detached(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes) -> None:
+        """The asyncio path for a native handshake (upstream chaining)."""
+        conn = socket.socket(fileno=h.detach())
+        try:
+            conn.setblocking(False)
+            try:
+                upstream, from_upstream = await self.open_tunnel(protocol, host, port)
+            except Refusal as r:
+                try:
+                    await self.send(conn, self.refusal_bytes(protocol, r))
+                except OSError:
+                    pass
+                return
+            try:
+                await self.send(conn, ok)
+                if early or from_upstream:
+                    await self._forward_early(conn, upstream, early, from_upstream)
+            except BaseException:
+                upstream.close()
+                raise
+            await relay.relay_with_timeouts(conn, upstream, self.idle_timeout, self.total_timeout)
+        except asyncio.CancelledError:
+            pass
+        except TimeoutError as e:
+            log.debug("tunnel ended: %s", e)
+        except OSError as e:
+            log.debug("connection error: %s", e)
+        finally:
+            conn.close()
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _log_accept_error(self, e: OSError) -> None:
         now = time.monotonic()
@@ -248,14 +476,29 @@ class ProxyServer:
             self._loop.remove_reader(self._lsock.fileno())
         except (ValueError, RuntimeError):
             pass
-        self._lsock.close()
+        self._release_listener()
         if self._serve_task is not None:
             self._serve_task.cancel()
         for task in list(self._tasks):
             task.cancel()
+        for tunnel in list(self._native):
+            tunnel.abort()              # the engine closes both fds on its next iteration
+            self._native.discard(tunnel)
+
+    def _release_listener(self) -> None:
+        """Close the listening socket now, the engine's copy of it included."""
+        if self._front is not None:
+            self._front.close()
+            self._front = None
+        try:
+            # the engine closes its dup on its next iteration; SHUT_RD stops the listen at once
+            self._lsock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        self._lsock.close()
 
     async def wait_closed(self) -> None:
-        tasks = list(self._tasks)
+        tasks: list[Any] = list(self._tasks)
         if self._serve_task is not None:
             tasks.append(self._serve_task)
         if tasks:

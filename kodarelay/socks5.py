@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 from . import relay
 from .dial import REP_GENERAL_FAILURE, Refusal
@@ -42,9 +43,17 @@ class Socks5Server(ProxyServer):
 
     protocol = "socks5"
 
+    front_mode = "socks5"
+
     async def _session(self, conn: socket.socket) -> Handoff | None:
         deadline = self._loop.time() + self.handshake_timeout
         return await socks5_session(self, conn, b"", deadline)
+
+    def _decide(self, h: Any) -> None:
+        socks5_decide(self, h)
+
+    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+        return socks5_fast_target(h)
 
 
 async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float, parse):  # type: ignore[no-untyped-def]
@@ -107,3 +116,51 @@ async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, dead
         upstream.close()
         raise
     return upstream, early, from_upstream
+
+
+def socks5_decide(srv: ProxyServer, h: Any) -> None:
+    """``socks5_session`` after the greeting, for a request the engine read (it answered the
+    greeting itself): the same checks, violations and replies."""
+    data = h.data
+    try:
+        parsed = relay.parsers.parse_socks5_request(data)
+    except Socks5Error as e:
+        if e.rep is not None:
+            srv.record("socks5", "", None, "bad_host")
+            h.reply_and_close(reply_bytes(e.rep))
+        else:
+            log.debug("closing SOCKS5 connection: %s", e)
+            h.close()
+        return
+    if parsed is None:          # (the engine delivers complete requests only)
+        h.close()
+        return
+    used, cmd, atyp, host, port = parsed
+    early = data[used:]
+    if cmd != CMD_CONNECT:
+        srv.record("socks5", host, port, "command")
+        h.reply_and_close(reply_bytes(REP_COMMAND_NOT_SUPPORTED))
+        return
+    if atyp != ATYP_DOMAIN:
+        srv.record("socks5", host, port, "address_type")
+        h.reply_and_close(reply_bytes(REP_ADDRESS_TYPE_NOT_SUPPORTED))
+        return
+    srv.native_open("socks5", h, host, port, early, reply_bytes(REP_SUCCEEDED))
+
+
+SOCKS_OK = reply_bytes(REP_SUCCEEDED)
+
+
+def socks5_fast_target(h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+    """A well-formed SOCKS5 CONNECT to a name in a native handshake, else None."""
+    data = h.data
+    try:
+        parsed = relay.parsers.parse_socks5_request(data)
+    except Socks5Error:
+        return None
+    if parsed is None:
+        return None
+    used, cmd, atyp, host, port = parsed
+    if cmd != CMD_CONNECT or atyp != ATYP_DOMAIN:
+        return None
+    return "socks5", host, port, data[used:], SOCKS_OK

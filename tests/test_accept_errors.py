@@ -38,6 +38,7 @@ def test_fd_exhaustion_does_not_stop_the_proxy(protocol):
     try:
         port = int(child.stdout.readline())
         hoard = [connect(port) for _ in range(80)]  # idle handshakes pin the proxy's fds
+        time.sleep(0.3)  # let the proxy accept them: a client that leaves first pins nothing
         # The proxy is out of fds now: a tunnel cannot be served until some are freed.
         started = time.monotonic()
         for s in hoard:
