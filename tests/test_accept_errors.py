@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -37,9 +38,21 @@ def test_fd_exhaustion_does_not_stop_the_proxy(protocol):
     )
     try:
         port = int(child.stdout.readline())
+        lines: list[str] = []
+        exhausted = threading.Event()
+
+        def read_stderr() -> None:
+            for raw in child.stderr:
+                lines.append(raw.decode())
+                if "backing off" in lines[-1]:
+                    exhausted.set()
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
         hoard = [connect(port) for _ in range(80)]  # idle handshakes pin the proxy's fds
-        time.sleep(0.3)  # let the proxy accept them: a client that leaves first pins nothing
-        # The proxy is out of fds now: a tunnel cannot be served until some are freed.
+        # Wait until the proxy says it ran out of fds (a client that left before being
+        # accepted would pin nothing, so the hoard stays open until then).
+        assert exhausted.wait(20), "".join(lines)
         started = time.monotonic()
         for s in hoard:
             s.close()
@@ -56,7 +69,8 @@ def test_fd_exhaustion_does_not_stop_the_proxy(protocol):
         child.stdin.write(b"quit\n")
         child.stdin.flush()
         assert child.wait(20) == 0
-        err = child.stderr.read().decode()
+        reader.join(10)
+        err = "".join(lines)
         warnings = err.count("backing off")
         assert warnings >= 1, err  # the exhaustion really happened
         assert warnings <= elapsed + 2, err  # at most about once a second
