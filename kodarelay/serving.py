@@ -360,10 +360,13 @@ class ProxyServer:
             log.debug("tunnel ended: %s", e)
         except OSError as e:
             log.debug("connection error: %s", e)
+        except Exception:
+            log.exception("unexpected error serving a connection")
         finally:
             conn.close()
 
     def _track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a strong reference to ``task`` while it runs: asyncio holds tasks only weakly."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -379,9 +382,7 @@ class ProxyServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        task = self._loop.create_task(self._run(conn))
-        self._tasks.add(task)  # strong reference: asyncio holds tasks only weakly
-        task.add_done_callback(self._tasks.discard)
+        self._track(self._loop.create_task(self._run(conn)))
 
     async def _run(self, conn: socket.socket) -> None:
         try:
