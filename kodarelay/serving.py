@@ -5,13 +5,14 @@ that survives fd exhaustion, tunnel bookkeeping, shutdown and the violation ring
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
 import socket
 import time
 import os
-from typing import Any, Tuple, TypeVar
+from typing import Any, Iterator, Tuple, TypeVar
 
 from . import relay
 from ._aio import recv_within
@@ -39,6 +40,23 @@ Handoff = Tuple[socket.socket, bytes, bytes]
 def native_frontend_available() -> bool:
     """The compiled engine serves accept and handshakes (``KODARELAY_NO_NATIVE_FRONTEND`` turns it off)."""
     return hasattr(relay.impl, "native_listen") and not relay.env_flag("KODARELAY_NO_NATIVE_FRONTEND")
+
+
+@contextlib.contextmanager
+def _connection_ends(conn: socket.socket) -> Iterator[None]:
+    """How every served connection ends: closed, its normal endings logged, never raised."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        pass
+    except TimeoutError as e:
+        log.debug("tunnel ended: %s", e)
+    except OSError as e:
+        log.debug("connection error: %s", e)
+    except Exception:
+        log.exception("unexpected error serving a connection")
+    finally:
+        conn.close()
 
 
 class HandshakeTimeout(Exception):
@@ -336,7 +354,7 @@ class ProxyServer:
     async def _run_detached(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes) -> None:
         """The asyncio path for a native handshake (upstream chaining)."""
         conn = socket.socket(fileno=h.detach())
-        try:
+        with _connection_ends(conn):
             conn.setblocking(False)
             try:
                 upstream, from_upstream = await self.open_tunnel(protocol, host, port)
@@ -354,16 +372,6 @@ class ProxyServer:
                 upstream.close()
                 raise
             await relay.relay_with_timeouts(conn, upstream, self.idle_timeout, self.total_timeout)
-        except asyncio.CancelledError:
-            pass
-        except TimeoutError as e:
-            log.debug("tunnel ended: %s", e)
-        except OSError as e:
-            log.debug("connection error: %s", e)
-        except Exception:
-            log.exception("unexpected error serving a connection")
-        finally:
-            conn.close()
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         """Keep a strong reference to ``task`` while it runs: asyncio holds tasks only weakly."""
@@ -385,7 +393,7 @@ class ProxyServer:
         self._track(self._loop.create_task(self._run(conn)))
 
     async def _run(self, conn: socket.socket) -> None:
-        try:
+        with _connection_ends(conn):
             handoff = await self._session(conn)
             if handoff is not None:
                 upstream, to_upstream, to_client = handoff
@@ -396,16 +404,6 @@ class ProxyServer:
                 # The handshake's frames are gone now: an idle tunnel keeps this frame and
                 # the relay's, nothing else.
                 await relay.relay_with_timeouts(conn, upstream, self.idle_timeout, self.total_timeout)
-        except asyncio.CancelledError:
-            pass
-        except TimeoutError as e:
-            log.debug("tunnel ended: %s", e)
-        except OSError as e:
-            log.debug("connection error: %s", e)
-        except Exception:
-            log.exception("unexpected error serving a connection")
-        finally:
-            conn.close()
 
     async def _session(self, conn: socket.socket) -> Handoff | None:
         """Run the protocol handshake; return what the tunnel needs, or None when refused."""
