@@ -78,3 +78,21 @@ def https_site(ca):  # type: ignore[no-untyped-def]
     site = WebServer(tls=ca[1])
     yield site
     site.close()
+
+
+@pytest.fixture
+def start_proxy():  # type: ignore[no-untyped-def]
+    """Start built-in proxies on background loops (direct upstream unless told); all stop at teardown."""
+    from kodarelay import BuiltInProxy, Filter, UpstreamConfig
+
+    handles = []
+
+    def start(patterns=("localhost",), cls=BuiltInProxy, **options):  # type: ignore[no-untyped-def]
+        options.setdefault("upstream", UpstreamConfig.direct())
+        h = cls(Filter(list(patterns)), **options).start()
+        handles.append(h)
+        return h
+
+    yield start
+    for h in handles:
+        h.shutdown()

@@ -10,26 +10,8 @@ import threading
 
 import pytest
 
-from kodarelay import BuiltInProxy, Filter, UpstreamConfig
 
 from peers import EchoServer, connect, dead_port, http_connect, pinned, recv_exact, recv_until, status_of, wait_until
-
-
-
-@pytest.fixture
-def start_proxy():
-    handles = []
-
-    def start(patterns=("localhost",), **options):
-        options.setdefault("upstream", UpstreamConfig.direct())
-        h = BuiltInProxy(Filter(list(patterns)), **options).start()
-        handles.append(h)
-        return h
-
-    yield start
-    for h in handles:
-        h.shutdown()
-
 
 
 

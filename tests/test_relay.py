@@ -24,6 +24,8 @@ import pytest
 from kodarelay import relay
 from kodarelay.relay import env_flag
 
+import peers
+
 DEADLINE = 20.0  # generous per-operation socket timeout; a hang fails instead of stalling
 
 
@@ -103,16 +105,7 @@ def read_to_eof(sock: socket.socket) -> tuple[int, str]:
 async def recv_exact(sock: socket.socket, n: int) -> bytes:
     """``n`` bytes from a blocking peer socket, read off the event loop's thread."""
 
-    def read() -> bytes:
-        got = b""
-        while len(got) < n:
-            chunk = sock.recv(n - len(got))
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-    return await asyncio.to_thread(read)
+    return await asyncio.to_thread(peers.recv_exact, sock, n)
 
 
 def digest(data: bytes) -> tuple[int, str]:

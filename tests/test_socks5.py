@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 
 import pytest
 
-from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig
+from kodarelay import BuiltInProxy, BuiltInSocks5Proxy
 
 from peers import connect, dead_port, http_connect, pinned, recv_exact, socks5_connect, status_of
 
 
 
 @pytest.fixture
-def start_socks():
-    handles = []
-
-    def start(patterns=("localhost",), cls=BuiltInSocks5Proxy, **options):
-        options.setdefault("upstream", UpstreamConfig.direct())
-        h = cls(Filter(list(patterns)), **options).start()
-        handles.append(h)
-        return h
-
-    yield start
-    for h in handles:
-        h.shutdown()
-
-
+def start_socks(start_proxy):  # type: ignore[no-untyped-def]
+    """``start_proxy`` with the SOCKS5 proxy as the default kind."""
+    return functools.partial(start_proxy, cls=BuiltInSocks5Proxy)
 
 
 def test_connect_allowed_domain(start_socks, echo):
