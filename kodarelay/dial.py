@@ -97,7 +97,7 @@ class Dialer:
         if ip is not None:
             addresses = [name]
         else:
-            addresses = await self._resolve(name, port)
+            addresses = await self.resolve(name, port)
         decision = self.filter.check_resolved(canon, port, addresses, deny_private=self.deny_private)
         if not decision.allowed:
             raise Refusal(
@@ -108,7 +108,7 @@ class Dialer:
             )
         return await self._connect_any(name, addresses, port), b""
 
-    async def _resolve(self, name: str, port: int) -> list[str]:
+    async def resolve(self, name: str, port: int) -> list[str]:
         try:
             addresses = await asyncio.wait_for(self.resolver(name, port), self.connect_timeout)
         except (OSError, asyncio.TimeoutError, UnicodeError, ValueError) as e:

@@ -342,7 +342,7 @@ class ProxyServer:
                 return
             name = str(canonical_host(host))
             try:
-                addresses = await self.dialer._resolve(name, port)
+                addresses = await self.dialer.resolve(name, port)
             except Refusal as r:
                 self._refuse(protocol, h, host, port, r)
                 return

@@ -98,9 +98,6 @@ class UpstreamConfig:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"http://{auth}{host}:{self.port}"
 
-    def bypasses(self, host: str, port: int | None = None) -> bool:
-        return bypasses_proxy(host, self.no_proxy)
-
 
 def _redact(url: str) -> str:
     """``url`` with any userinfo replaced, for error messages and logs."""
