@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import socket
+import threading
 import os
 import time
 from typing import Any, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
@@ -180,6 +181,7 @@ class ProxyServer:
         self._last_accept_error_log = 0.0
         self._front: Any = None            # the engine's listener (compiled front-end)
         self._native: set[Any] = set()     # tunnels the engine dialled and relays
+        self._announce_lock = threading.Lock()
 
     @classmethod
     async def bind(cls: type[S], port: int | None = None, filter: Filter | None = None, **options: Any) -> S:
@@ -526,8 +528,19 @@ class ProxyServer:
         ticket = Ticket(proto.name, target.method, plan.host, plan.port, target.client)
         native = self._native
 
+        announced: list[bool] = []
+
+        def announce() -> None:
+            # the allow event goes out before the end event, whichever thread gets here first
+            with self._announce_lock:
+                if not announced:
+                    announced.append(True)
+                    self.emit(Event(time.time(), "allow", proto.name, target.method, plan.host, plan.port,
+                                    target.client, "allowed", plan.rule, plan.source, ticket.id))
+
         def done(e: BaseException | None) -> None:
             native.discard(tunnel)
+            announce()
             moved = getattr(tunnel, "moved", None)
             if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
                 log.info("%s tunnel to %s:%d failed: %s", proto.name, plan.host, plan.port, e)
@@ -543,8 +556,7 @@ class ProxyServer:
                             proto.name == "socks5", self._loop, done)
         except ValueError:
             return False
-        self.emit(Event(time.time(), "allow", proto.name, target.method, plan.host, plan.port, target.client,
-                        "allowed", plan.rule, plan.source, ticket.id))
+        announce()
         native.add(tunnel)
         if self._closed:                # close() ran meanwhile (on the loop thread)
             tunnel.abort()
