@@ -53,6 +53,10 @@ REASON_TEXT = {
     "method_not_allowed": "not a CONNECT request (plain-HTTP proxying is not supported; tunnel, e.g. curl -p)",
     "address_type": "SOCKS5 request for an IP literal (use socks5h:// so the name is sent)",
     "command": "SOCKS5 command other than CONNECT",
+    "decider_denied": "the decider said no",
+    "decider_timeout": "the decider did not answer in time",
+    "decider_error": "the decider failed or gave no valid answer",
+    "upstream_refused": "the upstream proxy refused it",
 }
 SUMMARY_LINES = 20
 
@@ -175,17 +179,79 @@ def summarize(violations: Sequence[Any], total: int) -> list[str]:
     """Lines for stderr: each refused (host:port, reason) once, with its count, most frequent first."""
     if not total and not violations:
         return []
-    counts = Counter((v.host, v.port, v.reason) for v in violations)
+    counts = Counter((v.host, v.port, v.reason, getattr(v, "detail", None)) for v in violations)
     n = max(total, len(violations))
     lines = [f"refused {n} connection{'s' if n != 1 else ''}:"]
-    for (host, port, reason), count in counts.most_common(SUMMARY_LINES):
-        why = REASON_TEXT.get(reason, reason)
+    for (host, port, reason, detail), count in counts.most_common(SUMMARY_LINES):
+        why = detail or REASON_TEXT.get(reason, reason)
         lines.append(f"  {count}x {host_port(host or '-', port)}  {reason}: {why}")
     if len(counts) > SUMMARY_LINES:
         lines.append(f"  ... and {len(counts) - SUMMARY_LINES} more destinations")
     if total > len(violations):
         lines.append(f"  (details kept for the last {len(violations)} only)")
     return lines
+
+
+class _Hooks:
+    """``--policy``, ``--events``, ``--dns-ttl`` and ``--learn``: the options they add to the
+    proxies, and what they do once the proxies run and when they stop."""
+
+    def __init__(self, args: argparse.Namespace, flt: Any, *, learn: bool = False) -> None:
+        from .audit import JsonLines, Tally, admit_all, fan_out
+        from .policyfile import PolicyError, PolicyWatcher
+
+        self.filter = flt
+        self.tally = Tally()
+        self.watcher: PolicyWatcher | None = None
+        self.events: JsonLines | None = None
+        self._handles: list[Any] = []
+        if getattr(args, "policy", None):
+            try:
+                self.watcher = PolicyWatcher(args.policy, self._apply, flt.allow_patterns, flt.deny_patterns)
+            except PolicyError as e:
+                raise CliError(f"--policy: {e}") from None
+            self.filter = self.watcher.filter()
+        consumers: list[Callable[[Any], None]] = [self.tally]
+        if getattr(args, "events", None):
+            try:
+                self.events = JsonLines(args.events)
+            except OSError as e:
+                raise CliError(f"--events: cannot open {args.events!r}: {e.strerror or e}") from None
+            consumers.append(self.events)
+        self.options: dict[str, Any] = {"on_event": fan_out(consumers)}
+        if getattr(args, "dns_ttl", None) is not None:
+            self.options["dns_ttl"] = args.dns_ttl
+        if learn:
+            self.options["decider"] = admit_all
+
+    def _apply(self, flt: Any) -> None:
+        for h in self._handles:
+            h.set_filter(flt)
+
+    def started(self, handles: Sequence[Any]) -> None:
+        self._handles = list(handles)
+        if self.watcher is not None:
+            self.watcher.start()
+
+    def reload(self) -> None:
+        if self.watcher is not None:
+            self.watcher.reload()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.events is not None:
+            self.events.close()
+
+
+def _ttl_type(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid --dns-ttl {text!r} (want seconds >= 0)")
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -215,13 +281,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     def count(_violation: Any) -> None:
         refused[0] += 1
 
+    args.learn = args.learn or args.learn_out is not None
+    hooks = _Hooks(args, flt, learn=args.learn)
     sigmask = isolate.block_signals()  # before the proxy thread starts, so it inherits the mask
     try:
         handle = BuiltInProxy(
-            flt, upstream=upstream, socks5=True, on_violation=count, violation_capacity=4096
+            hooks.filter, upstream=upstream, socks5=True, on_violation=count, violation_capacity=4096, **hooks.options
         ).start()
     except (OSError, TimeoutError) as e:
+        hooks.stop()
         raise CliError(f"cannot start the proxy: {e}", isolate.EXIT_RUN_FAILED) from None
+    hooks.started([handle])
     log.info("proxy on 127.0.0.1:%d (HTTP CONNECT + SOCKS5), upstream %s", handle.port, upstream)
     try:
         sig = isolate.pending_stop_signal()
@@ -242,10 +312,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(str(e), e.exit_code) from None
     finally:
         handle.shutdown()
+        hooks.stop()
     if not args.quiet:
+        allowed = hooks.tally.line()
+        if allowed is not None and args.verbose:
+            print(f"kodarelay: {allowed}", file=sys.stderr)
         for line in summarize(handle.violations(), refused[0]):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
+    if args.learn:
+        _report_learned(hooks.tally, args.learn_out)
     return code
+
+
+def _report_learned(tally: Any, out: str | None) -> None:
+    """Learn mode's result: the exact flags on stderr, and a policy file with ``--learn-out``."""
+    flags = tally.allow_flags()
+    if not flags:
+        print("kodarelay: learn: CMD reached no destination", file=sys.stderr)
+    else:
+        print(f"kodarelay: learn: CMD reached {len(flags)} destination{'s' if len(flags) != 1 else ''}; "
+              "to allow exactly these:", file=sys.stderr)
+        print("  " + " ".join(flags), file=sys.stderr)
+    if out is not None:
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write("# written by kodarelay run --learn\n")
+                f.writelines(line + "\n" for line in tally.policy_lines())
+        except OSError as e:
+            raise CliError(f"--learn-out: cannot write {out!r}: {e.strerror or e}", 1) from None
 
 
 # ── serve ────────────────────────────────────────────────────────────────────
@@ -265,7 +359,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def count(_violation: Any) -> None:
         refused[0] += 1
 
-    options: dict[str, Any] = {"upstream": upstream, "on_violation": count}
+    hooks = _Hooks(args, flt)
+    flt = hooks.filter
+    options: dict[str, Any] = {"upstream": upstream, "on_violation": count, **hooks.options}
     separate_socks = args.socks5_port is not None and (args.socks5_port == 0 or args.socks5_port != args.port)
     isolate.block_signals()  # SIGINT / SIGTERM wait for sigwaitinfo below; threads inherit the mask
     handles = []
@@ -299,11 +395,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        info = signal.sigwaitinfo((signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT))
-        log.debug("got %s; stopping", signal.Signals(info.si_signo).name)
+        hooks.started(handles)
+        while True:
+            info = signal.sigwaitinfo((signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT))
+            if info.si_signo == signal.SIGHUP and hooks.watcher is not None:
+                hooks.reload()          # with --policy, SIGHUP reloads it; without, it stops
+                continue
+            log.debug("got %s; stopping", signal.Signals(info.si_signo).name)
+            break
     finally:
         for h in handles:
             h.shutdown()
+        hooks.stop()
     print(f"kodarelay: stopped ({refused[0]} refused)", file=sys.stderr)
     return 0
 
@@ -436,6 +539,13 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
         help="scheme of ALL_PROXY (default socks5h; http for httpx / gRPC clients that reject socks5h)",
     )
     p.add_argument("--verbose", "-v", action="count", default=0, help="log more (-vv: debug)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="rules from FILE ('allow PATTERN' / 'deny PATTERN' lines, # comments), reloaded when it "
+                        "changes (serve: and on SIGHUP); a bad file keeps the old rules")
+    p.add_argument("--events", metavar="FILE",
+                   help="write every decision and tunnel end as a JSON line to FILE (- for stderr)")
+    p.add_argument("--dns-ttl", type=_ttl_type, metavar="SECONDS",
+                   help="reuse a name's checked addresses this long (default 30; 0 resolves every time)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proxy_args(run)
     run.add_argument("--isolate", action="store_true", help="run CMD in its own network namespace (Linux): no way out but the proxy")
     run.add_argument("--quiet", "-q", action="store_true", help="no refusal summary, no warnings")
+    run.add_argument("--learn", action="store_true",
+                     help="admit everything deny rules and the guard do not refuse, then print the --allow flags "
+                          "CMD needed")
+    run.add_argument("--learn-out", metavar="FILE", help="with --learn: also write them as a policy file")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 

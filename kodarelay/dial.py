@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, List, Optional
 
 from .events import Decider, Request
-from .filter import Decision, Filter, canonical_host
+from .filter import Decision, Filter, _parse_resolved, canonical_host
 from .upstream import UpstreamConfig, UpstreamError, bypasses_proxy, connect_upstream, open_tcp
 
 log = logging.getLogger(__name__)
@@ -371,7 +371,9 @@ class Dialer:
             r = Refusal(f"{text} resolves to a refused address", http_status=403, socks_rep=REP_NOT_ALLOWED,
                         reason=guarded.reason, rule=guarded.rule, source="guard")
             return Plan(REFUSE, text, port, r, rule=guarded.rule, source="guard", ttl=name_ttl)
-        return Plan(DIRECT, text, port, addresses=tuple(addresses), rule=rule, source=source, ttl=name_ttl)
+        # the checked addresses, canonical: every dialer (the engine's too) can take them
+        return Plan(DIRECT, text, port, addresses=tuple(str(_parse_resolved(a)) for a in addresses), rule=rule,
+                    source=source, ttl=name_ttl)
 
     # ── waiting steps ────────────────────────────────────────────────────────
 

@@ -12,7 +12,7 @@ import socket
 import threading
 import os
 import time
-from typing import Any, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from . import relay
 from ._aio import recv_within
@@ -99,6 +99,19 @@ class Ticket:
         self.start = time.monotonic()
 
 
+def default_max_handshakes() -> int:
+    """A quarter of the fd limit (at least 64): dripping clients can never take every fd."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 65536
+    return max(64, min(65536, soft // 4))
+
+
 def _literal_plan(plan: Plan) -> Plan:
     """A SOCKS5 address no rule names is refused as ``address_type`` (send the name)."""
     r = plan.refusal
@@ -162,6 +175,7 @@ class ProxyServer:
         decider: Decider | None = None,
         decider_timeout: float = 60.0,
         on_event: OnEvent | None = None,
+        max_handshakes: int | None = None,
     ) -> None:
         if not isinstance(filter, Filter):
             raise TypeError(f"filter must be a kodarelay.Filter, not {type(filter).__name__}")
@@ -180,8 +194,14 @@ class ProxyServer:
         self._closed = False
         self._last_accept_error_log = 0.0
         self._front: Any = None            # the engine's listener (compiled front-end)
-        self._native: set[Any] = set()     # tunnels the engine dialled and relays
+        #: tunnels the engine dialled and relays, each with what reports its end
+        self._native: dict[Any, Callable[[BaseException | None], None]] = {}
         self._announce_lock = threading.Lock()
+        if max_handshakes is not None and max_handshakes < 1:
+            raise ValueError(f"max_handshakes must be >= 1, not {max_handshakes!r}")
+        #: connections still in their handshake, at most; at the bound the oldest are shed
+        self.max_handshakes = max_handshakes if max_handshakes is not None else default_max_handshakes()
+        self._handshaking: dict[asyncio.Task[Any], None] = {}     # oldest first
 
     @classmethod
     async def bind(cls: type[S], port: int | None = None, filter: Filter | None = None, **options: Any) -> S:
@@ -268,6 +288,9 @@ class ProxyServer:
                 except OSError as e:
                     if self._closed:
                         break
+                    if e.errno in (errno.EMFILE, errno.ENFILE) and self._shed_oldest():
+                        await asyncio.sleep(0)      # let the shed connection close, then retry
+                        continue
                     if e.errno not in _ACCEPT_RETRYABLE:
                         log.error("accept on port %d failed: %s", self._port, e)
                     self._log_accept_error(e)
@@ -308,12 +331,13 @@ class ProxyServer:
             self.emit(Event(time.time(), "refuse", proto, "", parsed.host, parsed.port, parsed.client,
                             parsed.reason, None, "default"))
 
-    def _ended(self, ticket: Ticket | None, moved: tuple[int, int] | None, reason: str | None = None) -> None:
+    def _ended(self, ticket: Ticket | None, moved: tuple[int, int] | None, reason: str | None = None,
+               detail: str | None = None) -> None:
         if ticket is None or self._events is None:
             return
         up, down = moved if moved is not None else (None, None)
         self.emit(Event(time.time(), "end", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
-                        reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start))
+                        reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start, detail))
 
     def _unreachable(self, proto: str, target: Target, plan: Plan, r: Refusal, ticket: Ticket | None) -> None:
         """An allowed target that could not be reached (or an upstream that said no)."""
@@ -321,7 +345,7 @@ class ProxyServer:
             self.record(proto, plan.host, plan.port, r.reason, target.client, str(r))
         else:
             log.info("%s tunnel to %s:%d failed: %s", proto, plan.host, plan.port, r)
-        self._ended(ticket, (0, 0), r.reason or "unreachable")
+        self._ended(ticket, (0, 0), r.reason or "unreachable", str(r))
 
     def emit(self, event: Event) -> None:
         if self._events is not None:
@@ -405,11 +429,27 @@ class ProxyServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        self._track(self._loop.create_task(self._run(conn)))
+        while len(self._handshaking) >= self.max_handshakes:
+            self._shed_oldest()
+        task = self._loop.create_task(self._run(conn))
+        self._handshaking[task] = None
+        self._track(task)
+
+    def _shed_oldest(self) -> bool:
+        """End the oldest handshake still in progress (haproxy-style); False when none is."""
+        for task in self._handshaking:
+            del self._handshaking[task]
+            task.cancel()
+            log.debug("shed the oldest handshake (%d in progress)", len(self._handshaking) + 1)
+            return True
+        return False
 
     async def _run(self, conn: socket.socket) -> None:
         with _connection_ends(conn):
-            handoff = await self._session(conn)
+            try:
+                handoff = await self._session(conn)
+            finally:
+                self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if handoff is not None:
                 upstream, to_upstream, to_client, ticket = handoff
                 del handoff
@@ -439,7 +479,8 @@ class ProxyServer:
 
     def _start_front(self) -> None:
         self._front = relay.impl.native_listen(  # type: ignore[attr-defined]
-            self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct
+            self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct,
+            self.max_handshakes,
         )
 
     def _on_batch_direct(self, items: list[Any]) -> list[Any]:
@@ -539,7 +580,8 @@ class ProxyServer:
                                     target.client, "allowed", plan.rule, plan.source, ticket.id))
 
         def done(e: BaseException | None) -> None:
-            native.discard(tunnel)
+            if native.pop(tunnel, None) is None:
+                return                  # reported already (aborted at close)
             announce()
             moved = getattr(tunnel, "moved", None)
             if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
@@ -557,10 +599,10 @@ class ProxyServer:
         except ValueError:
             return False
         announce()
-        native.add(tunnel)
+        native[tunnel] = done
         if self._closed:                # close() ran meanwhile (on the loop thread)
             tunnel.abort()
-            native.discard(tunnel)
+            done(None)
         return True
 
     async def _run_detached(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
@@ -639,9 +681,9 @@ class ProxyServer:
             self._serve_task.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for tunnel in list(self._native):
+        for tunnel, done in list(self._native.items()):
             tunnel.abort()              # the engine closes both fds on its next iteration
-            self._native.discard(tunnel)
+            done(None)                  # (an aborted tunnel's own callback never runs)
 
     def _release_listener(self) -> None:
         """Close the listening socket now, the engine's copy of it included."""
@@ -663,8 +705,11 @@ class ProxyServer:
             await asyncio.wait(tasks)
 
     async def aclose(self) -> None:
+        """Close, wait for every tunnel, and deliver the events still queued."""
         self.close()
         await self.wait_closed()
+        if self._events is not None:
+            await self._loop.run_in_executor(None, self._events.close)
 
     async def __aenter__(self: S) -> S:
         return self
