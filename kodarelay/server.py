@@ -5,9 +5,11 @@ One request per connection: ``CONNECT host:port HTTP/1.x``, judged by the filter
 Established`` and relayed. Every refusal gets its status line and the connection closes:
 
 * head over 8 KiB → 431, head not complete within ``handshake_timeout`` → 408;
-* malformed request line or target → 400; another method → 405;
+* malformed request line or target → 400; another method → 405 (saying how to turn
+  forwarding on), or with ``forward_http=True`` plain-HTTP forwarding (``forward.py``);
 * host not allowed, denied, malformed, or resolving to a guarded address → 403 with
-  ``X-Proxy-Error: <reason>``; unresolvable name or unreachable target / upstream → 502.
+  ``X-Proxy-Error: <reason>`` and a one-line ``text/plain`` body naming host, port, reason
+  and what would admit it; unresolvable name or unreachable target / upstream → 502.
 
 Bytes the client sent after its request head (an eager TLS ClientHello) are forwarded to
 the target, never dropped.
@@ -19,6 +21,7 @@ import logging
 import socket
 from typing import Any
 
+from . import forward
 from . import relay
 from .dial import Refusal
 from .serving import Handoff, HandshakeTimeout, ProxyServer
@@ -49,6 +52,44 @@ def status_line(code: int, proxy_error: str | None = None) -> bytes:
 
 OK_REPLY = status_line(200)
 
+#: What would admit a request refused for each reason (the body of a 403).
+_ADMIT = {
+    "not_allowed": "allow it with --allow {target}",
+    "denied": "a deny rule matches it; only removing that --deny rule admits it",
+    "resolved_address": "it resolves to a loopback, link-local, private or reserved address; "
+                        "an IP or CIDR --allow rule naming that address admits it",
+    "bad_host": "the host name is malformed; no rule admits it",
+}
+
+
+def refusal_reply(code: int, reason: str | None = None, host: str = "", port: int | None = None,
+                  method: str = "CONNECT", detail: str = "") -> bytes:
+    """A refusal written for the reader: the 403 names host, port, reason and what admits it.
+
+    Used by the CONNECT path on both front-ends (so their bytes are identical) and by
+    forwarding. A 405 says how to turn forwarding on. Other codes carry ``detail`` as a
+    one-line body when given, else they are the bare status line (the crate's replies).
+    Host and port only: never a path, query or userinfo.
+    """
+    target = f"{host}:{port}" if port is not None else host
+    if code == 403:
+        admit = _ADMIT.get(reason or "", "ask whoever runs the proxy to allow it").format(target=target)
+        text = f"kodarelay: {method} to {target} refused ({reason}); {admit}"
+    elif code == 405:
+        what = f"{method} to {target}" if host else f"{method}"
+        text = (f"kodarelay: {what} refused (method_not_allowed): this proxy only tunnels CONNECT; "
+                "plain-HTTP forwarding is off (forward_http=True, or kodarelay without --no-forward-http)")
+    elif detail:
+        text = f"kodarelay: {method + ' to ' + target + ': ' if host else ''}{detail}"
+    else:
+        return status_line(code, reason if code == 403 else None)
+    body = (text + "\n").encode("ascii", "replace")
+    head = f"HTTP/1.1 {code} {REASONS[code]}\r\n"
+    if code == 403 and reason is not None:
+        head += f"X-Proxy-Error: {reason}\r\n"
+    head += f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode("ascii") + body
+
 
 class Server(ProxyServer):
     """HTTP CONNECT proxy on ``127.0.0.1``. Create with ``await Server.bind(...)``.
@@ -60,9 +101,11 @@ class Server(ProxyServer):
 
     protocol = "http"
 
-    def __init__(self, *args: object, socks5: bool = False, **kwargs: object) -> None:
+    def __init__(self, *args: object, socks5: bool = False, forward_http: bool = False, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.socks5 = socks5
+        #: forward absolute-form plain-HTTP requests (``forward.py``) instead of answering 405
+        self.forward_http = forward_http
         self.front_mode = "mux" if socks5 else "http"
 
     def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
@@ -129,19 +172,27 @@ async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadli
         await reply(srv, conn, e.status)
         return None
     if method != "CONNECT":
-        srv.record("http", target, None, "method_not_allowed")
-        await reply(srv, conn, 405)
+        if getattr(srv, "forward_http", False):
+            return await forward.forward_session(srv, conn, buf, deadline)
+        host, port = _host_port_of(target)
+        srv.record("http", host, port, "method_not_allowed")
+        await _send_quietly(srv, conn, refusal_reply(405, None, host, port, method))
         return None
+    return await connect_request_tail(srv, conn, target, early)
+
+
+async def connect_request_tail(srv: ProxyServer, conn: socket.socket, target: str, early: bytes) -> Handoff | None:
+    """The CONNECT part of a session: judge ``target``, dial it, answer 200 (or refuse)."""
     try:
-        host, port = parsers.split_host_port(target)
+        host, port = relay.parsers.split_host_port(target)
     except HeadError as e:
-        srv.record("http", target, None, "bad_request")
+        srv.record("http", "", None, "bad_request")
         await reply(srv, conn, e.status)
         return None
     try:
         upstream, from_upstream = await srv.open_tunnel("http", host, port)
     except Refusal as r:
-        await reply(srv, conn, r.http_status, r.reason if r.http_status == 403 else None)
+        await _send_quietly(srv, conn, srv.refusal_bytes("http", r, host, port))
         return None
     try:
         await srv.send(conn, status_line(200))
@@ -149,6 +200,22 @@ async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadli
         upstream.close()
         raise
     return upstream, early, from_upstream
+
+
+async def _send_quietly(srv: ProxyServer, conn: socket.socket, data: bytes) -> None:
+    try:
+        await srv.send(conn, data)
+    except OSError:
+        pass
+
+
+def _host_port_of(target: str) -> tuple[str, int | None]:
+    """Host and port of a request target for a violation record: never its path or query."""
+    try:
+        host, port, _authority, _origin = relay.parsers.parse_absolute_target(target)
+        return host, port
+    except HeadError:
+        return "", None
 
 
 def http_decide(srv: ProxyServer, h: Any) -> None:
@@ -169,16 +236,32 @@ def http_decide(srv: ProxyServer, h: Any) -> None:
         h.reply_and_close(status_line(e.status))
         return
     if method != "CONNECT":
-        srv.record("http", target, None, "method_not_allowed")
-        h.reply_and_close(status_line(405))
+        if getattr(srv, "forward_http", False):
+            _forward_detached(srv, h, buf)
+            return
+        host, port = _host_port_of(target)
+        srv.record("http", host, port, "method_not_allowed")
+        h.reply_and_close(refusal_reply(405, None, host, port, method))
         return
     try:
         host, port = parsers.split_host_port(target)
     except HeadError as e:
-        srv.record("http", target, None, "bad_request")
+        srv.record("http", "", None, "bad_request")
         h.reply_and_close(status_line(e.status))
         return
     srv.native_open("http", h, host, port, early, status_line(200))
+
+
+def _forward_detached(srv: ProxyServer, h: Any, buf: bytes) -> None:
+    """Move a native handshake holding a plain-HTTP request onto the asyncio path."""
+    conn = socket.socket(fileno=h.detach())
+    conn.setblocking(False)
+    deadline = srv._loop.time() + srv.handshake_timeout
+
+    async def session(c: socket.socket) -> Handoff | None:
+        return await forward.forward_session(srv, c, buf, deadline)
+
+    srv._track(srv._loop.create_task(srv._run(conn, session)))
 
 
 def http_fast_target(h: Any) -> tuple[str, str, int, bytes, bytes] | None:

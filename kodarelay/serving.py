@@ -12,7 +12,7 @@ import logging
 import socket
 import time
 import os
-from typing import Any, Iterator, Tuple, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Tuple, TypeVar
 
 from . import relay
 from ._aio import recv_within
@@ -286,21 +286,21 @@ class ProxyServer:
         """Answer one native handshake: ``h.dial``, ``h.reply_and_close`` or the asyncio path."""
         raise NotImplementedError
 
-    def refusal_bytes(self, protocol: str, r: Refusal) -> bytes:
+    def refusal_bytes(self, protocol: str, r: Refusal, host: str = "", port: int | None = None) -> bytes:
         if protocol == "socks5":
             from .socks5 import reply_bytes
 
             return reply_bytes(r.socks_rep or REP_GENERAL_FAILURE)
-        from .server import status_line
+        from .server import refusal_reply
 
-        return status_line(r.http_status, r.reason if r.http_status == 403 else None)
+        return refusal_reply(r.http_status, r.reason, host, port)
 
     def _refuse(self, protocol: str, h: Any, host: str, port: int, r: Refusal) -> None:
         if r.reason is not None:
             self.record(protocol, host, port, r.reason)
         else:
             log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, r)
-        h.reply_and_close(self.refusal_bytes(protocol, r))
+        h.reply_and_close(self.refusal_bytes(protocol, r, host, port))
 
     def native_open(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes) -> None:
         """``open_tunnel`` for a native handshake: judge now; dial in the engine when the target
@@ -360,7 +360,7 @@ class ProxyServer:
                 upstream, from_upstream = await self.open_tunnel(protocol, host, port)
             except Refusal as r:
                 try:
-                    await self.send(conn, self.refusal_bytes(protocol, r))
+                    await self.send(conn, self.refusal_bytes(protocol, r, host, port))
                 except OSError:
                     pass
                 return
@@ -392,9 +392,11 @@ class ProxyServer:
             pass
         self._track(self._loop.create_task(self._run(conn)))
 
-    async def _run(self, conn: socket.socket) -> None:
+    async def _run(self, conn: socket.socket,
+                   session: Callable[[socket.socket], Awaitable[Handoff | None]] | None = None) -> None:
+        """Serve ``conn``: its session (``_session`` unless given), then the relay of its handoff."""
         with _connection_ends(conn):
-            handoff = await self._session(conn)
+            handoff = await (session or self._session)(conn)
             if handoff is not None:
                 upstream, to_upstream, to_client = handoff
                 del handoff
