@@ -218,7 +218,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     sigmask = isolate.block_signals()  # before the proxy thread starts, so it inherits the mask
     try:
         handle = BuiltInProxy(
-            flt, upstream=upstream, socks5=True, on_violation=count, violation_capacity=4096
+            flt, upstream=upstream, socks5=True, forward_http=args.forward_http, on_violation=count,
+            violation_capacity=4096,
         ).start()
     except (OSError, TimeoutError) as e:
         raise CliError(f"cannot start the proxy: {e}", isolate.EXIT_RUN_FAILED) from None
@@ -271,7 +272,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handles = []
     try:
         try:
-            handles.append(BuiltInProxy(flt, port=args.port or None, socks5=True, **options).start())
+            handles.append(
+                BuiltInProxy(flt, port=args.port or None, socks5=True, forward_http=args.forward_http, **options).start()
+            )
             if separate_socks:
                 handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, **options).start())
         except OSError as e:
@@ -436,6 +439,10 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
         help="scheme of ALL_PROXY (default socks5h; http for httpx / gRPC clients that reject socks5h)",
     )
     p.add_argument("--verbose", "-v", action="count", default=0, help="log more (-vv: debug)")
+    p.add_argument(
+        "--no-forward-http", dest="forward_http", action="store_false",
+        help="answer plain-HTTP proxy requests (GET http://...) with 405 instead of forwarding them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -249,6 +249,7 @@ class _Exchange:
         self.upstream_key: tuple[str, int] | None = None
         self.via_proxy = False
         self._scratch: bytearray | None = None
+        self.sent_any = False       # part of the current response already reached the client
 
     @property
     def scratch(self) -> bytearray:
@@ -368,7 +369,7 @@ class _Exchange:
                 self.upstream, self.upstream_key = _Stream(sock, self.clock), key
         except Refusal as r:
             self.drop_upstream()
-            await self.refuse(r.http_status, str(r) if r.reason is None else "", method, host, port, r.reason)
+            await self.refuse(r.http_status, str(r), method, host, port, r.reason)
             return None
         assert self.upstream is not None
         up = self.upstream
@@ -383,17 +384,43 @@ class _Exchange:
             await self.refuse(502, "the upstream connection failed", method, host, port)
             return None
         upload: asyncio.Task[None] | None = None
+        failed: list[BaseException] = []
+        me = asyncio.current_task()
+        assert me is not None
+
+        def upload_done(t: asyncio.Task[None]) -> None:
+            # A request body that breaks (bad chunk, client gone, idle) ends the exchange even
+            # while the response side is waiting on an upstream that waits for that body.
+            if not t.cancelled() and t.exception() is not None:
+                failed.append(t.exception())  # type: ignore[arg-type]
+                me.cancel()
+
         if body:
             upload = asyncio.ensure_future(self._upload(body))
+            upload.add_done_callback(upload_done)
+        self.sent_any = False
         try:
             return await self._respond(method, host, port, up, upload, client_close, upgrade)
+        except asyncio.CancelledError:
+            if not failed:
+                raise
+            if hasattr(me, "uncancel"):
+                me.uncancel()
+            self.drop_upstream()
+            log.info("http forward to %s:%d: request body failed: %s", host, port, failed[0])
+            if isinstance(failed[0], _BadRequest) and not self.sent_any:
+                srv.record("http", host, port, "bad_request")
+                await self.refuse(400, str(failed[0]), method, host, port)
+            return None
         finally:
-            if upload is not None and not upload.done():
-                upload.cancel()
-                try:
-                    await upload
-                except BaseException:
-                    pass
+            if upload is not None:
+                upload.remove_done_callback(upload_done)
+                if not upload.done():
+                    upload.cancel()
+                    try:
+                        await upload
+                    except BaseException:
+                        pass
 
     def _rebuild(self, method: str, target: str, version: str, origin: str, authority: str,
                  fields: list[tuple[bytes, bytes]], fmap: dict[bytes, list[bytes]], upgrade: bool) -> bytes:
@@ -422,7 +449,6 @@ class _Exchange:
 
     async def _respond(self, method: str, host: str, port: int, up: _Stream, upload: asyncio.Task[None] | None,
                        client_close: bool, upgrade: bool) -> bool | Handoff | None:
-        sent_any = False
         try:
             while True:
                 head = await self._read_response_head(up, upload)
@@ -438,7 +464,7 @@ class _Exchange:
                     return sock, self.client.buf, up.buf
                 if 100 <= status < 200:
                     await self.client.send(self._response_head(head, fields, fmap, False, False))
-                    sent_any = True
+                    self.sent_any = True
                     continue
                 break
             no_body = method == "HEAD" or status in (204, 304)
@@ -463,7 +489,7 @@ class _Exchange:
             close = client_close or length is None
             await self.client.send(self._response_head(head, fields, fmap, False, close or not upload_done,
                                                        drop_length=(length == -1)))
-            sent_any = True
+            self.sent_any = True
             if length == -1:
                 await _copy_chunked(up, self.client, self.scratch)
             elif length is None:
@@ -473,13 +499,13 @@ class _Exchange:
         except (_BadUpstream, _BadRequest, HeadError) as e:
             self.drop_upstream()
             log.info("http forward to %s:%d failed: %s", host, port, e)
-            if not sent_any:
+            if not self.sent_any:
                 await self.refuse(502, "the upstream answered with malformed HTTP", method, host, port)
             return None
         except ConnectionError as e:
             self.drop_upstream()
             log.info("http forward to %s:%d failed: %s", host, port, e)
-            if not sent_any:
+            if not self.sent_any:
                 await self.refuse(502, "the upstream closed the connection", method, host, port)
             return None
         if upload is not None:

@@ -186,7 +186,7 @@ async def connect_request_tail(srv: ProxyServer, conn: socket.socket, target: st
     try:
         host, port = relay.parsers.split_host_port(target)
     except HeadError as e:
-        srv.record("http", "", None, "bad_request")
+        srv.record("http", _authority_only(target), None, "bad_request")
         await reply(srv, conn, e.status)
         return None
     try:
@@ -207,6 +207,12 @@ async def _send_quietly(srv: ProxyServer, conn: socket.socket, data: bytes) -> N
         await srv.send(conn, data)
     except OSError:
         pass
+
+
+def _authority_only(target: str) -> str:
+    """A malformed CONNECT target as recorded: kept when it cannot hold a path, query or
+    userinfo, else dropped."""
+    return "" if any(c in target for c in "/?#@") else target
 
 
 def _host_port_of(target: str) -> tuple[str, int | None]:
@@ -246,7 +252,7 @@ def http_decide(srv: ProxyServer, h: Any) -> None:
     try:
         host, port = parsers.split_host_port(target)
     except HeadError as e:
-        srv.record("http", "", None, "bad_request")
+        srv.record("http", _authority_only(target), None, "bad_request")
         h.reply_and_close(status_line(e.status))
         return
     srv.native_open("http", h, host, port, early, status_line(200))
