@@ -38,6 +38,7 @@ from . import relay
 from ._aio import wait_ready
 from .dial import REP_CONNECTION_REFUSED, REP_NOT_ALLOWED, Refusal
 from .filter import canonical_host
+from .serving import HandshakeTimeout
 from .upstream import bypasses_proxy
 
 if TYPE_CHECKING:
@@ -326,13 +327,9 @@ class _Exchange:
                 return head
             try:
                 chunk = await srv.recv_some(client.sock, deadline, MAX_HEAD)
-            except Exception as e:
-                from .serving import HandshakeTimeout
-
-                if isinstance(e, HandshakeTimeout):
-                    await self.refuse(408, "request head not received in time")
-                    return None
-                raise
+            except HandshakeTimeout:
+                await self.refuse(408, "request head not received in time")
+                return None
             if not chunk:
                 return None
             self.clock.touch()
@@ -374,7 +371,7 @@ class _Exchange:
         assert self.upstream is not None
         up = self.upstream
         client_close = version == "HTTP/1.0" or b"close" in _tokens(fmap.get(b"connection", []))
-        request = self._rebuild(method, target, version, origin, authority, fields, fmap, upgrade)
+        request = self._rebuild(method, version, origin, authority, fields, fmap, upgrade)
         log.debug("forwarding %s to %s:%d", method, host, port)
         try:
             await up.send(request)
@@ -422,11 +419,12 @@ class _Exchange:
                     except BaseException:
                         pass
 
-    def _rebuild(self, method: str, target: str, version: str, origin: str, authority: str,
+    def _rebuild(self, method: str, version: str, origin: str, authority: str,
                  fields: list[tuple[bytes, bytes]], fmap: dict[bytes, list[bytes]], upgrade: bool) -> bytes:
         drop = _drop_set(fmap, upgrade) | REWRITTEN
-        line = f"{method} {target if self.via_proxy else origin} {version}\r\n".encode("ascii")
-        out = [line, b"Host: ", authority.encode("ascii"), b"\r\n"]
+        # through an upstream proxy the absolute form again, rebuilt (no userinfo, no fragment)
+        line = f"{method} {'http://' + authority + origin if self.via_proxy else origin} {version}\r\n"
+        out = [line.encode("ascii"), b"Host: ", authority.encode("ascii"), b"\r\n"]
         for name, value in fields:
             if name.lower() not in drop:
                 out += [name, b": ", value, b"\r\n"]
