@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
+import fcntl
 import ipaddress
 import logging
+import os
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -163,6 +166,62 @@ async def _copy(src: _Stream, dst: _Stream, n: int | None, scratch: bytearray) -
         await dst.send(view[:got])
         moved += got
     return moved
+
+
+_SPLICE_MIN = 256 * 1024      # bodies at least this long move socket -> pipe -> socket
+_PIPE_SIZE = 1 << 20
+_splice_ok = hasattr(os, "splice")
+
+
+async def _copy_body(src: _Stream, dst: _Stream, n: int, scratch: bytearray) -> None:
+    """``n`` body bytes from ``src`` to ``dst``: spliced in the kernel when the body is long
+    (no copy through Python), copied through ``scratch`` otherwise or where splice is refused."""
+    global _splice_ok
+    if n < _SPLICE_MIN or not _splice_ok:
+        await _copy(src, dst, n, scratch)
+        return
+    if src.buf:
+        take = min(n, len(src.buf))
+        head, src.buf = src.buf[:take], src.buf[take:]
+        await dst.send(head)
+        n -= take
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.fcntl(w, 1031, _PIPE_SIZE)       # F_SETPIPE_SZ; the default 64 KiB also works
+        except OSError:
+            pass
+        sfd, dfd = src.sock.fileno(), dst.sock.fileno()
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        moved = in_pipe = 0
+        while moved < n:
+            if in_pipe == 0:
+                try:
+                    k = os.splice(sfd, w, min(n - moved, _PIPE_SIZE), flags=flags)
+                except (BlockingIOError, InterruptedError):
+                    await src.clock.wait(src.sock, False)
+                    continue
+                except OSError as e:
+                    if moved or e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    _splice_ok = False              # refused here: copy from now on
+                    await _copy(src, dst, n, scratch)
+                    return
+                if k == 0:
+                    raise ConnectionResetError(f"peer closed after {moved} of {n} body bytes")
+                src.clock.touch()
+                in_pipe = k
+            try:
+                k = os.splice(r, dfd, in_pipe, flags=flags)
+            except (BlockingIOError, InterruptedError):
+                await dst.clock.wait(dst.sock, True)
+                continue
+            dst.clock.touch()
+            in_pipe -= k
+            moved += k
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 async def _copy_chunked(src: _Stream, dst: _Stream, scratch: bytearray) -> None:
@@ -443,7 +502,7 @@ class _Exchange:
         if body == -1:
             await _copy_chunked(self.client, self.upstream, bytearray(CHUNK))
         else:
-            await _copy(self.client, self.upstream, body, bytearray(min(CHUNK, max(body, 1))))
+            await _copy_body(self.client, self.upstream, body, bytearray(min(CHUNK, max(body, 1))))
 
     async def _respond(self, method: str, host: str, port: int, up: _Stream, upload: asyncio.Task[None] | None,
                        client_close: bool, upgrade: bool) -> bool | Handoff | None:
@@ -493,7 +552,7 @@ class _Exchange:
             elif length is None:
                 await _copy(up, self.client, None, self.scratch)
             elif length:
-                await _copy(up, self.client, length, self.scratch)
+                await _copy_body(up, self.client, length, self.scratch)
         except (_BadUpstream, _BadRequest, HeadError) as e:
             self.drop_upstream()
             log.info("http forward to %s:%d failed: %s", host, port, e)

@@ -502,3 +502,21 @@ def test_mux_port_still_speaks_socks5(fwd, origin):
     out = subprocess.run([require_tool("curl"), "-sS", "-f", "--socks5-hostname", f"127.0.0.1:{h.port}",
                           origin.url("/socks")], capture_output=True, timeout=30)
     assert out.stdout == b"hello from /socks\n"
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_large_bodies_both_ways_spliced_or_copied(fwd, origin, monkeypatch, splice):
+    """Long bodies go socket -> pipe -> socket; where splice is unavailable they are copied."""
+    from kodarelay import forward
+
+    monkeypatch.setattr(forward, "_splice_ok", splice and forward._splice_ok)
+    h = fwd()
+    payload = os.urandom(5 << 20)
+    s = connect(h.port)
+    s.sendall(f"PUT {origin.url('/sha')} HTTP/1.1\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    _, body = read_response(s)
+    assert body == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}".encode()
+    s.sendall(_get(h.port, origin.url(f"/bytes/{9 << 20}")))
+    head, body = read_response(s)
+    assert status_of(head) == 200 and body == b"x" * (9 << 20)
+    s.close()
