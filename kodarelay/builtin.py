@@ -175,7 +175,8 @@ class BuiltInProxy(_BuiltIn):
     ``upstream=None`` reads ``HTTPS_PROXY`` / ``NO_PROXY`` when the proxy starts; pass
     ``UpstreamConfig.direct()`` to ignore the environment. Other keyword options are those of
     ``Server.bind`` (timeouts, ``resolver``, ``deny_private``, ``on_violation``,
-    ``violation_capacity``, ``socks5=True`` for one port that speaks both protocols).
+    ``violation_capacity``, ``socks5=True`` for one port that speaks both protocols,
+    ``forward_http=True`` to forward plain-HTTP requests instead of answering 405).
     """
 
     _server_cls = Server

@@ -97,6 +97,9 @@ class Server(ProxyServer):
     With ``socks5=True`` (used by ``BuiltInProxy(..., socks5=True)``) the same port also
     speaks SOCKS5: a connection whose first byte is 0x05 is served as SOCKS5, anything else
     as HTTP. No HTTP request line starts with that byte, so the two cannot be confused.
+
+    With ``forward_http=True`` absolute-form plain-HTTP requests are forwarded through the
+    same policy (``kodarelay.forward``); the default keeps the crate's 405.
     """
 
     protocol = "http"
