@@ -21,7 +21,9 @@ Choices where the SPEC is silent (a user of such a proxy would expect these):
 * an upstream connection is reused only for the next request to the same checked
   (host, port), and only after a cleanly framed response;
 * ``Expect: 100-continue`` is forwarded: the origin's ``100 Continue`` reaches the client;
-* a response head over 64 KiB, or a malformed one, is a 502.
+* a response head over 64 KiB, or a malformed one, is a 502;
+* ``idle_timeout`` covers the whole connection (no byte either way), ``total_timeout``
+  each request / response exchange (a ``101`` tunnel then gets the relay's own caps).
 """
 
 from __future__ import annotations
@@ -73,19 +75,29 @@ class _BadUpstream(Exception):
 
 
 class _Idle:
-    """One idle clock per client connection: no byte moved either way for ``idle`` s ends it."""
+    """One idle clock per client connection: no byte moved either way for ``idle`` s ends it,
+    and so does one request / response exchange lasting over ``total`` s (the tunnels' cap)."""
 
-    def __init__(self, idle: float) -> None:
+    def __init__(self, idle: float, total: float) -> None:
         self.idle = idle
+        self.total = total
         self.last = time.monotonic()
+        self.until = self.last + total
 
     def touch(self) -> None:
         self.last = time.monotonic()
 
+    def start_exchange(self) -> None:
+        self.until = time.monotonic() + self.total
+
     async def wait(self, sock: socket.socket, write: bool) -> None:
-        """Wait until ``sock`` is ready; ``TimeoutError`` once the whole connection is idle."""
+        """Wait until ``sock`` is ready; ``TimeoutError`` once the connection is idle or the
+        exchange is over its total cap."""
         while True:
-            remaining = self.last + self.idle - time.monotonic()
+            now = time.monotonic()
+            if now >= self.until:
+                raise TimeoutError(f"forwarded exchange exceeded total timeout of {self.total}s")
+            remaining = min(self.last + self.idle, self.until) - now
             if remaining <= 0:
                 raise TimeoutError(f"forwarding idle for {self.idle}s")
             try:
@@ -303,7 +315,7 @@ class _Exchange:
 
     def __init__(self, srv: ProxyServer, conn: socket.socket) -> None:
         self.srv = srv
-        self.clock = _Idle(srv.idle_timeout)
+        self.clock = _Idle(srv.idle_timeout, srv.total_timeout)
         self.client = _Stream(conn, self.clock)
         self.upstream: _Stream | None = None
         self.upstream_key: tuple[str, int] | None = None
@@ -365,6 +377,7 @@ class _Exchange:
 
                 self.drop_upstream()
                 return await connect_request_tail(srv, self.client.sock, target, self.client.buf)
+            self.clock.start_exchange()
             outcome = await self._forward_one(method, target, version, fields)
             if outcome is None:
                 return None

@@ -520,3 +520,39 @@ def test_large_bodies_both_ways_spliced_or_copied(fwd, origin, monkeypatch, spli
     head, body = read_response(s)
     assert status_of(head) == 200 and body == b"x" * (9 << 20)
     s.close()
+
+
+def test_a_response_that_trickles_forever_meets_the_total_timeout(fwd, origin):
+    """Bytes keep moving (never idle), but one exchange may not outlast ``total_timeout``."""
+    import threading
+
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = lst.accept()
+        with conn:
+            recv_until(conn, b"\r\n\r\n")
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+            while not stop.wait(0.05):
+                try:
+                    conn.sendall(b".")
+                except OSError:
+                    return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        h = fwd(idle_timeout=5.0, total_timeout=0.8)
+        s = send_raw(h.port, _get(h.port, f"http://localhost:{lst.getsockname()[1]}/"))
+        s.settimeout(10)
+        start = time.monotonic()
+        while s.recv(65536):
+            pass
+        assert 0.5 < time.monotonic() - start < 5
+    finally:
+        stop.set()
+        lst.close()
+        t.join(5)
