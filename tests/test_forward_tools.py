@@ -275,3 +275,30 @@ def test_run_forwards_plain_http_and_summarises_host_and_port_only(tmp_path):
         assert origin.seen[-1][1] == "/ok" and len(origin.seen) == 1
     finally:
         origin.close()
+
+
+@pytest.mark.parametrize("flag, forwarded", [((), True), (("--no-forward-http",), False)])
+def test_serve_forwards_plain_http_unless_told_not_to(flag, forwarded):
+    import signal
+
+    from test_cli import _start_serve
+
+    curl = require_tool("curl")
+    origin = Origin()
+    proc, exports, err = _start_serve("--allow", "localhost", "--upstream", "direct", *flag)
+    try:
+        out = subprocess.run([curl, "-sS", "--max-time", "20", origin.url("/served")],
+                             env=_clean_env(http_proxy=exports["HTTP_PROXY"]), capture_output=True, text=True,
+                             timeout=30)
+        if forwarded:
+            assert out.stdout == "hello from /served\n", out.stderr
+        else:
+            assert "plain-HTTP forwarding is off" in out.stdout and origin.seen == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        origin.close()
