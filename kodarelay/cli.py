@@ -286,7 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sigmask = isolate.block_signals()  # before the proxy thread starts, so it inherits the mask
     try:
         handle = BuiltInProxy(
-            hooks.filter, upstream=upstream, socks5=True, on_violation=count, violation_capacity=4096, **hooks.options
+            hooks.filter, upstream=upstream, socks5=True, forward_http=args.forward_http, on_violation=count, violation_capacity=4096, **hooks.options
         ).start()
     except (OSError, TimeoutError) as e:
         hooks.stop()
@@ -367,7 +367,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handles = []
     try:
         try:
-            handles.append(BuiltInProxy(flt, port=args.port or None, socks5=True, **options).start())
+            handles.append(
+                BuiltInProxy(flt, port=args.port or None, socks5=True, forward_http=args.forward_http, **options).start()
+            )
             if separate_socks:
                 handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, **options).start())
         except OSError as e:
@@ -546,6 +548,10 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
                    help="write every decision and tunnel end as a JSON line to FILE (- for stderr)")
     p.add_argument("--dns-ttl", type=_ttl_type, metavar="SECONDS",
                    help="reuse a name's checked addresses this long (default 30; 0 resolves every time)")
+    p.add_argument(
+        "--no-forward-http", dest="forward_http", action="store_false",
+        help="answer plain-HTTP proxy requests (GET http://...) with 405 instead of forwarding them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

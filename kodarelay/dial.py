@@ -488,20 +488,5 @@ class Dialer:
             ) from None
 
 
-def admit_hint(reason: str | None, host: str, port: int | None, rule: str | None) -> str:
-    """What would admit a refused target, for the reader of a refusal."""
-    shown = f"[{host}]" if ":" in host else host
-    target = f"{shown}:{port}" if port is not None else shown
-    if reason in ("not_allowed", "decider_denied", "decider_timeout", "decider_error"):
-        return f"allow it with --allow {target}" if host else "name a host"
-    if reason == "denied":
-        return f"it is denied by rule {rule!r}" if rule else "a deny rule covers it"
-    if reason == "resolved_address":
-        return "it resolves to a guarded address; an IP/CIDR allow rule naming that address admits it"
-    if reason == "bad_host":
-        return "the host is malformed"
-    return "see the kodarelay documentation"
-
-
-__all__ = ["Dialer", "Plan", "Policy", "Refusal", "Resolver", "default_resolver", "resolver_pool", "admit_hint",
+__all__ = ["Dialer", "Plan", "Policy", "Refusal", "Resolver", "default_resolver", "resolver_pool",
            "REFUSE", "DIRECT", "CHAIN"]

@@ -12,7 +12,7 @@ import socket
 import threading
 import os
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Any, Awaitable, Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from . import relay
 from ._aio import recv_within
@@ -64,7 +64,14 @@ class Reject(NamedTuple):
     client: Optional[str] = None
 
 
-Parsed = Union[Target, Reject]
+class Handover(NamedTuple):
+    """A connection another session serves from here on (plain-HTTP forwarding): what was
+    read of it so far."""
+
+    data: bytes
+
+
+Parsed = Union[Target, Reject, Handover]
 
 
 class Protocol:
@@ -395,6 +402,9 @@ class ProxyServer:
             if parsed.reply is not None:
                 await self.send_quietly(conn, parsed.reply)
             return None
+        if isinstance(parsed, Handover):
+            self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            return await self.handover(conn, parsed)
         plan = await self._plan(proto.name, parsed)
         ticket = self._judged(proto.name, parsed, plan)
         if ticket is None:
@@ -444,10 +454,16 @@ class ProxyServer:
             return True
         return False
 
-    async def _run(self, conn: socket.socket) -> None:
+    async def handover(self, conn: socket.socket, parsed: Handover) -> Handoff | None:
+        """Serve a connection handed over by its protocol (``Server`` forwards plain HTTP)."""
+        raise NotImplementedError
+
+    async def _run(self, conn: socket.socket,
+                   session: Callable[[socket.socket], Awaitable[Handoff | None]] | None = None) -> None:
+        """Serve ``conn``: its session (``_session`` unless given), then the relay of its handoff."""
         with _connection_ends(conn):
             try:
-                handoff = await self._session(conn)
+                handoff = await (session or self._session)(conn)
             finally:
                 self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if handoff is not None:
@@ -532,6 +548,16 @@ class ProxyServer:
                 h.reply_and_close(parsed.reply)
             else:
                 h.close()
+            return
+        if isinstance(parsed, Handover):
+            conn = socket.socket(fileno=h.detach())
+            conn.setblocking(False)
+            handed = parsed
+
+            async def session(c: socket.socket) -> Handoff | None:
+                return await self.handover(c, handed)
+
+            self._track(self._loop.create_task(self._run(conn, session)))
             return
         plan = self._plan_now(parsed)
         if plan is None:
@@ -718,4 +744,4 @@ class ProxyServer:
         await self.aclose()
 
 
-__all__ = ["ProxyServer", "Protocol", "Target", "Reject", "Ticket", "Handoff", "HandshakeTimeout", "Refusal"]
+__all__ = ["ProxyServer", "Protocol", "Target", "Reject", "Handover", "Ticket", "Handoff", "HandshakeTimeout", "Refusal"]
