@@ -24,8 +24,9 @@ Decisions worth knowing:
   the paths ``--allow-unix`` names, through ``_fence.UnixGate``). The helper keeps its
   capabilities inside the user namespace only, so CMD cannot ptrace it either.
 * **Ready or nothing.** The helper reports on a pipe: ``ok`` once CMD was started fenced,
-  ``fail <why>`` (or nothing) when the fence could not be made; CMD is never run unfenced
-  by the helper. ``spawn_isolated`` raises ``FenceUnavailable`` then, and the command decides
+  ``fail <why>`` (or nothing) when the fence could not be made, ``exec <code> <why>`` when
+  it held but CMD could not be executed (kodarelay exits 126 / 127 with that one line);
+  CMD is never run unfenced by the helper. ``spawn_isolated`` raises ``FenceUnavailable`` then, and the command decides
   (``--isolate``: exit 125; the default: one line on stderr and CMD runs unfenced).
 * **The helper dies with kodarelay.** It asks the kernel for ``SIGTERM`` when its parent
   dies (``PR_SET_PDEATHSIG``) and forwards it to CMD like any other signal.
@@ -276,8 +277,11 @@ def spawn_isolated(
     except ProcessLookupError:
         pass
     _, status = os.waitpid(pid, 0)
-    if ready:
-        raise FenceUnavailable(f"--isolate: could not set up the fence ({ready}); CMD was not run")
+    if ready.startswith("exec "):  # fenced, but CMD could not be executed
+        _, code, why = (ready.split(" ", 2) + ["", ""])[:3]
+        raise RunError(why, int(code) if code.isdigit() else EXIT_NOT_EXECUTABLE)
+    if ready.startswith("fail "):
+        raise FenceUnavailable(f"--isolate: could not set up the fence ({ready[5:]}); CMD was not run")
     code = os.waitstatus_to_exitcode(status)
     how = f"unshare exited {code}" if code >= 0 else f"the helper was killed by signal {-code}"
     raise FenceUnavailable(
@@ -287,7 +291,7 @@ def spawn_isolated(
 
 
 def _read_ready(fd: int, timeout: float) -> str:
-    """``ok`` once the helper said so; its reason after ``fail``; "" on EOF or after ``timeout`` seconds."""
+    """The helper's report (``ok``, ``fail WHY``, ``exec CODE WHY``); "" on EOF or after ``timeout`` seconds."""
     buf = b""
     deadline = time.monotonic() + timeout
     while b"\n" not in buf and len(buf) < 4096:
@@ -301,10 +305,7 @@ def _read_ready(fd: int, timeout: float) -> str:
         if not chunk:
             break
         buf += chunk
-    line = buf.split(b"\n", 1)[0].decode(errors="replace")
-    if line == "ok":
-        return "ok"
-    return line[len("fail "):].strip() if line.startswith("fail ") else ""
+    return buf.split(b"\n", 1)[0].decode(errors="replace") if b"\n" in buf else ""
 
 
 # ── the namespace side of --isolate ──────────────────────────────────────────
@@ -511,9 +512,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         pid, listener = spawn_fenced(cmd, env, sigmask, allow_unix=args.allow_unix)
     except FenceError as e:
         return fail(str(e))
-    except RunError as e:
-        os.write(args.ready_fd, b"ok\n")  # the fence held; CMD itself could not be executed
-        print(f"kodarelay: {e}", file=sys.stderr)
+    except RunError as e:  # the fence held; CMD itself could not be executed: kodarelay says so
+        os.write(args.ready_fd, f"exec {e.exit_code} {e}".replace("\n", " ").encode(errors="replace") + b"\n")
         return e.exit_code
     forwarder.start()
     if listener is not None:
