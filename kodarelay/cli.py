@@ -233,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if args.isolate:
                     raise
                 fenced = False
-                _warn_unfenced(args, str(e).removeprefix("--isolate: "))
+                _warn_unfenced(args, str(e).removeprefix("--isolate: ").split("; CMD was not run")[0])
         if pid is None:
             base.update(isolate.run_bouquet(handle.port, ca_bundle, args.all_proxy_scheme))
             pid = isolate.spawn(cmd, base, sigmask)
@@ -276,6 +276,8 @@ def plan_fence(args: argparse.Namespace) -> tuple[bool, list[str]]:
             raise CliError("--allow-unix needs the fence; it means nothing with --no-isolate")
         return False, []
     why = isolate.fence_unavailable()
+    if why is None and args.isolate is None:
+        why = isolate.probe_namespaces()  # the default must not let unshare's own error through
     if why is None:
         return True, allow_unix
     if args.isolate:

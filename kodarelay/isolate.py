@@ -46,6 +46,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -230,6 +231,19 @@ def fence_unavailable() -> str | None:
     return None
 
 
+def probe_namespaces(timeout: float = READY_TIMEOUT) -> str | None:
+    """Why ``unshare`` cannot make the namespaces here (its own words), or None when it can."""
+    argv = unshare_argv(shutil.which("unshare") or "unshare") + ["true"]
+    try:
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unshare: {e}"
+    if out.returncode == 0:
+        return None
+    text = out.stderr.decode(errors="replace").strip().splitlines()
+    return text[-1] if text else f"unshare exited {out.returncode}"
+
+
 def spawn_isolated(
     cmd: Sequence[str],
     env: Mapping[str, str],
@@ -278,8 +292,8 @@ def spawn_isolated(
         pass
     _, status = os.waitpid(pid, 0)
     if ready.startswith("exec "):  # fenced, but CMD could not be executed
-        _, code, why = (ready.split(" ", 2) + ["", ""])[:3]
-        raise RunError(why, int(code) if code.isdigit() else EXIT_NOT_EXECUTABLE)
+        _, exit_text, why = (ready.split(" ", 2) + ["", ""])[:3]
+        raise RunError(why, int(exit_text) if exit_text.isdigit() else EXIT_NOT_EXECUTABLE)
     if ready.startswith("fail "):
         raise FenceUnavailable(f"--isolate: could not set up the fence ({ready[5:]}); CMD was not run")
     code = os.waitstatus_to_exitcode(status)
