@@ -330,7 +330,10 @@ class UnixGate:
                 log.debug("unix gate: stops: %s", os.strerror(err))
                 return
             notif = _NOTIF.unpack(buf.raw)
-            threading.Thread(target=self._answer, args=(notif,), daemon=True).start()
+            try:  # a thread each: one blocking connect must not hold up the others
+                threading.Thread(target=self._answer, args=(notif,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: answer here rather than never
+                self._answer(notif)
 
     def _answer(self, notif: tuple[int, ...]) -> None:
         ident, tid = notif[0], notif[1]

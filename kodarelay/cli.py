@@ -11,6 +11,12 @@ Decisions worth knowing (the README repeats them):
   tunnel too (``curl -p``), or get 405.
 * ``run`` strips every inherited ``*_proxy`` variable from CMD's environment and hands out
   the wide bouquet (``tools=True``: pip, git, npm, yarn, cargo, gRPC, ... names).
+* ``run`` fences CMD by default (``kodarelay.isolate``, ``kodarelay._fence``): no route
+  but the proxy, no capability, no Unix socket but ``--allow-unix`` paths. Where the fence
+  cannot be made it says so in one line and runs CMD unfenced; ``--isolate`` exits 125
+  instead, ``--no-isolate`` never fences. The summary mentions the fence when a fenced CMD
+  failed or something was refused (silent on a clean run), since direct connections never
+  reach the proxy and cannot be listed.
 * ``--upstream auto`` (default) chains through the caller's own ``HTTPS_PROXY`` (and
   honours its ``NO_PROXY``); ``direct`` ignores it; a URL chains everything through it.
 * Allow / deny patterns may be repeated or comma-separated (``--allow a.com,b.org``).
@@ -251,9 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 FENCE_NOTE = (
-    "CMD ran fenced: the proxy was its only way out; direct connections (a client that "
-    "ignores the proxy variables) had no route, and Unix sockets not named by --allow-unix "
-    "were refused; neither is listed above (--no-isolate runs unfenced)"
+    "CMD ran fenced: only the proxy led out; direct connections had no route and Unix "
+    "sockets were refused (neither is listed above)"
 )
 
 

@@ -1,8 +1,8 @@
 """Running a command behind kodarelay: its environment, its supervision, and the network fence.
 
 ``kodarelay run`` uses this module twice: on the host, to start CMD (or the namespace
-helper) and wait for it; inside the network namespace of ``--isolate``, to bring loopback
-up, forward a loopback port to the proxy's UDS bridge and start CMD there.
+helper) and wait for it; inside the fence's namespaces, to bring loopback up, forward a
+loopback port to the proxy's UDS bridge and start CMD there, fenced by ``kodarelay._fence``.
 
 Decisions worth knowing:
 
@@ -446,7 +446,7 @@ def spawn_fenced(
                 if notify_fd is not None and child_chan is not None:
                     socket.send_fds(child_chan, [b"L"], [notify_fd])
                     os.close(notify_fd)
-            except OSError as e:
+            except BaseException as e:  # noqa: BLE001 - whatever it is, CMD must not run
                 os.write(wfd, b"F" + str(e).encode(errors="replace"))
                 os._exit(EXIT_RUN_FAILED)
             for sig in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
@@ -473,7 +473,7 @@ def spawn_fenced(
         os.close(rfd)
         if parent_chan is not None:
             parent_chan.close()
-    if not report and (listener is not None or not mediate):
+    if report[:1] not in (b"F", b"E") and (listener is not None or not mediate):
         return pid, listener
     if listener is not None:
         os.close(listener)

@@ -168,6 +168,19 @@ def test_cmd_holds_no_capability_and_no_new_privs(fence):
     assert status["Seccomp"] == "2"
 
 
+def test_cmd_may_bind_low_ports_on_its_own_loopback(fence):
+    """No capability, yet a dev server on port 80 inside the fence works (the namespace's sysctl)."""
+    code = """
+        import socket
+        s = socket.socket(); s.bind(("127.0.0.1", 80)); s.listen()
+        with socket.create_connection(("127.0.0.1", 80), timeout=5):
+            print("ok")
+    """
+    out = kr("run", "--upstream", "direct", "--", *py(code))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_non_root_user_is_fenced_too(fence, echo_host):
     """kodarelay started by an unprivileged user: the same fence, the same empty sets."""
     if os.geteuid() != 0:
