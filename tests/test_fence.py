@@ -197,7 +197,7 @@ def test_non_root_user_is_fenced_too(fence, echo_host):
         pytest.skip(f"unprivileged user namespaces are not available: {probe.stderr.decode().strip()}")
     script = ESCAPE.format(nsenter=require_tool("nsenter"), curl=require_tool("curl"), port=echo_host.port)
     script += "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status\n"
-    env = clean_env(PYTHONPATH=str(REPO), KODARELAY_NO_EXTENSIONS="1", HOME="/tmp")
+    env = clean_env(PYTHONPATH=str(REPO), KODARELAY_NO_EXTENSIONS="1", HOME="/tmp", TMPDIR="/tmp")
     env.pop("KODARELAY_REQUIRE_EXTENSION", None)
     out = subprocess.run(
         [setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-m", "kodarelay",
