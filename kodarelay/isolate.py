@@ -25,9 +25,10 @@ Decisions worth knowing:
   capabilities inside the user namespace only, so CMD cannot ptrace it either.
 * **Ready or nothing.** The helper reports on a pipe: ``ok`` once CMD was started fenced,
   ``fail <why>`` (or nothing) when the fence could not be made, ``exec <code> <why>`` when
-  it held but CMD could not be executed (kodarelay exits 126 / 127 with that one line);
-  CMD is never run unfenced by the helper. ``spawn_isolated`` raises ``FenceUnavailable`` then, and the command decides
-  (``--isolate``: exit 125; the default: one line on stderr and CMD runs unfenced).
+  it held but CMD could not be executed (kodarelay exits 126 / 127 with that one line).
+  The helper never runs CMD unfenced: on ``fail`` ``spawn_isolated`` raises
+  ``FenceUnavailable`` and the command decides (``--isolate``: exit 125; the default: one
+  line on stderr, then CMD runs unfenced).
 * **The helper dies with kodarelay.** It asks the kernel for ``SIGTERM`` when its parent
   dies (``PR_SET_PDEATHSIG``) and forwards it to CMD like any other signal.
 """
