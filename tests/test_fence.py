@@ -168,6 +168,18 @@ def test_cmd_holds_no_capability_and_no_new_privs(fence):
     assert status["Seccomp"] == "2"
 
 
+def test_cmd_cannot_reach_into_the_helper(fence, tmp_path):
+    """The helper holds the gate's notification fd and a route to the proxy: not CMD's to take."""
+    script = """
+        cat /proc/$PPID/environ >/dev/null 2>&1; echo "environ=$?"
+        for fd in /proc/$PPID/fd/*; do cat "$fd" </dev/null >/dev/null 2>&1 && echo "opened $fd"; done
+        true
+    """
+    out = kr("run", "--upstream", "direct", "--allow-unix", str(tmp_path / "x.sock"), "--", "sh", "-c", textwrap.dedent(script))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "environ=1", out.stdout
+
+
 def test_cmd_may_bind_low_ports_on_its_own_loopback(fence):
     """No capability, yet a dev server on port 80 inside the fence works (the namespace's sysctl)."""
     code = """
