@@ -363,7 +363,7 @@ class UnixGate:
                 os.close(mem)
             cwd = os.readlink(f"/proc/{tid}/cwd")
             pidfd = os.pidfd_open(tgid)
-        except (OSError, StopIteration, ValueError):
+        except (OSError, StopIteration, ValueError, OverflowError):
             return errno.EFAULT if self._valid(ident) else errno.ESRCH
         try:
             if not self._valid(ident):  # the pid was reused: the numbers above are not CMD's
