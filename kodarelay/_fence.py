@@ -268,6 +268,19 @@ def drop_privileges() -> None:
     header = struct.pack("=Ii", _CAP_VERSION_3, 0)
     data = bytes(24)  # two struct __user_cap_data_struct {effective, permitted, inheritable}, all zero
     _check(libc.capset(ctypes.c_char_p(header), ctypes.c_char_p(data)), "capset")
+    _verify_dropped()
+
+
+def _verify_dropped() -> None:
+    """Read back what the kernel says, rather than trust the calls above."""
+    try:
+        with open("/proc/self/status") as f:
+            status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError as e:
+        raise FenceError(e.errno or errno.EIO, f"cannot verify the privilege drop: {e}") from None
+    left = [k for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb") if int(status.get(k, "1"), 16)]
+    if left or status.get("NoNewPrivs", "0").strip() != "1":
+        raise FenceError(errno.EPERM, f"privileges left after the drop: {', '.join(left) or 'no_new_privs unset'}")
 
 
 def install_filter(arch: _Arch, *, mediate_unix: bool) -> int | None:
