@@ -22,8 +22,8 @@ Decisions worth knowing (the README repeats them):
 * Allow / deny patterns may be repeated or comma-separated (``--allow a.com,b.org``).
 * Exit codes: ``run`` exits with CMD's status (128 + N if signal N killed it), 127 when
   CMD is not found, 126 when it cannot be executed, 125 when kodarelay itself cannot start
-  (port, fence with ``--isolate``), 2 for bad usage (including a bad pattern or upstream URL). ``check``:
-  0 allowed, 1 refused, 2 bad input. ``serve``: 0 after SIGINT / SIGTERM, 1 if it cannot
+  (port, the fence with ``--isolate``), 2 for bad usage (including a bad pattern or
+  upstream URL). ``check``: 0 allowed, 1 refused, 2 bad input. ``serve``: 0 after SIGINT / SIGTERM, 1 if it cannot
   start, 2 for bad usage.
 """
 
@@ -416,7 +416,7 @@ examples:
   kodarelay run --dev-defaults --deny gist.github.com -- git clone https://github.com/psf/requests
   kodarelay run --allow localhost --ca-bundle ca.pem -- curl https://localhost:8443/
   kodarelay run --allow api.example.com --isolate -- python agent.py
-  kodarelay run --allow registry-1.docker.io --allow-unix /run/docker.sock -- docker pull alpine
+  kodarelay run --allow api.example.com --allow-unix /run/myapp/api.sock -- python agent.py
   kodarelay run --upstream http://proxy.corp:3128 --allow github.com -- ./fetch.sh
 
 CMD gets HTTPS_PROXY / HTTP_PROXY (and the names pip, git, npm, yarn, gRPC... read),
