@@ -23,8 +23,8 @@ Decisions worth knowing (the README repeats them):
 * Exit codes: ``run`` exits with CMD's status (128 + N if signal N killed it), 127 when
   CMD is not found, 126 when it cannot be executed, 125 when kodarelay itself cannot start
   (port, the fence with ``--isolate``), 2 for bad usage (including a bad pattern or
-  upstream URL). ``check``: 0 allowed, 1 refused, 2 bad input. ``serve``: 0 after SIGINT / SIGTERM, 1 if it cannot
-  start, 2 for bad usage.
+  upstream URL). ``check``: 0 allowed, 1 refused, 2 bad input. ``serve``: 0 after
+  SIGINT / SIGTERM, 1 if it cannot start, 2 for bad usage.
 """
 
 from __future__ import annotations
