@@ -19,6 +19,15 @@ import urllib.parse
 from kodarelay import BuiltInProxy, Event, Filter, Request, UpstreamConfig, proxy_env_vars
 
 
+_out = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One whole line at a time: events arrive on kodarelay's own thread."""
+    with _out:
+        print(line, flush=True)
+
+
 class Hello(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         body = b"hello\n"
@@ -33,13 +42,13 @@ class Hello(http.server.BaseHTTPRequestHandler):
 
 async def ask(request: Request) -> str:
     """The decider: called only when no rule matched. A real one would ask a person."""
-    print(f"  decider asked: {request.client} wants {request.host}:{request.port}")
+    say(f"  decider asked: {request.client} wants {request.host}:{request.port}")
     return "allow_always" if request.host == "site.test" else "deny"
 
 
 def on_event(event: Event) -> None:
-    print(f"  event: {event.kind} {event.host}:{event.port} source={event.source} reason={event.reason}"
-          f" client={event.client}")
+    say(f"  event: {event.kind} {event.host}:{event.port} source={event.source} reason={event.reason}"
+        f" client={event.client}")
 
 
 async def resolve(host: str, port: int) -> list[str]:
@@ -64,11 +73,11 @@ def main() -> None:
     with BuiltInProxy(policy, upstream=UpstreamConfig.direct(), forward_http=True, decider=ask,
                       on_event=on_event, resolver=resolve).start() as proxy:
         env = dict(proxy_env_vars(proxy.port, no_proxy="", client="job-7"))
-        print("first fetch:", fetch(env, url))
-        print("second fetch (remembered, not asked):", fetch(env, url))
+        say(f"first fetch: {fetch(env, url)}")
+        say(f"second fetch (remembered, not asked): {fetch(env, url)}")
         proxy.set_filter(Filter(["127.0.0.1"], deny=["site.test"]))      # live, from any thread
-        print("after set_filter:", fetch(env, url))
-        print("violations:", [(v.host, v.reason, v.client) for v in proxy.violations()])
+        say(f"after set_filter: {fetch(env, url)}")
+        say(f"violations: {[(v.host, v.reason, v.client) for v in proxy.violations()]}")
     site.shutdown()
 
 
