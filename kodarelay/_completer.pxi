@@ -62,6 +62,9 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
     cdef int err
     cdef PyObject *owner
     cdef _Handshake hd
+    cdef Refusal *refs
+    cdef int nref, i
+    cdef uint64_t dropped
     while l != NULL:
         pthread_mutex_lock(&c.mu)
         nxt = l.cnext
@@ -75,7 +78,38 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
         owner = l.owner
         if owner != NULL:
             Py_INCREF(<object>owner)
+        # refusals served from cached plans: taken in order, delivered outside the lock
+        nref = l.ring_len
+        dropped = l.ring_dropped
+        refs = NULL
+        if nref > 0:
+            refs = <Refusal *>malloc(nref * sizeof(Refusal))
+            if refs != NULL:
+                for i in range(nref):
+                    refs[i] = l.ring[(l.ring_head + i) % REFUSAL_RING]
+            else:
+                dropped += nref
+            l.ring_head = 0
+            l.ring_len = 0
+        l.ring_dropped = 0
         pthread_mutex_unlock(&c.mu)
+        try:
+            if (refs != NULL or dropped) and owner != NULL:
+                recs = []
+                for i in range(nref if refs != NULL else 0):
+                    recs.append((refs[i].time, refs[i].proto, refs[i].host[:refs[i].hostn], refs[i].port,
+                                 refs[i].reason.decode("ascii", "replace")))
+                free(refs)
+                refs = NULL
+                sink = (<_NativeListener>owner).on_refused
+                if sink is not None:
+                    try:
+                        sink(recs, dropped)
+                    except BaseException:
+                        pass
+                recs = None
+        finally:
+            free(refs)
         try:
             items = []
             while h != NULL:

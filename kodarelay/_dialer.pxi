@@ -80,22 +80,37 @@ cdef void _connect_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept
         t.cerr = soerr
         _connect_next(w, t, now)
         return
-    # connected: the ok reply to the client, the client's early bytes to the target
     _nodelay(t.fd[1])
+    if t.creq != NULL:
+        _chain_start(w, t, now)
+    else:
+        _begin_relay(w, t, 0, now)
+
+
+cdef void _begin_relay(Worker *w, Tunnel *t, size_t extra, double now) noexcept nogil:
+    """Connected (and chained): the ok reply (plus ``extra`` bytes the upstream proxy sent
+    after its reply head, appended to it) to the client, the client's early bytes to the
+    target, then relay."""
+    cdef int e
+    cdef epoll_event cev
     e = _preload(w, &t.d[1], t.fd[0], t.okrep, t.okn)
     if e == 0:
         e = _preload(w, &t.d[0], t.fd[1], t.early, t.earlyn)
     if e != 0:
         _finish_errno(w, t, e)
         return
-    t.d[1].moved = 0          # the reply is ours, not the target's
-    t.d[0].moved = 0
+    t.d[1].moved = extra      # the reply is ours, not the target's
+    t.d[0].moved = t.earlyn
     free(t.okrep)
     t.okrep = NULL
     free(t.early)
     t.early = NULL
     free(t.addrs)
     t.addrs = NULL
+    free(t.creq)
+    t.creq = NULL
+    free(t.chead)
+    t.chead = NULL
     t.phase = PH_RELAY
     t.start = now
     t.last = now
@@ -110,3 +125,122 @@ cdef void _connect_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept
         _finish_errno(w, t, errno)
         return
     _service(w, t, 3, now)
+
+
+# ── chaining through the upstream HTTP proxy (phase PH_CHAIN) ────────────────
+#
+# As ``kodarelay.upstream.connect_upstream``: send the CONNECT request Python built (Basic
+# auth included), read the reply head up to CRLFCRLF or LFLF within CHAIN_HEAD_MAX bytes and
+# the connect timeout (counted again from the connect); a non-2xx, malformed or missing reply
+# is ECONNREFUSED (502 / SOCKS5 REP 0x05), a timeout ETIMEDOUT (502 / REP 0x04). Bytes after
+# the head belong to the tunnel and reach the client after the ok reply.
+
+cdef void _chain_start(Worker *w, Tunnel *t, double now) noexcept nogil:
+    if <size_t>_send_all_nb(t.fd[1], t.creq, t.creqn) != t.creqn:
+        _chain_fail(w, t, errno if errno != EAGAIN and errno != 0 else ECONNREFUSED)
+        return
+    t.chead = <char *>malloc(CHAIN_HEAD_MAX)
+    if t.chead == NULL:
+        _chain_fail(w, t, ENOMEM)
+        return
+    t.cheadn = 0
+    t.phase = PH_CHAIN
+    _heap_remove(w, t)
+    t.cdeadline = now + (t.cdeadline - t.start)
+    t.key = t.cdeadline
+    if _heap_push(w, t) < 0:
+        _chain_fail(w, t, ENOMEM)
+        return
+    _chain_event(w, t, EPOLLIN, now)     # the reply may be there already
+
+
+cdef void _chain_fail(Worker *w, Tunnel *t, int err) noexcept nogil:
+    if t.fd[1] >= 0:
+        epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[1], NULL)
+        _close_fd(&t.fd[1])
+    t.registered = False
+    _dial_fail(w, t, err)
+
+
+cdef Py_ssize_t _reply_head_end(const char *p, size_t n) noexcept nogil:
+    """``upstream._response_head_end``: the earlier of CRLFCRLF + 4 and LFLF + 2, else -1."""
+    cdef size_t i
+    for i in range(n):
+        if p[i] == 10:
+            if i + 1 < n and p[i + 1] == 10:
+                return <Py_ssize_t>i + 2
+            if i >= 1 and p[i - 1] == 13 and i + 2 < n and p[i + 1] == 13 and p[i + 2] == 10:
+                return <Py_ssize_t>i + 3
+    return -1
+
+
+cdef bint _reply_is_2xx(const char *buf, size_t n) noexcept nogil:
+    """The status check of ``connect_upstream``: the first line, stripped, split on spaces:
+    ``HTTP/...`` then a code of digits in 200-299."""
+    cdef const unsigned char *p = <const unsigned char *>buf
+    cdef size_t a = 0, b = 0, i, s1, s2
+    cdef long code = 0
+    while b < n and p[b] != 10:
+        b += 1
+    while a < b and (p[a] == 32 or (p[a] >= 9 and p[a] <= 13)):
+        a += 1
+    while b > a and (p[b - 1] == 32 or (p[b - 1] >= 9 and p[b - 1] <= 13)):
+        b -= 1
+    if b - a < 5 or memcmp(p + a, b"HTTP/", 5) != 0:
+        return False
+    s1 = a
+    while s1 < b and p[s1] != 32:
+        s1 += 1
+    if s1 >= b:
+        return False
+    s2 = s1 + 1
+    while s2 < b and p[s2] != 32:
+        s2 += 1
+    if s2 == s1 + 1:
+        return False
+    for i in range(s1 + 1, s2):
+        if p[i] < 0x30 or p[i] > 0x39:
+            return False
+        if code < 1000:
+            code = code * 10 + (p[i] - 0x30)
+    return 200 <= code < 300
+
+
+cdef void _chain_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept nogil:
+    cdef ssize_t n
+    cdef Py_ssize_t end
+    cdef size_t extra
+    cdef char *rep
+    while True:
+        n = recv(t.fd[1], t.chead + t.cheadn, CHAIN_HEAD_MAX - t.cheadn, 0)
+        if n > 0:
+            t.cheadn += <size_t>n
+            end = _reply_head_end(t.chead, t.cheadn)
+            if end >= 0:
+                break
+            if t.cheadn >= CHAIN_HEAD_MAX:
+                _chain_fail(w, t, ECONNREFUSED)       # reply head too long
+                return
+        elif n == 0:
+            _chain_fail(w, t, ECONNREFUSED)           # closed before answering
+            return
+        elif errno == EINTR:
+            continue
+        elif errno == EAGAIN:
+            return
+        else:
+            _chain_fail(w, t, errno)
+            return
+    if not _reply_is_2xx(t.chead, <size_t>end):
+        _chain_fail(w, t, ECONNREFUSED)
+        return
+    extra = t.cheadn - <size_t>end
+    if extra > 0:
+        rep = <char *>realloc(t.okrep, t.okn + extra)
+        if rep == NULL:
+            _chain_fail(w, t, ENOMEM)
+            return
+        memcpy(rep + t.okn, t.chead + end, extra)
+        t.okrep = rep
+        t.okn += extra
+    _begin_relay(w, t, extra, now)

@@ -342,6 +342,8 @@ cdef void _tunnel_free(Tunnel *t) noexcept nogil:
     free(t.addrs)
     free(t.okrep)
     free(t.early)
+    free(t.creq)
+    free(t.chead)
     free(t)
 
 

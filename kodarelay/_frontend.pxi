@@ -27,10 +27,13 @@ cdef void _hs_close(Worker *w, Listener *l, Hs *h) noexcept nogil:
 
 
 cdef void _hs_ready(Worker *w, Listener *l, Hs *h, int proto, int flags) noexcept nogil:
+    """A complete handshake: served from a cached plan, else queued for Python."""
     epoll_ctl(w.epfd, EPOLL_CTL_DEL, h.fd, NULL)
     _hs_unlink(l, h)
     h.proto = proto
     h.flags = flags
+    if flags == 0 and _plan_serve(w, l, h):
+        return
     if l.ready_tail != NULL:
         l.ready_tail.next = h
     else:
@@ -205,6 +208,8 @@ cdef void _l_close(Worker *w, Listener *l) noexcept nogil:
     _close_fd(&l.fd)
     while l.head != NULL:
         _hs_close(w, l, l.head)
+    while l.live != NULL:             # tunnels opened from its cached plans end with it
+        _finish(w, l.live, RES_CANCELLED, 0)
 
 
 cdef void _l_drop(Completer *c, Listener *l) noexcept nogil:
@@ -214,14 +219,20 @@ cdef void _l_drop(Completer *c, Listener *l) noexcept nogil:
     left = l.refs
     pthread_mutex_unlock(&c.mu)
     if left == 0:
+        if l.plans != NULL:
+            _plans_clear(l.plans)
+            pthread_mutex_destroy(&l.plans.mu)
+            free(l.plans)
+        free(l.ring)
         free(l)
 
 
 cdef void _l_flush(Worker *w, Listener *l) noexcept nogil:
     """End of an iteration: hand this listener's completed handshakes to the completer."""
     cdef Completer *c = w.completer
-    if l.ready_head == NULL and l.accept_err == 0:
+    if l.ready_head == NULL and l.accept_err == 0 and not l.ref_new:
         return
+    l.ref_new = False
     pthread_mutex_lock(&c.mu)
     if l.ready_head != NULL:
         if l.pend_tail != NULL:

@@ -87,6 +87,7 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
     enum:
         CLOCK_MONOTONIC
+        CLOCK_REALTIME
     int clock_gettime(int clk, timespec *ts)
 
 cdef extern from "<pthread.h>" nogil:
@@ -149,7 +150,21 @@ cdef enum:                       # Hs.state
 
 cdef enum:                       # Tunnel.phase
     PH_RELAY = 0
-    PH_CONNECT = 1
+    PH_CONNECT = 1               # connecting to the target (or the upstream proxy)
+    PH_CHAIN = 2                 # connected to the upstream proxy: its reply to our CONNECT
+
+cdef enum:                       # Plan.kind
+    PLAN_DIRECT = 1              # dial the checked addresses
+    PLAN_REFUSE = 2              # send the refusal, record a violation
+    PLAN_CHAIN = 3               # CONNECT through the upstream HTTP proxy
+
+cdef enum:
+    PLAN_BUCKETS = 1024          # hash buckets of a listener's plan cache
+    PLAN_MAX = 4096              # plans kept per listener (the oldest is evicted beyond)
+    PLAN_HOST_MAX = 255          # longer hosts are never cached (a SOCKS5 name is at most 255)
+    REASON_MAX = 32              # a refusal reason, NUL included
+    REFUSAL_RING = 1024          # refusals queued for Python per listener (drop-oldest beyond)
+    CHAIN_HEAD_MAX = 8192        # the upstream proxy's reply head must end within this
 
 # epoll data is a pointer with a tag in its low bits (structs are 8-byte aligned): a tunnel's
 # side (0 / 1), the worker's eventfd (the value 0), a listener or a handshake.
@@ -177,6 +192,8 @@ cdef struct Dir:
 
 cdef struct Worker
 cdef struct Listener
+cdef struct PlanCache
+cdef struct Refusal
 
 
 cdef struct Tunnel:
@@ -215,6 +232,15 @@ cdef struct Tunnel:
     size_t okn
     char *early
     size_t earlyn
+    # chaining (phase PH_CHAIN): our CONNECT request, then the upstream's reply head
+    char *creq
+    size_t creqn
+    char *chead            # CHAIN_HEAD_MAX bytes, allocated when the request is sent
+    size_t cheadn
+    # a tunnel the engine opened from a cached plan: its listener (worker thread only)
+    Listener *owner
+    Tunnel *lprev
+    Tunnel *lnext
 
 
 cdef struct Completer:
@@ -304,3 +330,61 @@ cdef struct Listener:
     Listener *cnext
     PyObject *owner      # the _NativeListener (borrowed; cleared by its dealloc, with the GIL)
     int refs
+    Refusal *ring        # refusals served from cached plans, not yet delivered (lazy)
+    int ring_head
+    int ring_len
+    uint64_t ring_dropped
+    # worker thread only
+    Tunnel *live         # tunnels opened from cached plans (closed with the listener)
+    Py_ssize_t nlive
+    bint ref_new         # refusals were queued this iteration
+    # set before the listener is submitted, read-only afterwards
+    PlanCache *plans
+    double connect_timeout
+    double idle
+    double total
+
+
+cdef struct Plan:
+    # One cached decision for (proto, host as sent, port); owned by its PlanCache.
+    Plan *hnext          # bucket chain
+    Plan *older          # insertion order (eviction: oldest first)
+    Plan *newer
+    int kind             # PLAN_*
+    int proto            # 0 HTTP, 1 SOCKS5
+    int port
+    int hostn
+    double expires       # monotonic seconds (1e300: until cleared)
+    kr_addr *addrs       # direct: the checked addresses; chain: the upstream proxy's
+    int naddr
+    char *reply          # direct / chain: the ok reply; refuse: the refusal
+    size_t replyn
+    char *req            # chain: the CONNECT request for the upstream proxy
+    size_t reqn
+    char reason[REASON_MAX]
+    char host[PLAN_HOST_MAX + 1]
+
+
+cdef struct PlanCache:
+    # A listener's plans. ``mu`` guards everything here: the worker looks plans up, Python
+    # threads set and clear them.
+    pthread_mutex_t mu
+    Plan *buckets[PLAN_BUCKETS]
+    Plan *oldest
+    Plan *newest
+    int count
+    uint64_t gen         # bumped by every clear: a plan decided before it is refused
+    uint64_t hits
+    uint64_t misses
+    uint64_t refused
+    uint64_t evicted
+
+
+cdef struct Refusal:
+    # A refusal the engine served from a cached plan, queued for ViolationLog.record.
+    double time          # epoch seconds
+    int proto
+    int port
+    int hostn
+    char reason[REASON_MAX]
+    char host[PLAN_HOST_MAX + 1]

@@ -15,7 +15,7 @@ Declarations (system calls, constants, structs) are in ``_relay.pxd``, small C h
 ``_engine.h``; the engine is one ``.pxi`` per concept, included at the end of this file:
 ``_helpers`` (shared helpers, global switches), ``_pools`` (pipes and buffers), ``_timers``
 (deadline heap, run queue), ``_splice`` (moving bytes), ``_frontend`` (accept, handshakes),
-``_dialer`` (native connect), ``_completer`` (delivery to Python), ``_worker`` (the epoll loop),
+``_plans`` (cached tunnel plans), ``_dialer`` (native connect, chaining), ``_completer`` (delivery to Python), ``_worker`` (the epoll loop),
 ``_engine_py`` (the engine's Python side) and ``_listener_py`` (the front-end's Python side).
 
 Engine design
@@ -201,6 +201,7 @@ include "_pools.pxi"
 include "_timers.pxi"
 include "_splice.pxi"
 include "_frontend.pxi"
+include "_plans.pxi"
 include "_dialer.pxi"
 include "_completer.pxi"
 include "_worker.pxi"

@@ -29,6 +29,11 @@ cdef void _finish(Worker *w, Tunnel *t, int result, int err) noexcept nogil:
     t.okrep = NULL
     free(t.early)
     t.early = NULL
+    free(t.creq)
+    t.creq = NULL
+    free(t.chead)
+    t.chead = NULL
+    _live_unlink(t)
     _heap_remove(w, t)
     _rq_remove(w, t)
     if w.ntunnels > 0:
@@ -221,6 +226,10 @@ cdef void _on_event(Worker *w, Tunnel *t, int side, uint32_t ev, double now) noe
     if t.phase == PH_CONNECT:
         if side == 1:
             _connect_event(w, t, ev, now)
+        return
+    if t.phase == PH_CHAIN:
+        if side == 1:
+            _chain_event(w, t, ev, now)
         return
     # Edge-triggered epoll reports every ready bit on each wakeup (a writable socket shows
     # EPOLLOUT with each arriving segment): only wake a direction for what it waits on.

@@ -88,7 +88,7 @@ cdef void _expire(Worker *w, double now) noexcept nogil:
     cdef double dl, tl
     while w.hlen > 0 and w.heap[0].key <= now:
         t = w.heap[0]
-        if t.phase == PH_CONNECT:
+        if t.phase == PH_CONNECT or t.phase == PH_CHAIN:
             if t.fd[1] >= 0:
                 epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[1], NULL)
                 _close_fd(&t.fd[1])
