@@ -120,6 +120,7 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
                 hd.proto = h.proto
                 hd.overflow = h.flags & 1
                 hd.data = h.buf[h.off:h.len] if h.proto == 1 else h.buf[:h.len]
+                hd.user = h.buf[h.uoff:h.uoff + <size_t>h.ulen] if h.proto == 1 and h.ulen >= 0 else None
                 items.append(hd)
                 h = hn
             hd = None

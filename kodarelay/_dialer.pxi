@@ -99,8 +99,7 @@ cdef void _begin_relay(Worker *w, Tunnel *t, size_t extra, double now) noexcept 
     if e != 0:
         _finish_errno(w, t, e)
         return
-    t.d[1].moved = extra      # the reply is ours, not the target's
-    t.d[0].moved = t.earlyn
+    t.d[1].moved = extra      # the reply is ours, not the target's (the early bytes are the client's)
     free(t.okrep)
     t.okrep = NULL
     free(t.early)

@@ -191,6 +191,13 @@ cdef class _TunnelHandle:
     def fut(self):
         return self.fut
 
+    @property
+    def moved(self):
+        """(bytes to the target, bytes to the client) so far."""
+        if self.t == NULL:
+            return (0, 0)
+        return (self.t.d[0].moved, self.t.d[1].moved)
+
     def abort(self):
         """End the tunnel and cancel its future (which the engine no longer resolves); an
         ``on_done`` callback is not called after this."""

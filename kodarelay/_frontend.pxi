@@ -45,7 +45,7 @@ cdef int _hs_progress(Worker *w, Listener *l, Hs *h, size_t before) noexcept nog
     """Advance the state machine over the bytes read. 1: done (delivered or closed), 0: more."""
     cdef unsigned char *p
     cdef size_t n, need, m, i
-    cdef bint noauth
+    cdef bint noauth, userpass
     if h.state == ST_FIRST:
         h.state = ST_GREET if <unsigned char>h.buf[0] == 5 else ST_HTTP
     if h.state == ST_HTTP:
@@ -67,17 +67,46 @@ cdef int _hs_progress(Worker *w, Listener *l, Hs *h, size_t before) noexcept nog
         if h.len < 2 + m:
             return 0
         noauth = False
+        userpass = False
         for i in range(m):
             if p[2 + i] == 0:
                 noauth = True
-        if not noauth:
+            elif p[2 + i] == 2:
+                userpass = True
+        h.off = 2 + m
+        if userpass:                  # preferred: the username attributes the request
+            if _send_all_nb(h.fd, b"\x05\x02", 2) != 2:
+                _hs_close(w, l, h)
+                return 1
+            h.state = ST_AUTH
+        elif noauth:
+            if _send_all_nb(h.fd, b"\x05\x00", 2) != 2:
+                _hs_close(w, l, h)
+                return 1
+            h.state = ST_REQ
+        else:
             _send_all_nb(h.fd, b"\x05\xff", 2)
             _hs_close(w, l, h)
             return 1
-        if _send_all_nb(h.fd, b"\x05\x00", 2) != 2:
+    if h.state == ST_AUTH:
+        p = <unsigned char *>h.buf + h.off
+        n = h.len - h.off
+        if n < 1:
+            return 0
+        if p[0] != 1:
             _hs_close(w, l, h)
             return 1
-        h.off = 2 + m
+        if n < 2 or n < 3 + <size_t>p[1]:
+            return 0
+        need = 3 + <size_t>p[1] + <size_t>p[2 + p[1]]
+        if n < need:
+            return 0
+        h.uoff = h.off + 2
+        h.ulen = p[1]
+        if _send_all_nb(h.fd, b"\x01\x00", 2) != 2:
+            _hs_close(w, l, h)
+            return 1
+        h.off += need
         h.state = ST_REQ
     # ST_REQ
     p = <unsigned char *>h.buf + h.off
@@ -179,6 +208,8 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
         h.flags = 0
         h.len = 0
         h.off = 0
+        h.uoff = 0
+        h.ulen = -1
         h.l = l
         h.deadline = now + l.hs_timeout
         h.next = NULL

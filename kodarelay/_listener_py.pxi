@@ -189,6 +189,7 @@ cdef class _Handshake:
     cdef readonly int proto           # 0 HTTP, 1 SOCKS5
     cdef readonly bint overflow       # the HTTP head did not end within 8 KiB
     cdef readonly bytes data          # HTTP: everything read; SOCKS5: the request onwards
+    cdef readonly object user         # SOCKS5 RFC 1929 username (bytes), None without auth
 
     def __dealloc__(self):
         if self.hs != NULL:

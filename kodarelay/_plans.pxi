@@ -315,6 +315,8 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     cdef double now
     if c == NULL or c.count == 0:     # racy peek: a plan stored this instant can wait a turn
         return False
+    if h.proto == 1 and h.ulen >= 0:
+        return False                  # a SOCKS5 username names the client: plans do not carry it
     if h.proto == 0:
         base = h.buf
         ok = _http_key(base, h.len, &off, &hostn, &port, &end)

@@ -147,6 +147,7 @@ cdef enum:                       # Hs.state
     ST_HTTP = 1
     ST_GREET = 2
     ST_REQ = 3
+    ST_AUTH = 4                  # SOCKS5 RFC 1929 username/password (attribution: the password is ignored)
 
 cdef enum:                       # Tunnel.phase
     PH_RELAY = 0
@@ -298,6 +299,8 @@ cdef struct Hs:
     double deadline
     size_t len
     size_t off           # SOCKS5: where the request starts
+    size_t uoff          # SOCKS5 RFC 1929: where the username starts (ulen < 0: no auth)
+    int ulen
     Hs *prev
     Hs *next
     Listener *l
