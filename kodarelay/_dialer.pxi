@@ -173,9 +173,9 @@ cdef Py_ssize_t _reply_head_end(const char *p, size_t n) noexcept nogil:
     return -1
 
 
-cdef bint _reply_is_2xx(const char *buf, size_t n) noexcept nogil:
-    """The status check of ``connect_upstream``: the first line, stripped, split on spaces:
-    ``HTTP/...`` then a code of digits in 200-299."""
+cdef int _reply_status(const char *buf, size_t n) noexcept nogil:
+    """The status of ``connect_upstream``: the first line, stripped, split on spaces:
+    ``HTTP/...`` then a code of digits (capped at 1000); -1 when malformed."""
     cdef const unsigned char *p = <const unsigned char *>buf
     cdef size_t a = 0, b = 0, i, s1, s2
     cdef long code = 0
@@ -186,23 +186,23 @@ cdef bint _reply_is_2xx(const char *buf, size_t n) noexcept nogil:
     while b > a and (p[b - 1] == 32 or (p[b - 1] >= 9 and p[b - 1] <= 13)):
         b -= 1
     if b - a < 5 or memcmp(p + a, b"HTTP/", 5) != 0:
-        return False
+        return -1
     s1 = a
     while s1 < b and p[s1] != 32:
         s1 += 1
     if s1 >= b:
-        return False
+        return -1
     s2 = s1 + 1
     while s2 < b and p[s2] != 32:
         s2 += 1
     if s2 == s1 + 1:
-        return False
+        return -1
     for i in range(s1 + 1, s2):
         if p[i] < 0x30 or p[i] > 0x39:
-            return False
+            return -1
         if code < 1000:
             code = code * 10 + (p[i] - 0x30)
-    return 200 <= code < 300
+    return <int>code
 
 
 cdef void _chain_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept nogil:
@@ -210,6 +210,7 @@ cdef void _chain_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept n
     cdef Py_ssize_t end
     cdef size_t extra
     cdef char *rep
+    cdef int status
     while True:
         n = recv(t.fd[1], t.chead + t.cheadn, CHAIN_HEAD_MAX - t.cheadn, 0)
         if n > 0:
@@ -230,7 +231,11 @@ cdef void _chain_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept n
         else:
             _chain_fail(w, t, errno)
             return
-    if not _reply_is_2xx(t.chead, <size_t>end):
+    status = _reply_status(t.chead, <size_t>end)
+    if not 200 <= status < 300:
+        if status >= 0 and t.owner != NULL:     # the upstream said no: a violation, as in Python
+            _refusal_queue(w.completer, t.owner, 1 if t.socks else 0, t.rhost, t.rhostn, t.rport,
+                           "upstream_refused", status)
         _chain_fail(w, t, ECONNREFUSED)
         return
     extra = t.cheadn - <size_t>end

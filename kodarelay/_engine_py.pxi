@@ -351,6 +351,7 @@ cdef void _tunnel_free(Tunnel *t) noexcept nogil:
     free(t.early)
     free(t.creq)
     free(t.chead)
+    free(t.rhost)
     free(t)
 
 

@@ -71,18 +71,20 @@ cdef class _NativeListener:
         """Bumped by every ``clear_plans()``: read it before deciding, pass it to ``set_plan``."""
         return self.l.plans.gen
 
-    def set_plan(self, int proto, bytes host, int port, tuple plan, double ttl, gen=None):
+    def set_plan(self, int proto, bytes host, int port, tuple plan, double ttl, gen=None, str record_host=None):
         """Cache ``plan`` for (proto, host as the client sent it, port) for ``ttl`` seconds.
 
         ``plan`` is ``("direct", [IP strings], ok_reply)``, ``("refuse", reply, reason)`` or
         ``("chain", upstream_ip, upstream_port, connect_request, ok_reply)``. ``ttl``: ``inf``
         keeps it until ``clear_plans()``; ``<= 0`` stores nothing. With ``gen`` (a
         ``plan_generation`` read before deciding) a plan decided before a ``clear_plans()`` is
-        dropped. Returns whether it was stored (hosts over 255 bytes never are)."""
+        dropped. Refusals served from the plan (and an upstream's refusal of a chained one) are
+        recorded under ``record_host`` (default: ``host``). Returns whether it was stored (hosts
+        over 255 bytes never are)."""
         cdef Plan *p
         cdef PlanCache *c = self.l.plans
         cdef Py_ssize_t i, n
-        cdef bytes reply, req = None, reason = b""
+        cdef bytes reply, req = None, reason = b"", rhost
         cdef int kind
         if not ttl > 0 or proto not in (0, 1) or not 0 <= port <= 65535 or len(host) == 0 \
                 or len(host) > PLAN_HOST_MAX:
@@ -106,6 +108,7 @@ cdef class _NativeListener:
             reply = plan[4]
         else:
             raise ValueError(f"unknown plan kind {what!r}")
+        rhost = host if record_host is None else record_host.encode("utf-8", "backslashreplace")[:PLAN_HOST_MAX]
         n = len(addresses)
         if kind != PLAN_REFUSE and n == 0:
             raise ValueError("a plan to dial needs an address")
@@ -117,6 +120,8 @@ cdef class _NativeListener:
         p.port = port
         p.hostn = <int>len(host)
         memcpy(p.host, <char *>host, len(host))
+        p.rhostn = <int>len(rhost)
+        memcpy(p.rhost, <char *>rhost, len(rhost))
         p.expires = _mono() + ttl
         memcpy(p.reason, <char *>reason, len(reason))
         p.addrs = <kr_addr *>calloc(n + 1, sizeof(kr_addr))
@@ -274,7 +279,7 @@ def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None, on_refu
     A handshake with a cached plan (``set_plan``) is served in the engine: dialled within
     ``connect_timeout`` and relayed with the idle / total caps, or refused; those refusals go
     to ``on_refused(records, dropped)`` on the engine's completer thread, in order, in batches
-    (records: ``(epoch_time, proto, host_bytes, port, reason)``; ``dropped``: how many the
+    (records: ``(epoch_time, proto, host_bytes, port, reason, upstream_status)``; ``dropped``: how many the
     bounded queue lost). Every other batch first goes to ``direct(items) -> items left`` on
     the completer thread (when given), then what is left (and any accept error) to
     ``cb(items, err)`` on ``loop``."""

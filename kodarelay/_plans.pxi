@@ -235,7 +235,7 @@ cdef void _plans_clear(PlanCache *c) noexcept nogil:
 
 
 cdef void _refusal_queue(Completer *cm, Listener *l, int proto, const char *host, int hostn, int port,
-                         const char *reason) noexcept nogil:
+                         const char *reason, int status) noexcept nogil:
     """Queue one refusal for Python (bounded: the oldest is dropped and counted)."""
     cdef Refusal *r
     cdef timespec ts
@@ -257,6 +257,7 @@ cdef void _refusal_queue(Completer *cm, Listener *l, int proto, const char *host
     r.time = <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
     r.proto = proto
     r.port = port
+    r.status = status
     r.hostn = hostn
     memcpy(r.host, host, hostn)
     r.host[hostn] = 0
@@ -337,7 +338,7 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     if kind == PLAN_REFUSE:
         c.refused += 1
         _send_all_nb(h.fd, p.reply, p.replyn)
-        _refusal_queue(w.completer, l, h.proto, base + off, hostn, port, p.reason)
+        _refusal_queue(w.completer, l, h.proto, p.rhost, p.rhostn, port, p.reason, 0)
         pthread_mutex_unlock(&c.mu)
         _close_fd(&h.fd)
         free(h)
@@ -350,7 +351,10 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
         if kind == PLAN_CHAIN:
             t.creq = _dup(p.req, p.reqn)
             t.creqn = p.reqn
-        if t.addrs == NULL or t.okrep == NULL or t.early == NULL or (kind == PLAN_CHAIN and t.creq == NULL):
+            t.rhost = _dup(p.rhost, p.rhostn)
+            t.rhostn = p.rhostn
+            t.rport = port
+        if t.addrs == NULL or t.okrep == NULL or t.early == NULL or (kind == PLAN_CHAIN and (t.creq == NULL or t.rhost == NULL)):
             _tunnel_free(t)
             t = NULL
         else:

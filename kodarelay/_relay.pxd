@@ -238,8 +238,12 @@ cdef struct Tunnel:
     size_t creqn
     char *chead            # CHAIN_HEAD_MAX bytes, allocated when the request is sent
     size_t cheadn
-    # a tunnel the engine opened from a cached plan: its listener (worker thread only)
+    # a tunnel the engine opened from a cached plan: its listener (worker thread only), and
+    # what an upstream's refusal is recorded under
     Listener *owner
+    char *rhost
+    int rhostn
+    int rport
     Tunnel *lprev
     Tunnel *lnext
 
@@ -366,6 +370,8 @@ cdef struct Plan:
     size_t reqn
     char reason[REASON_MAX]
     char host[PLAN_HOST_MAX + 1]
+    int rhostn
+    char rhost[PLAN_HOST_MAX + 1]   # the host a refusal is recorded under (canonical text)
 
 
 cdef struct PlanCache:
@@ -389,5 +395,6 @@ cdef struct Refusal:
     int proto
     int port
     int hostn
+    int status           # upstream_refused: the upstream proxy's status code, else 0
     char reason[REASON_MAX]
     char host[PLAN_HOST_MAX + 1]

@@ -33,6 +33,8 @@ cdef void _finish(Worker *w, Tunnel *t, int result, int err) noexcept nogil:
     t.creq = NULL
     free(t.chead)
     t.chead = NULL
+    free(t.rhost)
+    t.rhost = NULL
     _live_unlink(t)
     _heap_remove(w, t)
     _rq_remove(w, t)

@@ -234,8 +234,8 @@ def test_refusal_plan_replies_and_queues_a_violation(front, proto: int) -> None:
     assert read_all(s) == b""
     s.close()
     wait_until(lambda: f.refused, what="the refusal record")
-    (when, p, host, port, reason), = f.refused
-    assert (p, host, port, reason) == (proto, b"evil.test", 443, "not_allowed") and when > 1e9
+    (when, p, host, port, reason, status), = f.refused
+    assert (p, host, port, reason, status) == (proto, b"evil.test", 443, "not_allowed", 0) and when > 1e9
     assert f.misses == [] and f.dropped == 0
 
 
@@ -246,10 +246,10 @@ def test_refusal_flood_is_bounded_and_in_order(front, echo: EchoServer) -> None:
     f.refused_gate = threading.Event()
     n = 1500
     for i in range(n):
-        f.nl.set_plan(0, b"e%d.test" % i, 443, ("refuse", FORBIDDEN, "denied"), INF)
+        f.nl.set_plan(0, b"E%d.test" % i, 443, ("refuse", FORBIDDEN, "denied"), INF, record_host="e%d.test" % i)
     f.nl.set_plan(0, b"pinned.test", echo.port, ("direct", ["127.0.0.1"], OK), INF)
     for i in range(n):
-        s, head = http_tunnel(f.port, b"e%d.test:443" % i)
+        s, head = http_tunnel(f.port, b"E%d.test:443" % i)
         assert head == FORBIDDEN
         s.close()
         if i == n // 2:
@@ -336,6 +336,11 @@ def test_chain_plan_upstream_refusal_is_502_or_rep_5(front, proto: int, reply: b
             assert head[:2] == b"\x05\x05"
         assert read_all(s) == b""
         s.close()
+        if reply.startswith(b"HTTP/1.1 4"):    # the upstream's refusal is a violation, as in Python
+            wait_until(lambda: f.refused, what="the refusal record")
+            assert [r[1:] for r in f.refused] == [(proto, b"far.test", 443, "upstream_refused", int(reply[9:12]))]
+        else:
+            assert f.refused == []
     finally:
         up.close()
 
