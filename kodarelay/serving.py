@@ -516,9 +516,12 @@ class ProxyServer:
                 if isinstance(parsed, Target) and not self._closed:
                     gen = self._engine_generation()
                     plan = self._plan_now(parsed)
-                    if plan is not None and plan.kind == DIRECT and self._dial_native(h, proto, parsed, plan):
+                    if plan is not None and plan.kind == DIRECT:
+                        # the engine has the plan before the client has its answer (a client
+                        # that asks again at once must find it)
                         self._engine_plan(h, proto, parsed, plan, gen)
-                        continue
+                        if self._dial_native(h, proto, parsed, plan):
+                            continue
                 rest.append((h, proto, parsed))
             except Exception:
                 rest.append(h)
@@ -576,17 +579,14 @@ class ProxyServer:
         (chaining, an address the engine cannot take) run it on the asyncio path; then hand
         the plan to the engine for the next requests (``gen``: the engine's plan generation
         read before deciding, so a plan decided under a replaced policy is never kept)."""
+        self._engine_plan(h, proto, target, plan, gen)    # (before the client has its answer)
         if plan.kind == REFUSE:
             self._judged(proto.name, target, plan)
             assert plan.refusal is not None
             h.reply_and_close(proto.refusal_reply(plan.refusal, plan.host, plan.port))
-            self._engine_plan(h, proto, target, plan, gen)
             return
         if plan.kind == DIRECT and self._dial_native(h, proto, target, plan):
-            self._engine_plan(h, proto, target, plan, gen)
             return
-        if plan.kind == CHAIN:
-            self._engine_plan(h, proto, target, plan, gen)
         ticket = self._judged(proto.name, target, plan)
         assert ticket is not None
         conn = socket.socket(fileno=h.detach())      # taken now: nothing else may answer it
