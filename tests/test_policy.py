@@ -252,6 +252,8 @@ def test_set_filter_racing_traffic_never_mixes_policies(start_proxy, echo):
     finally:
         stop.set()
         t.join(DEADLINE)
+    # (the echo server counts an accept on its own thread, after the client may have left)
+    wait_until(lambda: echo.accepted >= 30, what="the target's accepts")
     assert echo.accepted == 30
 
 
