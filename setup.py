@@ -5,6 +5,7 @@ line tracing, for contributors chasing a crash or profiling the engine.
 """
 
 import os
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -24,7 +25,9 @@ extensions = [
     Extension(
         "kodarelay._relay",
         ["kodarelay/_relay.pyx"],
-        depends=["kodarelay/_engine.pxi", "kodarelay/_http1.pxi"],
+        depends=sorted(str(p) for p in Path("kodarelay").glob("*.pxi"))
+        + ["kodarelay/_relay.pxd", "kodarelay/_engine.h"],
+        include_dirs=["kodarelay"],
         extra_compile_args=cflags,
         define_macros=macros,
     )

@@ -26,12 +26,27 @@ def impl(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
     """Ratios, not absolute numbers: this machine is shared and noisy, ratios within one run are not."""
     try:
-        from test_relay_bench import BULK_RESULTS
+        from test_relay_bench import BULK_RESULTS, RATIO_RESULTS
     except ImportError:
         return
+    tr = terminalreporter
+    if RATIO_RESULTS:
+        tr.section("compiled engine vs pure-Python twin, quiet and with a busy interpreter (same run)")
+        tr.write_line(f"{'measure':<38} {'load':<6} {'cython':>10} {'python':>10} {'cython / python':>16}")
+        for measure in dict.fromkeys(m for m, _l, _i in RATIO_RESULTS):
+            for load in ("quiet", "busy"):
+                c = RATIO_RESULTS.get((measure, load, "cython"))
+                p = RATIO_RESULTS.get((measure, load, "python"))
+                if c is None and p is None:
+                    continue
+                ratio = f"{c / p:.2f}x" if c and p else "-"
+                if c and p and "latency" in measure:
+                    ratio = f"{c / p:.2f}x (lower is better)"
+                cs = f"{c:,.1f}" if c is not None else "-"
+                ps = f"{p:,.1f}" if p is not None else "-"
+                tr.write_line(f"{measure:<38} {load:<6} {cs:>10} {ps:>10} {ratio:>16}")
     if not BULK_RESULTS:
         return
-    tr = terminalreporter
     tr.section("bulk relay ratios (same run)")
     ref = BULK_RESULTS.get("c-splice")
     py = BULK_RESULTS.get("python")

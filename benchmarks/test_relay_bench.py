@@ -4,9 +4,15 @@
 
 Bulk throughput (MB/s and relay CPU-seconds per GiB in ``extra_info``) for the compiled
 relay, the pure-Python relay and, when ``../shared/bench`` has built it, the C splice relay,
-all in one run; the run ends with a table of ratios. Also 64-byte round-trip latency through
-a live tunnel and CONNECT / SOCKS5 parsing. The relay runs on an event loop in a background
-thread; bulk peers run in a child process so they never contend for the relay's GIL.
+all in one run; 64-byte round-trip latency through a live tunnel; tunnel setup to a name
+through the built-in proxy (CONNECT, resolver pinned, 200, close); CONNECT / SOCKS5 parsing.
+
+Bulk, latency and tunnel setup also run *busy*: a CPU-bound Python thread shares the
+benchmark's interpreter, as in an agent runtime that hosts the proxy. That is what the
+compiled engine is for: the twin needs the GIL for every chunk, the engine never does. The
+run ends with a table of ratios (compiled / twin, quiet and busy). The relay runs on an
+event loop in a background thread; bulk peers run in a child process so they never contend
+for the relay's GIL.
 """
 
 from __future__ import annotations
@@ -31,6 +37,44 @@ pytest.importorskip("pytest_benchmark")
 BULK_BYTES = 512 << 20
 #: name -> (MB/s, relay CPU-s per GiB), for the ratio table printed at the end of the run
 BULK_RESULTS: dict[str, tuple[float, float]] = {}
+#: (measure, "quiet" / "busy", implementation) -> figure (MB/s, µs per round trip, tunnels/s)
+RATIO_RESULTS: dict[tuple[str, str, str], float] = {}
+
+
+class BusyInterpreter:
+    """A CPU-bound Python thread in this process while active: the agent runtime's load."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, name="busy-interpreter", daemon=True)
+
+    def _spin(self) -> None:
+        x = 0
+        while not self._stop.is_set():
+            for i in range(10000):
+                x += i * i
+
+    def __enter__(self) -> "BusyInterpreter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(params=["quiet", "busy"])
+def load(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Quiet, or with a CPU-bound Python thread beside the relay for the whole benchmark."""
+    if request.param == "busy":
+        with BusyInterpreter():
+            yield "busy"
+    else:
+        yield "quiet"
+
+
+def _name(impl) -> str:  # type: ignore[no-untyped-def]
+    return "cython" if impl is not _relay_py else "python"
 
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -144,12 +188,17 @@ def _record(benchmark, name: str, cpu: list[float]) -> None:  # type: ignore[no-
     BULK_RESULTS[name] = (BULK_BYTES / median / 1e6, cpu_per_gib)
 
 
-def test_bench_bulk_throughput(benchmark, impl, loop_thread) -> None:  # type: ignore[no-untyped-def]
-    """512 MiB one way through one loopback TCP tunnel, per round; peers in a child process."""
-    benchmark.group = "relay-bulk-512MiB"
+def test_bench_bulk_throughput(benchmark, impl, loop_thread, load) -> None:  # type: ignore[no-untyped-def]
+    """512 MiB one way through one loopback TCP tunnel, per round; peers in a child process.
+    (Busy: relay CPU includes the busy thread's, so only MB/s is compared.)"""
+    benchmark.group = f"relay-bulk-512MiB-{load}"
     cpu: list[float] = []
-    benchmark.pedantic(_bulk_round_inprocess, args=(impl, loop_thread, cpu), rounds=3, iterations=1, warmup_rounds=1)
-    _record(benchmark, "cython" if impl is not _relay_py else "python", cpu[1:])
+    rounds = 3 if load == "quiet" else 1
+    benchmark.pedantic(_bulk_round_inprocess, args=(impl, loop_thread, cpu), rounds=rounds, iterations=1,
+                       warmup_rounds=1)
+    if load == "quiet":
+        _record(benchmark, _name(impl), cpu[1:])
+    RATIO_RESULTS[("bulk MB/s", load, _name(impl))] = BULK_BYTES / benchmark.stats.stats.median / 1e6
 
 
 def _c_splice_relay() -> str | None:
@@ -202,40 +251,132 @@ def test_bench_bulk_throughput_c_splice_reference(benchmark) -> None:  # type: i
     _record(benchmark, "c-splice", cpu[1:])
 
 
-def test_bench_small_message_latency(benchmark, impl, loop_thread) -> None:  # type: ignore[no-untyped-def]
-    """One 64-byte request and its 64-byte echo through a live tunnel (a round trip)."""
-    benchmark.group = "relay-latency-64B-rtt"
-    client, a = _tcp_pair()
-    b, server = _tcp_pair()
-    fut = loop_thread.submit(impl.relay_with_timeouts(a, b, idle=60.0, total=600.0))
-    stop = threading.Event()
-
-    def echo() -> None:
-        while not stop.is_set():
-            d = server.recv(64)
-            if not d:
-                break
-            server.sendall(d)
-        server.shutdown(socket.SHUT_WR)
-
-    th = threading.Thread(target=echo)
-    th.start()
+# Peers of the latency and tunnel-setup benchmarks (client and server) run in a child
+# process, like the bulk peers: in this process they would queue for the busy thread's GIL
+# themselves. The child prints its server's port, reads the relay's port, runs, and prints
+# the median and total seconds per operation.
+PEER = r"""
+import socket, statistics, sys, threading, time
+mode, n = sys.argv[1], int(sys.argv[2])
+lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(4096)
+def serve():
+    while True:
+        conn, _ = lst.accept()
+        if mode == "rtt":
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while d := conn.recv(64):
+                conn.sendall(d)
+        conn.close()
+threading.Thread(target=serve, daemon=True).start()
+print(lst.getsockname()[1], flush=True)
+port = int(sys.stdin.readline())
+times = []
+if mode == "rtt":
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     msg = b"x" * 64
-
-    def rtt() -> None:
-        client.sendall(msg)
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        s.sendall(msg)
         got = 0
         while got < 64:
-            got += len(client.recv(64 - got))
+            got += len(s.recv(64 - got))
+        if i >= 50:
+            times.append(time.perf_counter() - t0)
+    s.close()
+else:
+    target = lst.getsockname()[1]
+    request = f"CONNECT bench.test:{target} HTTP/1.1\r\nHost: bench.test:{target}\r\n\r\n".encode()
+    for i in range(n + 1):
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(request)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(4096)
+                assert chunk, "proxy closed before answering"
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200"), head
+        if i >= 1:                   # the first request decides the plan
+            times.append(time.perf_counter() - t0)
+print(statistics.median(times), sum(times), flush=True)
+"""
 
-    rtt()  # warm the path
-    benchmark(rtt)
-    stop.set()
-    client.shutdown(socket.SHUT_WR)
-    th.join()
-    fut.result(10)
-    client.close()
-    server.close()
+
+class _Peer:
+    """The child process: ``.port`` is its server; ``run(relay_port)`` -> (median s, total s)."""
+
+    def __init__(self, mode: str, n: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", PEER, mode, str(n)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
+
+    def start(self, relay_port: int) -> None:
+        self.proc.stdin.write(f"{relay_port}\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+
+    def result(self) -> tuple[float, float]:
+        median, total = self.proc.stdout.readline().split()  # type: ignore[union-attr]
+        assert self.proc.wait(60) == 0
+        return float(median), float(total)
+
+
+def test_bench_small_message_latency(benchmark, impl, loop_thread, load) -> None:  # type: ignore[no-untyped-def]
+    """2,000 64-byte requests and their echoes through a live tunnel, one at a time."""
+    benchmark.group = f"relay-latency-64B-rtt-{load}"
+    peer = _Peer("rtt", 2000)
+    results: list[tuple[float, float]] = []
+
+    def round_() -> None:
+        with socket.socket() as lst:
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(1)
+            b = socket.create_connection(("127.0.0.1", peer.port))
+            peer.start(lst.getsockname()[1])
+            a, _ = lst.accept()
+        fut = loop_thread.submit(impl.relay_with_timeouts(a, b, idle=60.0, total=600.0))
+        results.append(peer.result())
+        fut.result(30)
+
+    benchmark.pedantic(round_, rounds=1, iterations=1)
+    median, total = results[0]
+    mean_us = total / 2000 * 1e6
+    benchmark.extra_info["median µs per round trip"] = round(median * 1e6, 1)
+    benchmark.extra_info["mean µs per round trip"] = round(mean_us, 1)
+    # the mean: with a busy interpreter most round trips are quick and some wait a whole GIL
+    # switch interval (5 ms), which is what a request-response client sees
+    RATIO_RESULTS[("latency µs (64 B round trip, mean)", load, _name(impl))] = mean_us
+
+
+def test_bench_tunnel_setup_to_a_name(benchmark, impl, load, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """CONNECT to a name through ``BuiltInProxy`` (resolver pinned, so no DNS), read the 200,
+    close, one after another. The compiled engine serves repeated names from its plan cache;
+    the twin decides each on the event loop."""
+    from kodarelay import BuiltInProxy, Filter, UpstreamConfig
+    from kodarelay import relay as relay_mod
+
+    benchmark.group = f"tunnel-setup-to-a-name-{load}"
+    monkeypatch.setenv("KODARELAY_NO_NATIVE_FRONTEND", "1" if impl is _relay_py else "")
+    monkeypatch.setattr(relay_mod, "impl", impl)
+    monkeypatch.setattr(relay_mod, "relay_with_timeouts", impl.relay_with_timeouts)
+
+    async def pinned(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    n = 2000
+    peer = _Peer("setup", n)
+    proxy = BuiltInProxy(Filter(["bench.test", "127.0.0.1"]), upstream=UpstreamConfig.direct(),
+                         resolver=pinned).start()
+    results: list[tuple[float, float]] = []
+    try:
+        peer.start(proxy.port)
+        benchmark.pedantic(lambda: results.append(peer.result()), rounds=1, iterations=1)
+    finally:
+        proxy.shutdown()
+    median, total = results[0]
+    benchmark.extra_info["median µs per tunnel"] = round(median * 1e6, 1)
+    benchmark.extra_info["tunnels/s"] = round(n / total)
+    RATIO_RESULTS[("tunnel setup to a name, tunnels/s", load, _name(impl))] = n / total
 
 
 HEAD = (

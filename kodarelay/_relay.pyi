@@ -41,5 +41,41 @@ class _Handshake:
         idle: float, total: float, socks: bool, loop: Any = None, on_done: Any = None,
     ) -> Any: ...
 
-def native_listen(lsock: socket.socket, mode: str, handshake_timeout: float, loop: Any, cb: Any,
-                  direct: Any = None, max_handshakes: int = 0) -> Any: ...
+class _NativeListener:
+    """The engine serving a listening socket (see ``native_listen``)."""
+
+    loop: Any
+    cb: Any
+    direct: Any
+    on_refused: Any
+    @property
+    def plan_generation(self) -> int: ...
+    def set_plan(
+        self, proto: int, host: bytes, port: int, plan: tuple[Any, ...], ttl: float, gen: int | None = None,
+        record_host: str | None = None,
+    ) -> bool:
+        """Cache a plan for (proto 0 HTTP / 1 SOCKS5, host exactly as the client sent it, port):
+        ``("direct", [ip, ...], ok_reply)``, ``("refuse", reply, reason)`` or
+        ``("chain", upstream_ip, upstream_port, connect_request, ok_reply)``; ``ttl`` seconds
+        (``inf``: until ``clear_plans``; ``<= 0``: not stored). A ``gen`` older than
+        ``plan_generation`` (a ``clear_plans`` ran while deciding) stores nothing. At most 4,096
+        plans (the oldest is evicted); hosts over 255 bytes are never stored."""
+    def clear_plans(self) -> None:
+        """Drop every plan; once it returns no cached plan is used."""
+    def plan_stats(self) -> dict[str, int]:
+        """plans, hits, misses, refused, evicted, live (tunnels opened from plans, running)."""
+    def close(self) -> None: ...
+
+def native_listen(
+    lsock: socket.socket, mode: str, handshake_timeout: float, loop: Any, cb: Any, direct: Any = None,
+    on_refused: Any = None, connect_timeout: float = 10.0, idle_timeout: float = 300.0,
+    total_timeout: float = 3600.0, max_handshakes: int = 0,
+) -> _NativeListener:
+    """Serve ``lsock``'s handshakes in the engine. A handshake whose key has a cached plan is
+    served there without the GIL; its refusals reach ``on_refused(records, dropped)`` in
+    batches, in order (records: ``(time, proto, host, port, reason, upstream_status)``; at most
+    1,024 queued per listener, the oldest dropped and counted). Misses go to ``direct`` (on
+    the completer thread) then ``cb(items, err)`` on ``loop``. Concurrent misses for one key
+    all reach Python, whose Dialer shares one lookup among them."""
+
+def _plan_key(proto: int, data: bytes) -> tuple[bytes, int, int] | None: ...

@@ -1,19 +1,58 @@
 # cython: language_level=3
-"""Compiled twin of ``kodarelay._relay_py``: protocol parsers (and, once it lands, the relay engine).
+"""The compiled relay: the protocol parsers' twin and the GIL-free relay engine.
 
-Every function here has the same signature, results and exception types as its pure-Python
-twin, which is the readable specification; ``tests/test_parsers_differential.py`` holds the
-two to that.
+What this module holds:
+
+* Parsers (this file): the same signatures, results and exception types as the pure-Python
+  twin ``kodarelay._relay_py``, which is the readable specification;
+  ``tests/test_parsers_differential.py`` holds the two to that.
+* ``relay_with_timeouts`` and the engine controls (``set_engine_threads``, ``set_splice_enabled``,
+  ``set_pipe_size``, ``engine_stats``, ``shutdown_engine``).
+* The native handshake front-end: ``native_listen`` serves a listening socket's accepts and
+  handshakes in the engine (``_NativeListener``, ``_Handshake``, ``DialError``).
+
+Declarations (system calls, constants, structs) are in ``_relay.pxd``, small C helpers in
+``_engine.h``; the engine is one ``.pxi`` per concept, included at the end of this file:
+``_helpers`` (shared helpers, global switches), ``_pools`` (pipes and buffers), ``_timers``
+(deadline heap, run queue), ``_splice`` (moving bytes), ``_frontend`` (accept, handshakes),
+``_plans`` (cached tunnel plans), ``_dialer`` (native connect, chaining), ``_completer`` (delivery to Python), ``_worker`` (the epoll loop),
+``_engine_py`` (the engine's Python side) and ``_listener_py`` (the front-end's Python side).
+
+Engine design
+-------------
+* ``relay_with_timeouts`` detaches the two sockets' fds from their Python objects (so no
+  Python-side close can race with the engine; from then on the engine alone owns them),
+  wraps them in a ``Tunnel`` (a malloc'd C struct) and hands it to one engine worker.
+* A worker is a thread that runs an epoll loop entirely inside ``with nogil``. Both fds are
+  registered edge-triggered (IN|OUT|RDHUP); an event on fd X services the direction reading
+  X (readable) and/or the direction writing X (writable), each until EAGAIN or a budget.
+* Data moves with splice(2) socket -> pipe -> socket, Go's ``internal/poll/splice_linux.go``
+  discipline: "drain" (socket -> pipe) only starts when the pipe is empty, "pump"
+  (pipe -> socket) empties it; a partial pump leaves the bytes in the pipe until the
+  destination is writable again. Pipes come from a per-worker pool only while bytes are in
+  flight, so an idle tunnel holds no pipe. Where the kernel refuses splice (EINVAL/ENOSYS)
+  the direction falls back to recv/send through a pooled buffer; ``set_splice_enabled``
+  (or ``KODARELAY_NO_SPLICE``) forces the copy path globally.
+* Idle / total deadlines live in a per-worker binary heap keyed by a lower bound of each
+  tunnel's deadline; activity only moves a deadline later, so the heap is fixed lazily when
+  its top expires. epoll_wait sleeps until the nearest key.
+* Completion: the worker closes the fds and, once per loop iteration, hands the batch of
+  finished tunnels to the engine's completer thread (mutex + condvar), which takes the GIL
+  and calls ``loop.call_soon_threadsafe`` for each. Workers never wait for the GIL, so a
+  busy event loop cannot stall other tunnels' bytes. Cancellation: the awaiting task flags
+  the tunnel and wakes the worker through its eventfd; the worker closes the fds at once.
+* Locking: each worker has one mutex guarding its submission / cancel lists, the
+  ``finished`` flag, the waiter pointer, tunnel refcounts and eventfd writes. Nothing holds
+  a worker or completer mutex while taking the GIL.
 """
 
-from libc.string cimport memcmp
-
+import asyncio as _asyncio
+import atexit as _atexit
+import os as _os
 import socket as _socket
+import threading as _threading
 
 from ._errors import HeadError, Socks5Error
-
-DEF MAX_HEAD_DEFAULT = 8192
-
 
 cdef inline bint _is_tchar(unsigned char c) noexcept:
     if (c >= 0x30 and c <= 0x39) or (c >= 0x41 and c <= 0x5A) or (c >= 0x61 and c <= 0x7A):
@@ -155,5 +194,17 @@ def parse_socks5_request(const unsigned char[:] buf):
         raise Socks5Error(None, f"unknown address type {atyp}")
     cdef int port = (buf[end] << 8) | buf[end + 1]
     return end + 2, cmd, atyp, host, port
+
+
 include "_http1.pxi"
-include "_engine.pxi"
+include "_helpers.pxi"
+include "_pools.pxi"
+include "_timers.pxi"
+include "_splice.pxi"
+include "_frontend.pxi"
+include "_plans.pxi"
+include "_dialer.pxi"
+include "_completer.pxi"
+include "_worker.pxi"
+include "_engine_py.pxi"
+include "_listener_py.pxi"

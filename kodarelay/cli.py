@@ -217,14 +217,16 @@ class _Hooks:
             except PolicyError as e:
                 raise CliError(f"--policy: {e}") from None
             self.filter = self.watcher.filter()
-        consumers: list[Callable[[Any], None]] = [self.tally]
+        # Events cost the engine its GIL-free path (it serves cached plans only when nobody
+        # listens per request), so they are only asked for when something reads them.
+        consumers: list[Callable[[Any], None]] = [self.tally] if learn or bool(getattr(args, "verbose", 0)) else []
         if getattr(args, "events", None):
             try:
                 self.events = JsonLines(args.events)
             except OSError as e:
                 raise CliError(f"--events: cannot open {args.events!r}: {e.strerror or e}") from None
             consumers.append(self.events)
-        self.options: dict[str, Any] = {"on_event": fan_out(consumers)}
+        self.options: dict[str, Any] = {"on_event": fan_out(consumers)} if consumers else {}
         if getattr(args, "dns_ttl", None) is not None:
             self.options["dns_ttl"] = args.dns_ttl
         if learn:

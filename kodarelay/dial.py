@@ -300,6 +300,15 @@ class Dialer:
                 except Refusal as r:
                     return Plan(REFUSE, step.name, port, r, source="guard", ttl=0)
 
+    def cached_for(self, host: str, port: int, plan: Plan) -> float | None:
+        """Seconds ``plan`` stays cached for (host, port) from now: None until the policy
+        changes, 0 when it is not cached (so nobody else may reuse it). Any thread."""
+        hit = self._plans.get((host, port))
+        if hit is None or hit[2] is not plan or hit[1] != self.policy.generation:
+            return 0.0
+        expires = hit[0]
+        return None if expires is None else max(0.0, expires - time.monotonic())
+
     def _cached(self, policy: Policy, host: str, port: int) -> Plan | None:
         hit = self._plans.get((host, port))
         if hit is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import socket
 import threading
@@ -19,7 +20,7 @@ from ._aio import recv_within
 from .dial import CHAIN, DIRECT, REFUSE, Dialer, Plan, Refusal, Resolver
 from .events import Decider, Event, EventStream, OnEvent, Request, next_tunnel_id
 from .filter import Filter
-from .upstream import UpstreamConfig
+from .upstream import UpstreamConfig, connect_request
 from .violations import OnViolation, Violation, ViolationLog
 
 log = logging.getLogger(__name__)
@@ -202,13 +203,14 @@ class ProxyServer:
         self._last_accept_error_log = 0.0
         self._front: Any = None            # the engine's listener (compiled front-end)
         #: tunnels the engine dialled and relays, each with what reports its end
-        self._native: dict[Any, Callable[[BaseException | None], None]] = {}
+        self._native: dict[Any, Callable[[BaseException | None, Any], None]] = {}
         self._announce_lock = threading.Lock()
         if max_handshakes is not None and max_handshakes < 1:
             raise ValueError(f"max_handshakes must be >= 1, not {max_handshakes!r}")
         #: connections still in their handshake, at most; at the bound the oldest are shed
         self.max_handshakes = max_handshakes if max_handshakes is not None else default_max_handshakes()
         self._handshaking: dict[asyncio.Task[Any], None] = {}     # oldest first
+        self.dialer.on_policy_change.append(self._drop_engine_plans)
 
     @classmethod
     async def bind(cls: type[S], port: int | None = None, filter: Filter | None = None, **options: Any) -> S:
@@ -261,8 +263,10 @@ class ProxyServer:
 
     @property
     def tunnel_count(self) -> int:
-        """Connections being served right now (handshaking or relaying)."""
-        return len(self._tasks) + len(self._native)
+        """Connections being served right now (handshaking or relaying), those the engine
+        opened from its cached plans included."""
+        front = self._front
+        return len(self._tasks) + len(self._native) + (front.plan_stats()["live"] if front is not None else 0)
 
     # ── accepting ────────────────────────────────────────────────────────────
 
@@ -496,22 +500,86 @@ class ProxyServer:
     def _start_front(self) -> None:
         self._front = relay.impl.native_listen(  # type: ignore[attr-defined]
             self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct,
-            self.max_handshakes,
+            self._engine_refused, self.dialer.connect_timeout, self.idle_timeout, self.total_timeout, self.max_handshakes,
         )
+
+    # The engine keeps its own copy of the plans Python decided, per (protocol, host as the
+    # client sent it, port), and serves those requests without the GIL: answered, dialled,
+    # chained and relayed, or refused (its refusals come back in batches, ``_engine_refused``).
+    # It holds a plan exactly as long as the Dialer's cache does (``Dialer.cached_for``) and
+    # loses all of them on every policy change (``_drop_engine_plans``). Not cached in the
+    # engine: plans the Dialer does not cache (a decider's one-off answer, a failed lookup),
+    # SOCKS5 address-type requests, chaining to an upstream named by a hostname, and every
+    # plan while ``on_event`` is set (events are per request: allow, refuse, end).
+
+    def _engine_generation(self) -> int | None:
+        front = self._front
+        return front.plan_generation if front is not None else None
+
+    def _drop_engine_plans(self) -> None:
+        """A policy change (any thread): the engine forgets every plan before it returns."""
+        front = self._front
+        if front is not None:
+            front.clear_plans()
+
+    def _engine_plan(self, h: Any, proto: Protocol, target: Target, plan: Plan, gen: int | None) -> None:
+        """Give the engine ``plan`` for the next requests to the same key (see above)."""
+        front = self._front
+        if front is None or gen is None or self._events is not None or target.literal or target.method != "CONNECT":
+            return
+        ttl = self.dialer.cached_for(target.host, target.port, plan)
+        if ttl == 0:
+            return
+        if plan.kind == REFUSE:
+            assert plan.refusal is not None
+            spec: tuple[Any, ...] = ("refuse", proto.refusal_reply(plan.refusal, plan.host, plan.port),
+                                     plan.refusal.reason or "refused")
+        elif plan.kind == DIRECT:
+            spec = ("direct", list(plan.addresses), proto.ok_reply)
+        else:
+            up = plan.upstream
+            assert up is not None
+            try:
+                ip = ipaddress.ip_address((up.host or "").strip("[]"))
+            except ValueError:
+                return                  # an upstream named by a hostname: the asyncio path resolves it
+            spec = ("chain", str(ip), up.port, connect_request(up, plan.host, plan.port), proto.ok_reply)
+        try:
+            front.set_plan(h.proto, target.host.encode("utf-8"), target.port, spec,
+                           float("inf") if ttl is None else ttl, gen, plan.host)
+        except (ValueError, UnicodeError):
+            pass                        # an address the engine cannot take (scoped IPv6 ...)
+
+    def _engine_refused(self, records: list[tuple[Any, ...]], dropped: int) -> None:
+        """Refusals the engine served from cached plans, in order (on the engine's completer
+        thread): recorded like every other refusal."""
+        for _when, proto, host, port, reason, status in records:
+            detail = f"upstream refused ({status})" if status else None
+            self.record("socks5" if proto == 1 else "http", host.decode("utf-8", "backslashreplace"), port, reason,
+                        None, detail)
+        if dropped:
+            log.warning("%d refusals on port %d were not recorded: they came faster than they could be",
+                        dropped, self._port)
 
     def _on_batch_direct(self, items: list[Any]) -> list[Any]:
         """Runs on the engine's completer thread, holding the GIL it took for the batch: each
         handshake is parsed once, and a request whose plan is known at once and direct is
-        dialled here; the rest goes to the event loop with its parse."""
+        dialled here (and its plan handed to the engine); the rest goes to the event loop with
+        its parse."""
         rest: list[Any] = []
         for h in items:
             try:
                 proto = self.protocol_for(h)
                 parsed = proto.parse_handshake(h)
                 if isinstance(parsed, Target) and not self._closed:
+                    gen = self._engine_generation()
                     plan = self._plan_now(parsed)
-                    if plan is not None and plan.kind == DIRECT and self._dial_native(h, proto, parsed, plan):
-                        continue
+                    if plan is not None and plan.kind == DIRECT:
+                        # the engine has the plan before the client has its answer (a client
+                        # that asks again at once must find it)
+                        self._engine_plan(h, proto, parsed, plan, gen)
+                        if self._dial_native(h, proto, parsed, plan):
+                            continue
                 rest.append((h, proto, parsed))
             except Exception:
                 rest.append(h)
@@ -559,23 +627,27 @@ class ProxyServer:
 
             self._track(self._loop.create_task(self._run(conn, session)))
             return
+        gen = self._engine_generation()
         plan = self._plan_now(parsed)
         if plan is None:
-            self._track(self._loop.create_task(self._serve_native_later(h, proto, parsed)))
+            self._track(self._loop.create_task(self._serve_native_later(h, proto, parsed, gen)))
         else:
-            self._execute_native(h, proto, parsed, plan)
+            self._execute_native(h, proto, parsed, plan, gen)
 
-    async def _serve_native_later(self, h: Any, proto: Protocol, target: Target) -> None:
+    async def _serve_native_later(self, h: Any, proto: Protocol, target: Target, gen: int | None) -> None:
         try:
             plan = await self._plan(proto.name, target)
             if not self._closed:
-                self._execute_native(h, proto, target, plan)
+                self._execute_native(h, proto, target, plan, gen)
         finally:
             h.close()       # a no-op once answered, dialled or detached
 
-    def _execute_native(self, h: Any, proto: Protocol, target: Target, plan: Plan) -> None:
+    def _execute_native(self, h: Any, proto: Protocol, target: Target, plan: Plan, gen: int | None = None) -> None:
         """Carry out ``plan`` for a native handshake: refuse it, dial it in the engine, or
-        (chaining, an address the engine cannot take) run it on the asyncio path."""
+        (chaining, an address the engine cannot take) run it on the asyncio path; then hand
+        the plan to the engine for the next requests (``gen``: the engine's plan generation
+        read before deciding, so a plan decided under a replaced policy is never kept)."""
+        self._engine_plan(h, proto, target, plan, gen)    # (before the client has its answer)
         if plan.kind == REFUSE:
             self._judged(proto.name, target, plan)
             assert plan.refusal is not None
@@ -605,18 +677,24 @@ class ProxyServer:
                     self.emit(Event(time.time(), "allow", proto.name, target.method, plan.host, plan.port,
                                     target.client, "allowed", plan.rule, plan.source, ticket.id))
 
-        def done(e: BaseException | None) -> None:
-            if native.pop(tunnel, None) is None:
-                return                  # reported already (aborted at close)
+        reported: list[bool] = []
+
+        def done(e: BaseException | None, tunnel: Any) -> None:
+            # Called once by the engine (on its completer thread, possibly before ``h.dial``
+            # has returned) or by ``close()`` for an aborted tunnel; whichever comes first.
+            with self._announce_lock:
+                if reported:
+                    return
+                reported.append(True)
+            native.pop(tunnel, None)
             announce()
-            moved = getattr(tunnel, "moved", None)
             if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
                 log.info("%s tunnel to %s:%d failed: %s", proto.name, plan.host, plan.port, e)
                 self._ended(ticket, (0, 0), "unreachable")
                 return
             if e is not None and not (isinstance(e, OSError) and e.errno in _NORMAL_ENDS):
                 log.debug("tunnel ended: %s", e)
-            self._ended(ticket, moved() if callable(moved) else moved)
+            self._ended(ticket, getattr(tunnel, "moved", None))
 
         try:
             tunnel = h.dial(list(plan.addresses), plan.port, proto.ok_reply, target.early,
@@ -625,10 +703,12 @@ class ProxyServer:
         except ValueError:
             return False
         announce()
-        native[tunnel] = done
+        with self._announce_lock:
+            if not reported:
+                native[tunnel] = done
         if self._closed:                # close() ran meanwhile (on the loop thread)
             tunnel.abort()
-            done(None)
+            done(None, tunnel)
         return True
 
     async def _run_detached(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
@@ -709,7 +789,7 @@ class ProxyServer:
             task.cancel()
         for tunnel, done in list(self._native.items()):
             tunnel.abort()              # the engine closes both fds on its next iteration
-            done(None)                  # (an aborted tunnel's own callback never runs)
+            done(None, tunnel)          # (an aborted tunnel's own callback never runs)
 
     def _release_listener(self) -> None:
         """Close the listening socket now, the engine's copy of it included."""

@@ -1,0 +1,310 @@
+# The native front-end's Python side: listeners and the handshakes they deliver.
+
+class DialError(OSError):
+    """The engine could not connect a natively dialled tunnel (its client got the failure reply)."""
+
+
+cdef class _NativeListener:
+    """The engine serving a listening socket's handshakes; batches go to ``cb(items, err)``
+    on ``loop`` (``err``: an accept errno, -1 when the engine stopped, else 0)."""
+    cdef Listener *l
+    cdef _Engine e
+    cdef readonly object loop
+    cdef readonly object cb
+    cdef readonly object direct
+    cdef readonly object on_refused
+
+    def __cinit__(self, lsock, int mode, double hs_timeout, loop, cb, direct=None, on_refused=None,
+                  double connect_timeout=10.0, double idle_timeout=300.0, double total_timeout=3600.0,
+                  int max_handshakes=0):
+        cdef Listener *l
+        cdef Worker *w
+        cdef int fd
+        self.loop = loop
+        self.cb = cb
+        self.direct = direct
+        self.on_refused = on_refused
+        fd = fcntl(lsock.fileno(), F_DUPFD_CLOEXEC, 0)
+        if fd < 0:
+            raise OSError(errno, _os.strerror(errno))
+        l = <Listener *>calloc(1, sizeof(Listener))
+        if l != NULL:
+            l.plans = <PlanCache *>calloc(1, sizeof(PlanCache))
+            if l.plans == NULL:
+                free(l)
+                l = NULL
+        if l == NULL:
+            close(fd)
+            raise MemoryError()
+        pthread_mutex_init(&l.plans.mu, NULL)
+        l.fd = fd
+        l.mode = mode
+        l.hs_timeout = hs_timeout
+        l.max_hs = max_handshakes if max_handshakes > 0 else 0x7fffffff
+        l.connect_timeout = connect_timeout
+        l.idle = idle_timeout if idle_timeout == idle_timeout else 1e300
+        l.total = total_timeout if total_timeout == total_timeout else 1e300
+        l.refs = 2                    # this object + the worker
+        l.owner = <PyObject *>self
+        while True:
+            try:
+                e = _get_engine()
+            except BaseException:
+                close(fd)
+                free(l)
+                raise
+            w = e.pick()
+            pthread_mutex_lock(&w.mu)
+            if not w.stopping:
+                l.w = w
+                l.snext = w.lsub
+                w.lsub = l
+                _wake_locked(w)
+                pthread_mutex_unlock(&w.mu)
+                break
+            pthread_mutex_unlock(&w.mu)
+        self.e = e
+        self.l = l
+
+    # ── cached plans (see _plans.pxi) ────────────────────────────────────────
+
+    @property
+    def plan_generation(self):
+        """Bumped by every ``clear_plans()``: read it before deciding, pass it to ``set_plan``."""
+        return self.l.plans.gen
+
+    def set_plan(self, int proto, bytes host, int port, tuple plan, double ttl, gen=None, str record_host=None):
+        """Cache ``plan`` for (proto, host as the client sent it, port) for ``ttl`` seconds.
+
+        ``plan`` is ``("direct", [IP strings], ok_reply)``, ``("refuse", reply, reason)`` or
+        ``("chain", upstream_ip, upstream_port, connect_request, ok_reply)``. ``ttl``: ``inf``
+        keeps it until ``clear_plans()``; ``<= 0`` stores nothing. With ``gen`` (a
+        ``plan_generation`` read before deciding) a plan decided before a ``clear_plans()`` is
+        dropped. Refusals served from the plan (and an upstream's refusal of a chained one) are
+        recorded under ``record_host`` (default: ``host``). Returns whether it was stored (hosts
+        over 255 bytes never are)."""
+        cdef Plan *p
+        cdef PlanCache *c = self.l.plans
+        cdef Py_ssize_t i, n
+        cdef bytes reply, req = None, reason = b"", rhost
+        cdef int kind
+        if not ttl > 0 or proto not in (0, 1) or not 0 <= port <= 65535 or len(host) == 0 \
+                or len(host) > PLAN_HOST_MAX:
+            return False
+        what = plan[0]
+        if what == "direct":
+            kind = PLAN_DIRECT
+            addresses = [str(a).encode("ascii") for a in plan[1]]
+            reply = plan[2]
+            dport = port
+        elif what == "refuse":
+            kind = PLAN_REFUSE
+            addresses = []
+            reply = plan[1]
+            reason = str(plan[2]).encode("ascii")[:REASON_MAX - 1]
+        elif what == "chain":
+            kind = PLAN_CHAIN
+            addresses = [str(plan[1]).encode("ascii")]
+            dport = int(plan[2])
+            req = plan[3]
+            reply = plan[4]
+        else:
+            raise ValueError(f"unknown plan kind {what!r}")
+        rhost = host if record_host is None else record_host.encode("utf-8", "backslashreplace")[:PLAN_HOST_MAX]
+        n = len(addresses)
+        if kind != PLAN_REFUSE and n == 0:
+            raise ValueError("a plan to dial needs an address")
+        p = <Plan *>calloc(1, sizeof(Plan))
+        if p == NULL:
+            raise MemoryError()
+        p.kind = kind
+        p.proto = proto
+        p.port = port
+        p.hostn = <int>len(host)
+        memcpy(p.host, <char *>host, len(host))
+        p.rhostn = <int>len(rhost)
+        memcpy(p.rhost, <char *>rhost, len(rhost))
+        p.expires = _mono() + ttl
+        memcpy(p.reason, <char *>reason, len(reason))
+        p.addrs = <kr_addr *>calloc(n + 1, sizeof(kr_addr))
+        p.reply = _dup(<char *>reply, len(reply))
+        p.replyn = len(reply)
+        if req is not None:
+            p.req = _dup(<char *>req, len(req))
+            p.reqn = len(req)
+        if p.addrs == NULL or p.reply == NULL or (req is not None and p.req == NULL):
+            _plan_free(p)
+            raise MemoryError()
+        for i in range(n):
+            if kr_addr_set(&p.addrs[i], addresses[i], dport) < 0:
+                _plan_free(p)
+                raise ValueError(f"not an IP address: {addresses[i]!r}")
+        p.naddr = <int>n
+        cdef bint check = gen is not None
+        cdef uint64_t g = gen if check else 0
+        with nogil:
+            pthread_mutex_lock(&c.mu)
+        if check and g != c.gen:
+            pthread_mutex_unlock(&c.mu)
+            _plan_free(p)
+            return False
+        _plan_put(c, p)
+        pthread_mutex_unlock(&c.mu)
+        return True
+
+    def clear_plans(self):
+        """Drop every cached plan: once this returns, none is used (call it on every policy
+        change: filter, upstream, guard, decider)."""
+        cdef PlanCache *c = self.l.plans
+        with nogil:
+            pthread_mutex_lock(&c.mu)
+            _plans_clear(c)
+            pthread_mutex_unlock(&c.mu)
+
+    def plan_stats(self):
+        """Counters of the plan cache (read racily): plans held, hits, misses, refusals served
+        from plans, evictions, and tunnels opened from plans still running."""
+        cdef PlanCache *c = self.l.plans
+        return {"plans": c.count, "hits": c.hits, "misses": c.misses, "refused": c.refused,
+                "evicted": c.evicted, "live": self.l.nlive}
+
+    @property
+    def shed(self):
+        """Handshakes shed so far (at ``max_handshakes``, or for want of fds)."""
+        return self.l.shed if self.l != NULL else 0
+
+    def close(self):
+        """Stop accepting (the engine closes its copy of the listener and open handshakes)."""
+        cdef Listener *l = self.l
+        if l == NULL:
+            return
+        pthread_mutex_lock(&l.w.mu)
+        l.closing = True
+        _wake_locked(l.w)
+        pthread_mutex_unlock(&l.w.mu)
+
+    def __dealloc__(self):
+        cdef Listener *l = self.l
+        if l == NULL:
+            return
+        self.close()
+        pthread_mutex_lock(&l.w.completer.mu)
+        l.owner = NULL
+        pthread_mutex_unlock(&l.w.completer.mu)
+        self.l = NULL
+        _l_drop(l.w.completer, l)
+
+
+cdef class _Handshake:
+    """A connection whose handshake the engine read; answer it exactly once."""
+    cdef Hs *hs
+    cdef readonly int proto           # 0 HTTP, 1 SOCKS5
+    cdef readonly bint overflow       # the HTTP head did not end within 8 KiB
+    cdef readonly bytes data          # HTTP: everything read; SOCKS5: the request onwards
+    cdef readonly object user         # SOCKS5 RFC 1929 username (bytes), None without auth
+
+    def __dealloc__(self):
+        if self.hs != NULL:
+            _close_fd(&self.hs.fd)
+            free(self.hs)
+            self.hs = NULL
+
+    cdef int take(self) except -1:
+        cdef int fd
+        if self.hs == NULL:
+            raise ValueError("handshake already answered")
+        fd = self.hs.fd
+        free(self.hs)
+        self.hs = NULL
+        return fd
+
+    def close(self):
+        if self.hs != NULL:
+            _close_fd(&self.hs.fd)
+            free(self.hs)
+            self.hs = NULL
+
+    def reply_and_close(self, const unsigned char[:] reply):
+        """Send ``reply`` (non-blocking, best effort: a fresh socket takes it) and close."""
+        cdef int fd = self.take()
+        if reply.shape[0] > 0:
+            _send_all_nb(fd, <const char *>&reply[0], reply.shape[0])
+        close(fd)
+
+    def detach(self):
+        """The fd (non-blocking) for the asyncio path; the caller owns it."""
+        return self.take()
+
+    def dial(self, addresses, int port, bytes ok_reply, bytes early, connect_timeout, idle, total, bint socks,
+             loop=None, on_done=None):
+        """Connect to ``addresses`` in order (IP literals, already judged) within ``connect_timeout``;
+        on success send ``ok_reply`` to the client and ``early`` to the target and relay the pair.
+        Returns the tunnel's handle (its ``fut`` resolves like ``relay_with_timeouts``; a failed
+        dial raises ``DialError`` after the protocol's failure reply went to the client)."""
+        cdef Py_ssize_t n = len(addresses), i
+        cdef Tunnel *t
+        if self.hs == NULL:
+            raise ValueError("handshake already answered")
+        if n == 0:
+            raise ValueError("no address to dial")
+        t = _tunnel_new(idle, total)
+        if t == NULL:
+            raise MemoryError()
+        t.addrs = <kr_addr *>calloc(n, sizeof(kr_addr))
+        t.okrep = <char *>malloc(len(ok_reply) + 1)
+        t.early = <char *>malloc(len(early) + 1)
+        if t.addrs == NULL or t.okrep == NULL or t.early == NULL:
+            _tunnel_free(t)
+            raise MemoryError()
+        for i in range(n):
+            a = str(addresses[i]).encode("ascii")
+            if kr_addr_set(&t.addrs[i], a, port) < 0:
+                _tunnel_free(t)
+                raise ValueError(f"not an IP address: {addresses[i]!r}")
+        t.naddr = <int>n
+        memcpy(t.okrep, <char *>ok_reply, len(ok_reply))
+        t.okn = len(ok_reply)
+        memcpy(t.early, <char *>early, len(early))
+        t.earlyn = len(early)
+        t.socks = socks
+        t.phase = PH_CONNECT
+        t.cdeadline = t.start + <double>connect_timeout
+        if loop is None:
+            try:
+                loop = _asyncio.get_running_loop()
+            except BaseException:
+                _tunnel_free(t)
+                raise
+        t.fd[0] = self.take()
+        return _tunnel_submit(t, loop, idle, total, on_done)
+
+
+def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None, on_refused=None,
+                  connect_timeout=10.0, idle_timeout=300.0, total_timeout=3600.0, max_handshakes=0):
+    """Serve ``lsock``'s handshakes in the engine (mode: "http", "socks5" or "mux"), at most
+    ``max_handshakes`` at once (0: unbounded; past it, or out of fds, the oldest are shed).
+
+    A handshake with a cached plan (``set_plan``) is served in the engine: dialled within
+    ``connect_timeout`` and relayed with the idle / total caps, or refused; those refusals go
+    to ``on_refused(records, dropped)`` on the engine's completer thread, in order, in batches
+    (records: ``(epoch_time, proto, host_bytes, port, reason, upstream_status)``; ``dropped``: how many the
+    bounded queue lost). Every other batch first goes to ``direct(items) -> items left`` on
+    the completer thread (when given), then what is left (and any accept error) to
+    ``cb(items, err)`` on ``loop``."""
+    return _NativeListener(lsock, {"http": 0, "socks5": 1, "mux": 2}[mode], handshake_timeout, loop, cb, direct,
+                           on_refused, connect_timeout, idle_timeout, total_timeout, max_handshakes)
+
+
+def _plan_key(int proto, bytes data):
+    """Test hook: the (host, port, head length) the engine would look a plan up by, or None.
+    ``data``: an HTTP head (proto 0) or a SOCKS5 request from its VER byte on (proto 1)."""
+    cdef size_t off = 0, end = 0
+    cdef int hostn = 0, port = 0
+    cdef bint ok
+    if proto == 0:
+        ok = _http_key(data, len(data), &off, &hostn, &port, &end)
+    else:
+        ok = _socks_key(data, len(data), &off, &hostn, &port, &end)
+    if not ok:
+        return None
+    return data[off:off + hostn], port, end

@@ -1,0 +1,403 @@
+# Declarations of the compiled module ``kodarelay._relay`` (read by Cython before
+# ``_relay.pyx``): the system calls the engine makes, its constants and its C structs.
+# Which thread owns a struct, and which lock guards a field, is written beside it.
+
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy, memcmp
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+from libc.errno cimport (
+    errno, EINTR, EAGAIN, EINVAL, ENOSYS, EBADF, ECONNABORTED, ENOMEM, ETIMEDOUT, ECONNREFUSED,
+    ENETUNREACH, EHOSTUNREACH, EHOSTDOWN, EMFILE, ENFILE,
+)
+from libc.math cimport ceil
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLRDHUP
+        EPOLLERR
+        EPOLLHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        F_GETPIPE_SZ
+        O_NONBLOCK
+        O_CLOEXEC
+    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)
+    int fcntl(int fd, int cmd, ...)
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+    int close(int fd)
+    int pipe2(int *pipefd, int flags)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    enum:
+        SHUT_WR
+        SOL_SOCKET
+        SO_ERROR
+        MSG_NOSIGNAL
+    ssize_t recv(int fd, void *buf, size_t len, int flags)
+    ssize_t send(int fd, const void *buf, size_t len, int flags)
+    int shutdown(int fd, int how)
+    int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    enum:
+        CLOCK_MONOTONIC
+        CLOCK_REALTIME
+    int clock_gettime(int clk, timespec *ts)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_cond_init(pthread_cond_t *c, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_signal(pthread_cond_t *c)
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        F_DUPFD_CLOEXEC
+
+
+cdef extern from "_engine.h" nogil:
+    ctypedef struct kr_addr:
+        pass
+    int kr_addr_set(kr_addr *a, const char *txt, int port)
+    int kr_connect(const kr_addr *a, int *err)
+    int kr_accept(int lfd)
+    int kr_has_crlfcrlf(const char *buf, size_t frm, size_t len)
+
+
+# ── constants ────────────────────────────────────────────────────────────────
+
+cdef enum:
+    MAX_HEAD_DEFAULT = 8192      # parsers: an HTTP head must end within this many bytes
+    MAX_EVENTS = 256             # epoll events per wait
+    BUDGET = 16                  # drain/pump rounds per direction before yielding to others
+    COPY_BUF = 128 * 1024        # copy-mode buffer
+    POOL_MAX = 1024              # pooled pipes / buffers kept per worker, at most ...
+    POOL_SPARE = 8               # ... and at most this many more than live tunnels
+    MAX_THREADS = 64
+    HS_BUF = 8192                # a native HTTP head must end within this many bytes (else 431)
+    ACCEPT_BATCH = 64            # accepts per listener wakeup
+
+cdef enum:                       # Tunnel.result
+    RES_RUNNING = 0
+    RES_OK = 1
+    RES_ERRNO = 2
+    RES_IDLE = 3
+    RES_TOTAL = 4
+    RES_CANCELLED = 5
+    RES_SHUTDOWN = 6
+    RES_DIAL = 7                 # native dial failed (err: the last connect error)
+
+cdef enum:                       # Hs.state
+    ST_FIRST = 0                 # mux: the first byte decides HTTP or SOCKS5
+    ST_HTTP = 1
+    ST_GREET = 2
+    ST_REQ = 3
+    ST_AUTH = 4                  # SOCKS5 RFC 1929 username/password (attribution: the password is ignored)
+
+cdef enum:                       # Tunnel.phase
+    PH_RELAY = 0
+    PH_CONNECT = 1               # connecting to the target (or the upstream proxy)
+    PH_CHAIN = 2                 # connected to the upstream proxy: its reply to our CONNECT
+
+cdef enum:                       # Plan.kind
+    PLAN_DIRECT = 1              # dial the checked addresses
+    PLAN_REFUSE = 2              # send the refusal, record a violation
+    PLAN_CHAIN = 3               # CONNECT through the upstream HTTP proxy
+
+cdef enum:
+    PLAN_BUCKETS = 1024          # hash buckets of a listener's plan cache
+    PLAN_MAX = 4096              # plans kept per listener (the oldest is evicted beyond)
+    PLAN_HOST_MAX = 255          # longer hosts are never cached (a SOCKS5 name is at most 255)
+    REASON_MAX = 32              # a refusal reason, NUL included
+    REFUSAL_RING = 1024          # refusals queued for Python per listener (drop-oldest beyond)
+    CHAIN_HEAD_MAX = 8192        # the upstream proxy's reply head must end within this
+
+# epoll data is a pointer with a tag in its low bits (structs are 8-byte aligned): a tunnel's
+# side (0 / 1), the worker's eventfd (the value 0), a listener or a handshake.
+cdef enum:
+    TAG_LISTENER = 2
+    TAG_HS = 3
+
+
+# ── structs ──────────────────────────────────────────────────────────────────
+
+cdef struct Dir:
+    int pr                 # pipe read end, -1 when none
+    int pw                 # pipe write end
+    size_t pcap            # capacity of the current pipe
+    size_t pending         # bytes sitting in the pipe
+    char *buf              # copy-mode buffer, NULL when none
+    size_t bpending        # bytes in buf still to send, from boff
+    size_t boff
+    uint64_t moved         # bytes delivered to the destination
+    bint eof
+    bint shut
+    bint copy
+    bint wout              # blocked writing: bytes wait for the destination to drain
+
+
+cdef struct Worker
+cdef struct Listener
+cdef struct PlanCache
+cdef struct Refusal
+
+
+cdef struct Tunnel:
+    int fd[2]
+    Dir d[2]               # d[0]: fd[0] -> fd[1] (a -> b); d[1]: fd[1] -> fd[0]
+    double start
+    double last            # last time a byte moved, either direction
+    double idle
+    double total
+    double key             # heap key: a lower bound of the tunnel's deadline
+    Py_ssize_t hidx        # heap index, -1 when not in the heap
+    int result             # RES_*
+    int err                # errno for RES_ERRNO
+    int refs               # engine + handle (+ cancel list); guarded by the worker mutex
+    bint finished          # guarded by the worker mutex
+    bint cancel_req
+    bint registered        # fds added to epoll
+    bint queued            # on the run queue
+    int rq_dirs            # directions to resume from the run queue (bit mask)
+    PyObject *waiter       # the _TunnelHandle to notify (owned ref), guarded by the mutex
+    Worker *w
+    Tunnel *snext          # submission list
+    Tunnel *xnext          # cancel list
+    Tunnel *rq_prev        # run queue
+    Tunnel *rq_next
+    Tunnel *dnext          # done list (this loop iteration)
+    # native dial (phase PH_CONNECT), see the front-end section
+    int phase
+    kr_addr *addrs
+    int naddr
+    int aidx
+    int cerr
+    bint socks
+    double cdeadline
+    char *okrep
+    size_t okn
+    char *early
+    size_t earlyn
+    # chaining (phase PH_CHAIN): our CONNECT request, then the upstream's reply head
+    char *creq
+    size_t creqn
+    char *chead            # CHAIN_HEAD_MAX bytes, allocated when the request is sent
+    size_t cheadn
+    # a tunnel the engine opened from a cached plan: its listener (worker thread only), and
+    # what an upstream's refusal is recorded under
+    Listener *owner
+    char *rhost
+    int rhostn
+    int rport
+    Tunnel *lprev
+    Tunnel *lnext
+
+
+cdef struct Completer:
+    # Finished tunnels waiting for their Python-side delivery, so that engine workers never
+    # wait for the GIL (a busy event loop can hold it for a whole switch interval).
+    pthread_mutex_t mu
+    pthread_cond_t cond
+    Tunnel *head
+    Listener *lhead        # listeners with handshakes (or an accept error) to deliver
+    bint stopping
+
+
+cdef struct Worker:
+    Completer *completer
+    int epfd
+    int evfd
+    pthread_mutex_t mu
+    # guarded by mu
+    Tunnel *sub_head
+    Tunnel *cancel_head
+    Listener *lsub         # listeners to start serving
+    bint lclose            # some listener asked to close
+    bint wake_pending
+    bint stopping
+    # worker thread only
+    Tunnel **heap
+    Py_ssize_t hlen
+    Py_ssize_t hcap
+    Tunnel *rq_head
+    Tunnel *rq_tail
+    Py_ssize_t rq_len
+    Tunnel *done_head
+    Listener *listeners
+    int pool_r[POOL_MAX]
+    int pool_w[POOL_MAX]
+    size_t pool_cap[POOL_MAX]
+    int pool_n
+    char *bufs[POOL_MAX]
+    int buf_n
+    # statistics (read racily)
+    Py_ssize_t ntunnels
+    uint64_t total_tunnels
+    uint64_t pipes_created
+    uint64_t splice_calls
+    uint64_t copy_calls
+
+
+cdef struct Hs:
+    # One connection whose handshake the engine reads (worker thread only until delivered,
+    # then owned by its ``_Handshake``).
+    int fd
+    int state
+    int proto            # 0 HTTP, 1 SOCKS5 (at delivery)
+    int flags            # 1: the HTTP head overflowed HS_BUF
+    double deadline
+    size_t len
+    size_t off           # SOCKS5: where the request starts
+    size_t uoff          # SOCKS5 RFC 1929: where the username starts (ulen < 0: no auth)
+    int ulen
+    Hs *prev
+    Hs *next
+    Listener *l
+    char buf[HS_BUF]
+
+
+cdef struct Listener:
+    int fd               # the engine's own dup of the listening socket
+    int mode             # 0 HTTP, 1 SOCKS5, 2 both (first byte 0x05: SOCKS5)
+    double hs_timeout
+    Worker *w
+    # worker thread only
+    Hs *head             # handshakes in accept order = deadline order
+    Hs *tail
+    int nhs              # handshakes in the list
+    int max_hs           # ... at most (the oldest are shed first)
+    unsigned long shed   # handshakes shed at the bound or for want of fds
+    Hs *ready_head       # completed this iteration
+    Hs *ready_tail
+    int accept_err
+    double retry_at      # accept back-off: re-arm at this time (0: armed)
+    bint in_epoll
+    bint done            # the worker closed it
+    Listener *next       # worker's list
+    Listener *snext      # submission list
+    # guarded by w.mu
+    bint closing
+    # guarded by the completer mutex
+    Hs *pend_head
+    Hs *pend_tail
+    int pend_err
+    bint cqueued
+    Listener *cnext
+    PyObject *owner      # the _NativeListener (borrowed; cleared by its dealloc, with the GIL)
+    int refs
+    Refusal *ring        # refusals served from cached plans, not yet delivered (lazy)
+    int ring_head
+    int ring_len
+    uint64_t ring_dropped
+    # worker thread only
+    Tunnel *live         # tunnels opened from cached plans (closed with the listener)
+    Py_ssize_t nlive
+    bint ref_new         # refusals were queued this iteration
+    # set before the listener is submitted, read-only afterwards
+    PlanCache *plans
+    double connect_timeout
+    double idle
+    double total
+
+
+cdef struct Plan:
+    # One cached decision for (proto, host as sent, port); owned by its PlanCache.
+    Plan *hnext          # bucket chain
+    Plan *older          # insertion order (eviction: oldest first)
+    Plan *newer
+    int kind             # PLAN_*
+    int proto            # 0 HTTP, 1 SOCKS5
+    int port
+    int hostn
+    double expires       # monotonic seconds (1e300: until cleared)
+    kr_addr *addrs       # direct: the checked addresses; chain: the upstream proxy's
+    int naddr
+    char *reply          # direct / chain: the ok reply; refuse: the refusal
+    size_t replyn
+    char *req            # chain: the CONNECT request for the upstream proxy
+    size_t reqn
+    char reason[REASON_MAX]
+    char host[PLAN_HOST_MAX + 1]
+    int rhostn
+    char rhost[PLAN_HOST_MAX + 1]   # the host a refusal is recorded under (canonical text)
+
+
+cdef struct PlanCache:
+    # A listener's plans. ``mu`` guards everything here: the worker looks plans up, Python
+    # threads set and clear them.
+    pthread_mutex_t mu
+    Plan *buckets[PLAN_BUCKETS]
+    Plan *oldest
+    Plan *newest
+    int count
+    uint64_t gen         # bumped by every clear: a plan decided before it is refused
+    uint64_t hits
+    uint64_t misses
+    uint64_t refused
+    uint64_t evicted
+
+
+cdef struct Refusal:
+    # A refusal the engine served from a cached plan, queued for ViolationLog.record.
+    double time          # epoch seconds
+    int proto
+    int port
+    int hostn
+    int status           # upstream_refused: the upstream proxy's status code, else 0
+    char reason[REASON_MAX]
+    char host[PLAN_HOST_MAX + 1]
