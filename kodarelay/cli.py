@@ -65,6 +65,8 @@ REASON_TEXT = {
     "upstream_refused": "the upstream proxy refused it",
 }
 SUMMARY_LINES = 20
+#: how long ``--ask`` waits for the person at the terminal before refusing
+ASK_TIMEOUT = 300.0
 
 
 class CliError(Exception):
@@ -229,6 +231,18 @@ class _Hooks:
         self.options: dict[str, Any] = {"on_event": fan_out(consumers)} if consumers else {}
         if getattr(args, "dns_ttl", None) is not None:
             self.options["dns_ttl"] = args.dns_ttl
+        self.asker: Any = None
+        if getattr(args, "ask", False):
+            if learn:
+                raise CliError("--ask and --learn do not mix: --learn admits everything the rules leave open")
+            from .ask import TerminalDecider
+
+            try:
+                self.asker = TerminalDecider()
+            except OSError as e:
+                raise CliError(f"--ask needs a terminal to ask on: {e.strerror or e}") from None
+            self.options["decider"] = self.asker
+            self.options["decider_timeout"] = ASK_TIMEOUT
         if learn:
             self.options["decider"] = admit_all
 
@@ -248,6 +262,8 @@ class _Hooks:
     def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        if self.asker is not None:
+            self.asker.close()
         if self.events is not None:
             self.events.close()
 
@@ -603,6 +619,9 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
                         "changes (serve: and on SIGHUP); a bad file keeps the old rules")
     p.add_argument("--events", metavar="FILE",
                    help="write every decision and tunnel end as a JSON line to FILE (- for stderr)")
+    p.add_argument("--ask", action="store_true",
+                   help="ask on the terminal before admitting a host no rule matches (y once, a always, n no, "
+                        "N never; no answer in 5 minutes refuses)")
     p.add_argument("--dns-ttl", type=_ttl_type, metavar="SECONDS",
                    help="reuse a name's checked addresses this long (default 30; 0 resolves every time)")
     p.add_argument(

@@ -157,3 +157,59 @@ def test_an_upstream_refusal_is_visible_in_the_summary_and_events(tmp_path):
     rows = [json.loads(line) for line in events.read_text().splitlines()]
     assert [(r.get("reason"), r.get("detail")) for r in rows if r["kind"] == "end"] == [
         ("upstream_refused", "upstream refused (403)")]
+
+
+def test_run_ask_prompts_on_the_terminal_and_remembers_always(http_site, tmp_path):
+    """``--ask``: the person at the terminal admits a host no rule matches ("a": always)."""
+    import fcntl
+    import select
+    import termios
+    import time
+
+    from test_cli import KR, reap
+
+    curl = require_tool("curl")
+    fetch = " ".join(_curl_p(http_site.url("/asked")))
+    master, slave = os.openpty()
+
+    def take_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    # 127.0.0.0/8 lets the name through the guard; no rule admits the name itself
+    proc = subprocess.Popen([*KR, "run", "--ask", "--allow", "127.0.0.0/8", "--upstream", "direct", "--", "sh", "-c",
+                             f"{fetch} ; {fetch} ; {curl} -s -o /dev/null -w '%{{http_code}}' -p https://other.test/ ; exit 0"],
+                            env=clean_env(), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            preexec_fn=take_terminal)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + DEADLINE
+        while marker not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([master], [], [], left)[0], seen
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+        assert marker in seen, seen
+
+    try:
+        read_until(f"CONNECT localhost:{http_site.port} (http) is not on the allowlist".encode())
+        os.write(master, b"a\n")
+        read_until(b"hello from /asked")
+        read_until(b"CONNECT other.test:443 (http) is not on the allowlist")
+        os.write(master, b"n\n")
+        assert proc.wait(DEADLINE) == 0
+        read_until(b"other.test:443  decider_denied")
+        assert seen.count(b"is not on the allowlist") == 2       # "always" was remembered
+        assert seen.count(b"hello from /asked") == 2
+    finally:
+        reap(proc, "--ask")
+        os.close(master)
+
+
+def test_ask_without_a_terminal_is_a_usage_error():
+    out = kr("run", "--ask", "--", "true", stdin=subprocess.DEVNULL, start_new_session=True)
+    assert out.returncode == 2 and "--ask needs a terminal" in out.stderr

@@ -323,3 +323,19 @@ def test_attribution_through_git(start_proxy, tmp_path):
                        timeout=DEADLINE)
     assert r.returncode != 0
     assert {(v.host, v.client) for v in h.violations()} == {("refused.test", "job-10")}
+
+
+def test_a_cached_decision_never_skips_the_decider_after_set_filter(start_proxy, echo):
+    """Rules admitted app.test (its plan is cached, in the engine too); once the filter no
+    longer names it, the next request goes to the decider."""
+    d = Decider({"app.test": "deny"})
+    h = start_proxy(["app.test", "127.0.0.1"], resolver=pinned({"app.test": ["127.0.0.1"]}), decider=d)
+    for _ in range(3):
+        s, code, _ = _status(h.port, f"app.test:{echo.port}")
+        assert code == 200
+        s.close()
+    assert d.asked == []
+    h.set_filter(Filter(["127.0.0.1"]))
+    s, code, head = _status(h.port, f"app.test:{echo.port}")
+    assert code == 403 and b"X-Proxy-Error: decider_denied" in head
+    assert [r.host for r in d.asked] == ["app.test"]
