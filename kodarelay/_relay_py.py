@@ -423,5 +423,8 @@ async def relay_with_timeouts(
                     await t
                 except BaseException:
                     pass
+        for t in tasks:
+            if not t.cancelled():
+                t.exception()   # both directions may fail at once: the second error is seen too
         a.close()
         b.close()
