@@ -197,16 +197,29 @@ def _configure_logging(verbose: int, quiet: bool = False, *, timestamps: bool = 
 # ── run ──────────────────────────────────────────────────────────────────────
 
 
+def _summary_host(host: str | None) -> str:
+    """A violation's host as the summary shows it: a URL (a refused plain-HTTP request's
+    target) is cut to its ``host[:port]``, since a path or query must never be printed."""
+    if not host:
+        return "-"
+    from .filter import url_hint
+
+    hint = url_hint(host)
+    if hint is None:
+        return host
+    return hint[1] or "-"
+
+
 def summarize(violations: Sequence[Any], total: int) -> list[str]:
     """Lines for stderr: each refused (host:port, reason) once, with its count, most frequent first."""
     if not total and not violations:
         return []
-    counts = Counter((v.host, v.port, v.reason) for v in violations)
+    counts = Counter((_summary_host(v.host), v.port, v.reason) for v in violations)
     n = max(total, len(violations))
     lines = [f"refused {n} connection{'s' if n != 1 else ''}:"]
     for (host, port, reason), count in counts.most_common(SUMMARY_LINES):
         why = REASON_TEXT.get(reason, reason)
-        lines.append(f"  {count}x {host_port(host or '-', port)}  {reason}: {why}")
+        lines.append(f"  {count}x {host_port(host, port)}  {reason}: {why}")
     if len(counts) > SUMMARY_LINES:
         lines.append(f"  ... and {len(counts) - SUMMARY_LINES} more destinations")
     if total > len(violations):
