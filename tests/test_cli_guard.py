@@ -40,6 +40,9 @@ WRAPPER = textwrap.dedent(
     for cls in (builtin.BuiltInProxy, builtin.BuiltInSocks5Proxy):
         def init(self, *args, _orig=cls.__init__, **kw):
             kw.setdefault("resolver", resolve)
+            if os.environ.get("KR_TEST_OPTIONS"):
+                with open(os.environ["KR_TEST_OPTIONS"], "a") as f:
+                    f.write(json.dumps({"deny_private": kw.get("deny_private")}) + "\\n")
             _orig(self, *args, **kw)
         cls.__init__ = init
 
@@ -145,6 +148,30 @@ def test_run_refuses_private_by_default_and_says_how_to_admit(tmp_path):
     assert "1x rfc1918.test:443  resolved_address" in out.stderr
     assert "1x doc3.test:443  resolved_address" in out.stderr
     assert "--allow-private" in out.stderr
+
+
+@pytest.mark.parametrize(("flags", "deny_private"), [([], True), (["--allow-private"], False)])
+@pytest.mark.parametrize("sub", ["run", "serve"])
+def test_command_passes_deny_private_to_every_proxy(tmp_path, sub, flags, deny_private):
+    """What --allow-private changes cannot be shown by dialling a private address here, so
+    the wrapper records the option each built-in proxy was given."""
+    record = tmp_path / "options.jsonl"
+    env = {**_env(), "KR_TEST_OPTIONS": str(record)}
+    if sub == "run":
+        out = subprocess.run(_command(tmp_path, "run", *flags, "--", "true"), env=env, capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT)
+        assert out.returncode == 0, out.stderr
+    else:
+        proc = subprocess.Popen(_command(tmp_path, "serve", *flags, "--socks5-port", "0", "--upstream", "direct"),
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert Lines(proc.stderr).readline().startswith("kodarelay: serving on")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(DEADLINE) == 0
+    seen = [json.loads(line) for line in record.read_text().splitlines()]
+    assert seen and all(o == {"deny_private": deny_private} for o in seen), seen
+    assert len(seen) == (1 if sub == "run" else 2)  # serve --socks5-port: the mux port and the SOCKS5 port
 
 
 def test_wrapper_pins_names_and_nothing_else(tmp_path):
