@@ -461,7 +461,9 @@ examples:
   kodarelay serve --allow localhost --upstream direct -v
 
 Prints the bouquet as export lines on stdout (copy them into the sandbox's shell) and
-logs every refusal on stderr. Runs until SIGINT or SIGTERM, then stops cleanly (exit 0).
+logs every refusal on stderr. ALL_PROXY is http:// at the main port (it speaks SOCKS5
+too), or socks5h:// at --socks5-port. Names resolving to private addresses are refused
+unless --allow-private. Runs until SIGINT or SIGTERM, then stops cleanly (exit 0).
 --port 0 (the default) picks a free port.
 """
 
@@ -502,7 +504,8 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev-defaults", action="store_true", help="also allow the default dev allowlist (GitHub, npm, PyPI, crates.io, Docker Hub)")
     p.add_argument(
         "--allow-private", action="store_true",
-        help="let allowed names resolve to private addresses (RFC 1918, CGNAT, ULA); refused by default",
+        help="admit private addresses (RFC 1918, CGNAT, ULA) that allowed hosts resolve to or are; "
+        "refused by default unless an IP / CIDR --allow rule names them",
     )
 
 
