@@ -183,6 +183,16 @@ def test_url_given_as_pattern_says_what_a_pattern_is(pattern: str, what: str, su
         Filter([suggestion])  # the suggestion is itself a valid pattern
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("htps:/[]@?#*.0123456789abfpypi-_ ") + ["\u0456", "\x00"]), max_size=40))
+def test_url_hint_never_raises_and_suggests_only_valid_patterns(text: str) -> None:
+    from kodarelay.filter import url_hint
+
+    hint = url_hint(text)
+    if hint is not None and hint[1] is not None:
+        Filter([hint[1]])
+
+
 @pytest.mark.parametrize(
     ("pattern", "inside", "outside"),
     [
