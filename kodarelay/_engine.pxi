@@ -308,6 +308,7 @@ DEF ST_FIRST = 0     # mux: the first byte decides HTTP or SOCKS5
 DEF ST_HTTP = 1
 DEF ST_GREET = 2
 DEF ST_REQ = 3
+DEF ST_AUTH = 4      # SOCKS5 RFC 1929 username/password (attribution: the password is ignored)
 
 DEF PH_RELAY = 0
 DEF PH_CONNECT = 1
@@ -326,6 +327,8 @@ cdef struct Hs:
     double deadline
     size_t len
     size_t off           # SOCKS5: where the request starts
+    size_t uoff          # SOCKS5 RFC 1929: where the username starts (ulen < 0: no auth)
+    int ulen
     Hs *prev
     Hs *next
     Listener *l
@@ -977,7 +980,7 @@ cdef int _hs_progress(Worker *w, Listener *l, Hs *h, size_t before) noexcept nog
     """Advance the state machine over the bytes read. 1: done (delivered or closed), 0: more."""
     cdef unsigned char *p
     cdef size_t n, need, m, i
-    cdef bint noauth
+    cdef bint noauth, userpass
     if h.state == ST_FIRST:
         h.state = ST_GREET if <unsigned char>h.buf[0] == 5 else ST_HTTP
     if h.state == ST_HTTP:
@@ -999,17 +1002,46 @@ cdef int _hs_progress(Worker *w, Listener *l, Hs *h, size_t before) noexcept nog
         if h.len < 2 + m:
             return 0
         noauth = False
+        userpass = False
         for i in range(m):
             if p[2 + i] == 0:
                 noauth = True
-        if not noauth:
+            elif p[2 + i] == 2:
+                userpass = True
+        h.off = 2 + m
+        if userpass:                  # preferred: the username attributes the request
+            if _send_all_nb(h.fd, b"\x05\x02", 2) != 2:
+                _hs_close(w, l, h)
+                return 1
+            h.state = ST_AUTH
+        elif noauth:
+            if _send_all_nb(h.fd, b"\x05\x00", 2) != 2:
+                _hs_close(w, l, h)
+                return 1
+            h.state = ST_REQ
+        else:
             _send_all_nb(h.fd, b"\x05\xff", 2)
             _hs_close(w, l, h)
             return 1
-        if _send_all_nb(h.fd, b"\x05\x00", 2) != 2:
+    if h.state == ST_AUTH:
+        p = <unsigned char *>h.buf + h.off
+        n = h.len - h.off
+        if n < 1:
+            return 0
+        if p[0] != 1:
             _hs_close(w, l, h)
             return 1
-        h.off = 2 + m
+        if n < 2 or n < 3 + <size_t>p[1]:
+            return 0
+        need = 3 + <size_t>p[1] + <size_t>p[2 + p[1]]
+        if n < need:
+            return 0
+        h.uoff = h.off + 2
+        h.ulen = p[1]
+        if _send_all_nb(h.fd, b"\x01\x00", 2) != 2:
+            _hs_close(w, l, h)
+            return 1
+        h.off += need
         h.state = ST_REQ
     # ST_REQ
     p = <unsigned char *>h.buf + h.off
@@ -1111,6 +1143,8 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
         h.flags = 0
         h.len = 0
         h.off = 0
+        h.uoff = 0
+        h.ulen = -1
         h.l = l
         h.deadline = now + l.hs_timeout
         h.next = NULL
@@ -1314,8 +1348,7 @@ cdef void _connect_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept
     if e != 0:
         _finish_errno(w, t, e)
         return
-    t.d[1].moved = 0          # the reply is ours, not the target's
-    t.d[0].moved = 0
+    t.d[1].moved = 0          # the reply is ours, not the target's (the early bytes are the client's)
     free(t.okrep)
     t.okrep = NULL
     free(t.early)
@@ -1424,6 +1457,7 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
                 hd.proto = h.proto
                 hd.overflow = h.flags & 1
                 hd.data = h.buf[h.off:h.len] if h.proto == 1 else h.buf[:h.len]
+                hd.user = h.buf[h.uoff:h.uoff + <size_t>h.ulen] if h.proto == 1 and h.ulen >= 0 else None
                 items.append(hd)
                 h = hn
             hd = None
@@ -1784,6 +1818,13 @@ cdef class _TunnelHandle:
     def fut(self):
         return self.fut
 
+    @property
+    def moved(self):
+        """(bytes to the target, bytes to the client) so far."""
+        if self.t == NULL:
+            return (0, 0)
+        return (self.t.d[0].moved, self.t.d[1].moved)
+
     def abort(self):
         """End the tunnel and cancel its future (which the engine no longer resolves); an
         ``on_done`` callback is not called after this."""
@@ -2102,6 +2143,7 @@ cdef class _Handshake:
     cdef readonly int proto           # 0 HTTP, 1 SOCKS5
     cdef readonly bint overflow       # the HTTP head did not end within 8 KiB
     cdef readonly bytes data          # HTTP: everything read; SOCKS5: the request onwards
+    cdef readonly object user         # SOCKS5 RFC 1929 username (bytes), None without auth
 
     def __dealloc__(self):
         if self.hs != NULL:

@@ -152,6 +152,7 @@ class _BuiltIn:
             stop,
             uds_path=getattr(bridge, "path", None),
             violations=server.violations,
+            servers=(server,),
         )
 
 
@@ -175,7 +176,8 @@ class BuiltInProxy(_BuiltIn):
     ``upstream=None`` reads ``HTTPS_PROXY`` / ``NO_PROXY`` when the proxy starts; pass
     ``UpstreamConfig.direct()`` to ignore the environment. Other keyword options are those of
     ``Server.bind`` (timeouts, ``resolver``, ``deny_private``, ``on_violation``,
-    ``violation_capacity``, ``socks5=True`` for one port that speaks both protocols).
+    ``violation_capacity``, ``dns_ttl``, ``decider``, ``decider_timeout``, ``on_event``,
+    ``socks5=True`` for one port that speaks both protocols).
     """
 
     _server_cls = Server

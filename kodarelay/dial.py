@@ -1,21 +1,45 @@
-"""From an allowed ``host:port`` to a connected socket: upstream chaining or a guarded direct dial.
+"""One decision per request: from (host, port) to a plan, and from a plan to a connected socket.
 
-A direct dial resolves the name once, judges every address with the filter's
-resolved-address guard, and connects only to addresses it judged: there is no second
-lookup, so a name cannot rebind between the check and the connect. A chained dial sends
-the name to the upstream proxy, which resolves it (the guard does not apply there).
+``Dialer.plan`` holds every policy step, once, for every path that serves a tunnel (the
+asyncio handshake, the engine's native front-end, forwarded plain HTTP). A plan is one of:
+
+* **refuse** — a ``Refusal`` carrying the reason (recorded as a violation by the server),
+  the rule or source that decided, and each protocol's reply status;
+* **direct** — the addresses the guard checked: the proxy dials exactly these, in order
+  (no second lookup, so a name cannot rebind between the check and the connect);
+* **chain** — through the upstream HTTP proxy, which resolves the name (the guard does
+  not apply to names there; an IP literal is guarded before it is chained).
+
+The steps: the filter's rules (deny wins); when no rule matched, the decider, if any (an IP
+literal is guarded first: a decider is never asked about an address the guard refuses);
+then chaining or the resolved-address guard.
+
+Decisions are cached, never widened: plans are kept per (host as sent, port) — direct plans
+for names ``dns_ttl`` seconds, rule refusals and literal plans until the policy changes —
+and replacing the filter, the upstream, the guard setting or the decider drops every cached
+plan and remembered decider answer before the next request is judged (``Policy`` is one
+immutable snapshot, swapped atomically, so no request is judged by a mix of old and new).
+
+Resolution runs on a thread pool of kodarelay's own (not the event loop's default executor)
+and concurrent lookups of one name share one call, so a name whose DNS never answers delays
+only the clients that asked for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import ipaddress
 import logging
 import socket
-from typing import Awaitable, Callable, List
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, Callable, List, Optional
 
-from .filter import Filter, canonical_host
+from .events import Decider, Request
+from .filter import Decision, Filter, canonical_host
 from .upstream import UpstreamConfig, UpstreamError, bypasses_proxy, connect_upstream, open_tcp
 
 log = logging.getLogger(__name__)
@@ -29,32 +53,118 @@ REP_NETWORK_UNREACHABLE = 0x03
 REP_HOST_UNREACHABLE = 0x04
 REP_CONNECTION_REFUSED = 0x05
 
+#: Lookups in flight at once on kodarelay's resolver pool.
+RESOLVER_THREADS = 64
+#: Cached plans per server before the cache is emptied (a flood of distinct names).
+PLAN_CACHE_MAX = 4096
+DEFAULT_DNS_TTL = 30.0
+DEFAULT_DECIDER_TIMEOUT = 60.0
+
+REFUSE = "refuse"
+DIRECT = "direct"
+CHAIN = "chain"
+
 
 class Refusal(Exception):
     """A tunnel that will not be opened, with the reply each protocol gives for it.
 
     ``reason`` is set for policy refusals (recorded as violations); it is None for a target
-    that was allowed but could not be reached.
+    that was allowed but could not be reached. ``rule`` / ``source`` say what decided,
+    ``status`` is an upstream proxy's own refusal status.
     """
 
-    def __init__(self, message: str, *, http_status: int, socks_rep: int, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int,
+        socks_rep: int,
+        reason: str | None = None,
+        rule: str | None = None,
+        source: str | None = None,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.http_status = http_status
         self.socks_rep = socks_rep
         self.reason = reason
+        self.rule = rule
+        self.source = source
+        self.status = status
+
+
+def policy_refusal(host: str, port: int | None, reason: str, rule: str | None, source: str) -> Refusal:
+    return Refusal(f"{host}:{port} is {reason}", http_status=403, socks_rep=REP_NOT_ALLOWED, reason=reason,
+                   rule=rule, source=source)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with one request (see the module docstring). ``host`` is canonical text."""
+
+    kind: str
+    host: str
+    port: int
+    refusal: Optional[Refusal] = None
+    addresses: tuple[str, ...] = ()
+    upstream: Optional[UpstreamConfig] = None
+    rule: Optional[str] = None
+    source: str = "rule"
+    #: seconds this plan may be reused for the same (host, port); None: until the policy
+    #: changes; 0: not at all (a decider's one-off answer, a failed lookup)
+    ttl: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Everything a decision depends on, as one value: swapped whole, never edited."""
+
+    filter: Filter
+    upstream: UpstreamConfig
+    deny_private: bool
+    decider: Optional[Decider]
+    generation: int
+
+
+class _Need:
+    """A step that has to wait: the decider's answer or a lookup."""
+
+    __slots__ = ("what", "name")
+
+    def __init__(self, what: str, name: str = "") -> None:
+        self.what = what
+        self.name = name
+
+
+_NEED_DECIDER = _Need("decider")
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def resolver_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """kodarelay's own lookup threads (created on first use, shared by every server)."""
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="kodarelay-dns")
+    return _pool
 
 
 async def default_resolver(host: str, port: int) -> list[str]:
-    """The event loop's ``getaddrinfo``: every TCP address of ``host``, in its order, once each."""
+    """``getaddrinfo`` on kodarelay's resolver pool: every TCP address of ``host``, once each."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    infos = await loop.run_in_executor(
+        resolver_pool(), lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    )
     seen: dict[str, None] = {}
     for info in infos:
         seen.setdefault(str(info[4][0]), None)
     return list(seen)
 
 
-def _socks_rep_for(exc: BaseException) -> int:
+def socks_rep_for(exc: BaseException) -> int:
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return REP_HOST_UNREACHABLE
     code = getattr(exc, "errno", None)
@@ -67,8 +177,12 @@ def _socks_rep_for(exc: BaseException) -> int:
     return REP_GENERAL_FAILURE
 
 
+def _is_ip(canon: object) -> bool:
+    return isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+
+
 class Dialer:
-    """Opens tunnels for one server: its filter, upstream, resolver and timeouts."""
+    """Plans and opens tunnels for one server: its policy, resolver, caches and timeouts."""
 
     def __init__(
         self,
@@ -77,49 +191,270 @@ class Dialer:
         resolver: Resolver | None,
         connect_timeout: float,
         deny_private: bool,
+        *,
+        dns_ttl: float = DEFAULT_DNS_TTL,
+        decider: Decider | None = None,
+        decider_timeout: float = DEFAULT_DECIDER_TIMEOUT,
     ) -> None:
-        self.filter = filter
-        self.upstream = upstream
+        if dns_ttl < 0:
+            raise ValueError(f"dns_ttl must be >= 0, not {dns_ttl!r}")
         self.resolver: Resolver = resolver or default_resolver
         self.connect_timeout = connect_timeout
-        self.deny_private = deny_private
+        self.dns_ttl = dns_ttl
+        self.decider_timeout = decider_timeout
+        self._lock = threading.Lock()
+        self.policy = Policy(filter, upstream, deny_private, decider, 0)
+        self._plans: dict[tuple[str, int], tuple[float | None, int, Plan]] = {}
+        self._remembered: dict[tuple[str, int], bool] = {}
+        self._asking: dict[tuple[int, str, int], asyncio.Future[Any]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
+        #: called (on the changing thread) after every policy change, e.g. to empty the
+        #: engine's own plan cache
+        self.on_policy_change: list[Callable[[], None]] = []
 
-    async def dial(self, host: str, port: int) -> tuple[socket.socket, bytes]:
-        """Connect to an allowed ``host:port``; returns the socket and bytes already received.
+    # ── the policy, replaced whole ───────────────────────────────────────────
 
-        Raises ``Refusal`` for anything that stops the tunnel.
+    @property
+    def filter(self) -> Filter:
+        return self.policy.filter
+
+    @filter.setter
+    def filter(self, value: Filter) -> None:
+        self.replace_policy(filter=value)
+
+    @property
+    def upstream(self) -> UpstreamConfig:
+        return self.policy.upstream
+
+    @upstream.setter
+    def upstream(self, value: UpstreamConfig) -> None:
+        self.replace_policy(upstream=value)
+
+    @property
+    def deny_private(self) -> bool:
+        return self.policy.deny_private
+
+    @deny_private.setter
+    def deny_private(self, value: bool) -> None:
+        self.replace_policy(deny_private=bool(value))
+
+    @property
+    def decider(self) -> Decider | None:
+        return self.policy.decider
+
+    @decider.setter
+    def decider(self, value: Decider | None) -> None:
+        self.replace_policy(decider=value)
+
+    def replace_policy(self, **changes: Any) -> None:
+        """Change the policy (any thread): cached plans and remembered answers go first."""
+        with self._lock:
+            generation = self.policy.generation + 1
+            self._plans = {}
+            self._remembered = {}
+            self.policy = replace(self.policy, generation=generation, **changes)
+        for callback in list(self.on_policy_change):
+            try:
+                callback()
+            except Exception:
+                log.exception("policy-change callback failed")
+
+    # ── planning ─────────────────────────────────────────────────────────────
+
+    def plan_now(self, host: str, port: int) -> Plan | None:
+        """The plan when it needs no waiting (cached, or decided by rules and known
+        addresses); None when a lookup or the decider is needed. Any thread."""
+        policy = self.policy
+        plan = self._cached(policy, host, port)
+        if plan is None:
+            step = self._steps(policy, host, port, None, None)
+            if isinstance(step, _Need):
+                return None
+            plan = step
+            self._store(policy, host, port, plan)
+        return plan
+
+    async def plan(self, request: Request, host: str | None = None) -> Plan:
+        """The plan for ``request`` (``host`` as the client sent it, default ``request.host``).
+
+        Never raises for policy: every refusal is a plan. Runs on the server's loop.
         """
-        canon = canonical_host(host)
-        ip = canon if isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else None
-        name = str(canon)
-        if not self.upstream.is_direct and not bypasses_proxy(name, self.upstream.no_proxy):
-            return await self._dial_upstream(name, port)
-        if ip is not None:
-            addresses = [name]
-        else:
-            addresses = await self.resolve(name, port)
-        decision = self.filter.check_resolved(canon, port, addresses, deny_private=self.deny_private)
+        raw = request.host if host is None else host
+        port = request.port
+        policy = self.policy
+        plan = self._cached(policy, raw, port)
+        if plan is not None:
+            return plan
+        verdict: str | None = None
+        addresses: list[str] | None = None
+        while True:
+            step = self._steps(policy, raw, port, verdict, addresses)
+            if isinstance(step, Plan):
+                self._store(policy, raw, port, step)
+                return step
+            if step.what == "decider":
+                verdict = await self._ask(policy, request, raw, port)
+            else:
+                try:
+                    addresses = await self._lookup(step.name, port)
+                except Refusal as r:
+                    return Plan(REFUSE, step.name, port, r, source="guard", ttl=0)
+
+    def _cached(self, policy: Policy, host: str, port: int) -> Plan | None:
+        hit = self._plans.get((host, port))
+        if hit is None:
+            return None
+        expires, generation, plan = hit
+        if generation != policy.generation or (expires is not None and expires <= time.monotonic()):
+            return None
+        return plan
+
+    def _store(self, policy: Policy, host: str, port: int, plan: Plan) -> None:
+        if plan.ttl == 0:
+            return
+        expires = None if plan.ttl is None else time.monotonic() + plan.ttl
+        with self._lock:
+            if policy.generation != self.policy.generation:
+                return          # decided under a policy that is gone: never cache it
+            if len(self._plans) >= PLAN_CACHE_MAX:
+                self._plans = {}
+            self._plans[(host, port)] = (expires, policy.generation, plan)
+
+    def _steps(self, policy: Policy, host: str, port: int, verdict: str | None,
+               addresses: list[str] | None) -> Plan | _Need:
+        """Every policy step, in order; stops at the first one that must wait."""
+        flt = policy.filter
+        decision, canon = flt._explain(host, port)
+        text = decision.host or host
+        source = "rule"
+        ttl: float | None = None
         if not decision.allowed:
-            raise Refusal(
-                f"{name} resolves to a refused address",
-                http_status=403,
-                socks_rep=REP_NOT_ALLOWED,
-                reason=decision.reason,
-            )
-        return await self._connect_any(name, addresses, port), b""
+            if decision.reason != "not_allowed" or policy.decider is None:
+                src = "rule" if decision.rule is not None else "default"
+                return Plan(REFUSE, text, port, policy_refusal(text, port, decision.reason, decision.rule, src),
+                            rule=decision.rule, source=src)
+            if _is_ip(canon):        # a literal is guarded before a decider hears of it
+                guarded = flt.guard_addresses(decision, canon, [text], deny_private=policy.deny_private)
+                if guarded.reason != "not_allowed":
+                    return Plan(REFUSE, text, port,
+                                policy_refusal(text, port, guarded.reason, guarded.rule, "guard"),
+                                rule=guarded.rule, source="guard")
+            remembered = self._remembered.get((text, port))
+            if remembered is None:
+                if verdict is None:
+                    return _NEED_DECIDER
+                ttl = 0
+            else:
+                verdict = "allow" if remembered else "decider_denied"
+            if verdict != "allow":
+                return Plan(REFUSE, text, port, policy_refusal(text, port, verdict, None, "decider"),
+                            source="decider", ttl=ttl)
+            source = "decider"
+            decision = Decision(True, None, "allowed", text, decision.port)
+        assert canon is not None
+        rule = decision.rule
+        if _is_ip(canon):
+            guarded = flt.guard_addresses(decision, canon, [text], deny_private=policy.deny_private)
+            if not guarded.allowed:
+                return Plan(REFUSE, text, port, policy_refusal(text, port, guarded.reason, guarded.rule, "guard"),
+                            rule=guarded.rule, source="guard", ttl=ttl)
+        upstream = policy.upstream
+        if not upstream.is_direct and not bypasses_proxy(text, upstream.no_proxy):
+            return Plan(CHAIN, text, port, upstream=upstream, rule=rule, source=source, ttl=ttl)
+        if _is_ip(canon):
+            return Plan(DIRECT, text, port, addresses=(text,), rule=rule, source=source, ttl=ttl)
+        if addresses is None:
+            return _Need("lookup", text)
+        guarded = flt.guard_addresses(decision, canon, addresses, deny_private=policy.deny_private)
+        name_ttl = self.dns_ttl if ttl is None else 0
+        if not guarded.allowed:
+            r = Refusal(f"{text} resolves to a refused address", http_status=403, socks_rep=REP_NOT_ALLOWED,
+                        reason=guarded.reason, rule=guarded.rule, source="guard")
+            return Plan(REFUSE, text, port, r, rule=guarded.rule, source="guard", ttl=name_ttl)
+        return Plan(DIRECT, text, port, addresses=tuple(addresses), rule=rule, source=source, ttl=name_ttl)
+
+    # ── waiting steps ────────────────────────────────────────────────────────
+
+    async def _ask(self, policy: Policy, request: Request, host: str, port: int) -> str:
+        """The decider's verdict: "allow", or the refusal reason. One call per (host, port)
+        at a time; ``*_always`` answers are remembered until the policy changes."""
+        canon = str(canonical_host(host))
+        key = (policy.generation, canon, port)
+        pending = self._asking.get(key)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = loop.create_task(self._call_decider(policy, replace(request, host=canon, port=port)))
+            self._asking[key] = pending
+            pending.add_done_callback(lambda _t: self._asking.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _call_decider(self, policy: Policy, request: Request) -> str:
+        assert policy.decider is not None
+        try:
+            answer = await asyncio.wait_for(policy.decider(request), self.decider_timeout)
+        except asyncio.TimeoutError:
+            log.warning("decider did not answer for %s:%d within %gs", request.host, request.port,
+                        self.decider_timeout)
+            return "decider_timeout"
+        except Exception:
+            log.exception("decider failed for %s:%d", request.host, request.port)
+            return "decider_error"
+        if answer is True:
+            answer = "allow"
+        elif answer is False:
+            answer = "deny"
+        if answer not in ("allow", "deny", "allow_always", "deny_always"):
+            log.error("decider returned %r for %s:%d; refusing", answer, request.host, request.port)
+            return "decider_error"
+        if answer.endswith("_always"):
+            with self._lock:
+                if self.policy.generation == policy.generation:
+                    self._remembered[(request.host, request.port)] = answer == "allow_always"
+        return "allow" if answer.startswith("allow") else "decider_denied"
+
+    async def _lookup(self, name: str, port: int) -> list[str]:
+        """Resolve ``name`` (one call shared by concurrent askers) within ``connect_timeout``."""
+        key = (name, port)
+        pending = self._lookups.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._resolve_once(name, port))
+            self._lookups[key] = pending
+            pending.add_done_callback(lambda _f: self._lookups.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _resolve_once(self, name: str, port: int) -> list[str]:
+        return await self.resolve(name, port)
 
     async def resolve(self, name: str, port: int) -> list[str]:
         try:
             addresses = await asyncio.wait_for(self.resolver(name, port), self.connect_timeout)
         except (OSError, asyncio.TimeoutError, UnicodeError, ValueError) as e:
             raise Refusal(
-                f"cannot resolve {name}: {e}", http_status=502, socks_rep=REP_HOST_UNREACHABLE, reason="resolve_failed"
+                f"cannot resolve {name}: {e or type(e).__name__}", http_status=502, socks_rep=REP_HOST_UNREACHABLE,
+                reason="resolve_failed", source="guard",
             ) from None
         if not addresses:
             raise Refusal(
-                f"{name} has no address", http_status=502, socks_rep=REP_HOST_UNREACHABLE, reason="resolve_failed"
+                f"{name} has no address", http_status=502, socks_rep=REP_HOST_UNREACHABLE, reason="resolve_failed",
+                source="guard",
             )
         return [str(a) for a in addresses]
+
+    # ── executing a plan on the event loop ───────────────────────────────────
+
+    async def connect(self, plan: Plan) -> tuple[socket.socket, bytes]:
+        """Open the tunnel ``plan`` describes; returns the socket and bytes already received.
+
+        Raises the plan's ``Refusal`` for a refuse plan, and a ``Refusal`` without a reason
+        (or ``upstream_refused``) when the target or upstream cannot be reached.
+        """
+        if plan.kind == REFUSE:
+            assert plan.refusal is not None
+            raise plan.refusal
+        if plan.kind == CHAIN:
+            assert plan.upstream is not None
+            return await self._dial_upstream(plan.upstream, plan.host, plan.port)
+        return await self._connect_any(plan.host, list(plan.addresses), plan.port), b""
 
     async def _connect_any(self, name: str, addresses: list[str], port: int) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -131,18 +466,40 @@ class Dialer:
                 break
             try:
                 return await open_tcp(addr, port, remaining)
-            except (OSError, asyncio.TimeoutError) as e:
+            except (OSError, asyncio.TimeoutError, ValueError) as e:
                 last = e
                 log.debug("connect %s (%s):%d failed: %s", name, addr, port, e)
         exc = last or TimeoutError(f"connect to {name}:{port} timed out")
-        raise Refusal(f"cannot connect to {name}:{port}: {exc}", http_status=502, socks_rep=_socks_rep_for(exc))
+        raise Refusal(f"cannot connect to {name}:{port}: {exc}", http_status=502, socks_rep=socks_rep_for(exc))
 
-    async def _dial_upstream(self, name: str, port: int) -> tuple[socket.socket, bytes]:
+    async def _dial_upstream(self, upstream: UpstreamConfig, name: str, port: int) -> tuple[socket.socket, bytes]:
         try:
-            return await connect_upstream(self.upstream, name, port, connect_timeout=self.connect_timeout)
+            return await connect_upstream(upstream, name, port, connect_timeout=self.connect_timeout)
         except UpstreamError as e:
+            if e.status is not None:
+                raise Refusal(f"upstream refused ({e.status})", http_status=502, socks_rep=REP_CONNECTION_REFUSED,
+                              reason="upstream_refused", source="upstream", status=e.status) from None
             raise Refusal(str(e), http_status=502, socks_rep=REP_CONNECTION_REFUSED) from None
         except (OSError, asyncio.TimeoutError) as e:
             raise Refusal(
-                f"cannot reach upstream proxy {self.upstream}: {e}", http_status=502, socks_rep=_socks_rep_for(e)
+                f"cannot reach upstream proxy {upstream}: {e}", http_status=502, socks_rep=socks_rep_for(e)
             ) from None
+
+
+def admit_hint(reason: str | None, host: str, port: int | None, rule: str | None) -> str:
+    """What would admit a refused target, for the reader of a refusal."""
+    shown = f"[{host}]" if ":" in host else host
+    target = f"{shown}:{port}" if port is not None else shown
+    if reason in ("not_allowed", "decider_denied", "decider_timeout", "decider_error"):
+        return f"allow it with --allow {target}" if host else "name a host"
+    if reason == "denied":
+        return f"it is denied by rule {rule!r}" if rule else "a deny rule covers it"
+    if reason == "resolved_address":
+        return "it resolves to a guarded address; an IP/CIDR allow rule naming that address admits it"
+    if reason == "bad_host":
+        return "the host is malformed"
+    return "see the kodarelay documentation"
+
+
+__all__ = ["Dialer", "Plan", "Policy", "Refusal", "Resolver", "default_resolver", "resolver_pool", "admit_hint",
+           "REFUSE", "DIRECT", "CHAIN"]

@@ -709,6 +709,19 @@ class Filter:
         decision, canon = self._explain(host, port)
         if not decision.allowed:
             return decision
+        return self.guard_addresses(decision, canon, addresses, deny_private=deny_private)
+
+    def guard_addresses(
+        self,
+        decision: Decision,
+        canon: CanonicalHost | None,
+        addresses: Iterable[str | IPAddress],
+        *,
+        deny_private: bool = False,
+    ) -> Decision:
+        """The address half of ``check_resolved``: judge ``addresses`` for a target already
+        admitted by ``decision`` (a rule, or a decider when no rule matched); returns
+        ``decision`` itself when every address passes."""
         port = decision.port
         text = decision.host
 

@@ -42,6 +42,7 @@ class ProxyHandle:
         uds_path: str | os.PathLike[str] | None = None,
         violations: Callable[[], Sequence[Any]] | None = None,
         socks5_port: int | None = None,
+        servers: Sequence[Any] = (),
     ) -> None:
         if kind not in ("external", "builtin"):
             raise ValueError(f"kind must be 'external' or 'builtin', not {kind!r}")
@@ -51,6 +52,7 @@ class ProxyHandle:
         self.uds_path = uds_path
         self.socks5_port = socks5_port
         self._violations = violations
+        self._servers = list(servers)
         # The finalizer must not reference self, or the handle could never be collected.
         self._finalizer = weakref.finalize(self, _run_stop, stop, f"{kind} proxy on port {port}")
 
@@ -66,6 +68,19 @@ class ProxyHandle:
     def violations(self) -> list[Any]:
         """The refusals the proxy recorded, oldest first (empty for an external proxy)."""
         return list(self._violations()) if self._violations is not None else []
+
+    @property
+    def filter(self) -> Any:
+        """The filter the proxy judges by now (None for an external proxy)."""
+        return self._servers[0].filter if self._servers else None
+
+    def set_filter(self, filter: Any) -> None:
+        """Judge the next request by ``filter`` (any thread): cached decisions are dropped
+        first, live tunnels keep running. An external proxy has no filter to set."""
+        if not self._servers:
+            raise TypeError(f"a {self.kind} proxy has no filter kodarelay can replace")
+        for server in self._servers:
+            server.set_filter(filter)
 
     def __enter__(self) -> ProxyHandle:
         return self

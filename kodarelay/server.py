@@ -15,13 +15,16 @@ the target, never dropped.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import socket
 from typing import Any
 
 from . import relay
-from .dial import Refusal
-from .serving import Handoff, HandshakeTimeout, ProxyServer
+from .dial import Refusal, admit_hint
+from .serving import Handoff, HandshakeTimeout, Parsed, Protocol, ProxyServer, Reject, Target
+from .violations import _printable
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,96 @@ def status_line(code: int, proxy_error: str | None = None) -> bytes:
     return (head + "\r\n").encode("ascii")
 
 
+def text_reply(code: int, body: str, proxy_error: str | None = None) -> bytes:
+    """A complete reply with a one-line ``text/plain`` body (``Connection: close``)."""
+    data = (body.rstrip("\n") + "\n").encode("utf-8", "backslashreplace")
+    head = f"HTTP/1.1 {code} {REASONS[code]}\r\n"
+    if proxy_error is not None:
+        head += f"X-Proxy-Error: {proxy_error}\r\n"
+    head += f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    return head.encode("ascii") + data
+
+
+def refusal_403(reason: str, host: str, port: int | None, rule: str | None = None) -> bytes:
+    """The 403 every refusal gets: ``X-Proxy-Error``, and a body naming host, port, reason and
+    what would admit it, so whoever reads it knows it was the proxy, not the site."""
+    shown = _printable(host, 255)
+    shown = f"[{shown}]" if ":" in shown else shown
+    target = f"{shown}:{port}" if port is not None else shown
+    body = f"kodarelay refused {target or 'the request'}: {reason}; {admit_hint(reason, shown, port, rule)}"
+    return text_reply(403, body, reason)
+
+
 OK_REPLY = status_line(200)
+METHOD_NOT_ALLOWED = text_reply(
+    405, "kodarelay forwards only CONNECT tunnels here: plain-HTTP forwarding is off "
+    "(turn it on with forward_http=True, or drop --no-forward-http)", "method_not_allowed")
+
+
+def proxy_user(head: bytes) -> str | None:
+    """The user of a ``Proxy-Authorization: Basic`` header (attribution; the password is ignored)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or name.strip().lower() != b"proxy-authorization":
+            continue
+        scheme, _, token = value.strip().partition(b" ")
+        if scheme.lower() != b"basic":
+            return None
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user = decoded.partition(":")[0]
+        return _printable(user, 100) if user else None
+    return None
+
+
+def _authority(target: str) -> tuple[str, int | None]:
+    """Host and port of an absolute-form target, for a violation (never its path or query)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(target)
+        host = parts.hostname or ""
+        port = parts.port or ({"http": 80, "https": 443}.get(parts.scheme.lower()) if host else None)
+    except ValueError:
+        return "", None
+    return host, port
+
+
+class HttpProtocol(Protocol):
+    """HTTP CONNECT: a complete head in, a target (or a refusal) out; its replies."""
+
+    name = "http"
+    ok_reply = OK_REPLY
+
+    def parse(self, data: bytes) -> Parsed:
+        parsers = relay.parsers
+        try:
+            end = parsers.http_head_end(data, MAX_HEAD)
+            if end < 0:
+                raise HeadError(400, "incomplete request head")
+            head, early = data[:end], data[end:]
+            method, target, _version = parsers.parse_request_line(head)
+        except HeadError as e:
+            return Reject(status_line(e.status), "bad_request")
+        client = proxy_user(head)
+        if method != "CONNECT":
+            host, port = _authority(target)
+            return Reject(METHOD_NOT_ALLOWED, "method_not_allowed", host, port, client)
+        try:
+            host, port = parsers.split_host_port(target)
+        except HeadError as e:
+            return Reject(status_line(e.status), "bad_request", target, None, client)
+        return Target(host, port, early, "CONNECT", client)
+
+    def refusal_reply(self, r: Refusal, host: str, port: int | None) -> bytes:
+        if r.http_status == 403:
+            return refusal_403(r.reason or "refused", host, port, r.rule)
+        return status_line(r.http_status)
+
+
+HTTP = HttpProtocol()
 
 
 class Server(ProxyServer):
@@ -65,27 +157,19 @@ class Server(ProxyServer):
         self.socks5 = socks5
         self.front_mode = "mux" if socks5 else "http"
 
-    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
+    def protocol_for(self, h: Any) -> Protocol:
         if h.proto == 1:
-            from .socks5 import socks5_fast_target
+            from .socks5 import SOCKS5
 
-            return socks5_fast_target(h)
-        return http_fast_target(h)
-
-    def _decide(self, h: Any) -> None:
-        if h.proto == 1:
-            from .socks5 import socks5_decide
-
-            socks5_decide(self, h)
-        else:
-            http_decide(self, h)
+            return SOCKS5
+        return HTTP
 
     async def _session(self, conn: socket.socket) -> Handoff | None:
         deadline = self._loop.time() + self.handshake_timeout
         try:
             first = await self.recv_some(conn, deadline, MAX_HEAD)
         except HandshakeTimeout:
-            await reply(self, conn, 408)
+            await self.send_quietly(conn, status_line(408))
             return None
         if not first:
             return None
@@ -96,101 +180,18 @@ class Server(ProxyServer):
         return await http_session(self, conn, first, deadline)
 
 
-async def reply(srv: ProxyServer, conn: socket.socket, code: int, proxy_error: str | None = None) -> None:
-    """Send a status reply; a client that already left is not an error."""
-    try:
-        await srv.send(conn, status_line(code, proxy_error))
-    except OSError:
-        pass
-
-
 async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float) -> Handoff | None:
-    """Serve one HTTP CONNECT request whose first bytes are ``buf``."""
+    """Read one HTTP request head whose first bytes are ``buf``, then serve it."""
     parsers = relay.parsers
-
     try:
-        while (end := parsers.http_head_end(buf, MAX_HEAD)) < 0:
+        while parsers.http_head_end(buf, MAX_HEAD) < 0:
             chunk = await srv.recv_some(conn, deadline, MAX_HEAD)
             if not chunk:
                 return None
             buf += chunk
     except HandshakeTimeout:
-        await reply(srv, conn, 408)
+        await srv.send_quietly(conn, status_line(408))
         return None
-    except HeadError as e:
-        srv.record("http", "", None, "bad_request")
-        await reply(srv, conn, e.status)
-        return None
-    head, early = buf[:end], buf[end:]
-    try:
-        method, target, _version = parsers.parse_request_line(head)
-    except HeadError as e:
-        srv.record("http", "", None, "bad_request")
-        await reply(srv, conn, e.status)
-        return None
-    if method != "CONNECT":
-        srv.record("http", target, None, "method_not_allowed")
-        await reply(srv, conn, 405)
-        return None
-    try:
-        host, port = parsers.split_host_port(target)
-    except HeadError as e:
-        srv.record("http", target, None, "bad_request")
-        await reply(srv, conn, e.status)
-        return None
-    try:
-        upstream, from_upstream = await srv.open_tunnel("http", host, port)
-    except Refusal as r:
-        await reply(srv, conn, r.http_status, r.reason if r.http_status == 403 else None)
-        return None
-    try:
-        await srv.send(conn, status_line(200))
-    except BaseException:
-        upstream.close()
-        raise
-    return upstream, early, from_upstream
-
-
-def http_decide(srv: ProxyServer, h: Any) -> None:
-    """``http_session`` for a head the engine read: the same checks, violations and replies."""
-    parsers = relay.parsers
-    buf = h.data
-    try:
-        end = parsers.http_head_end(buf, MAX_HEAD)
-    except HeadError as e:
-        srv.record("http", "", None, "bad_request")
-        h.reply_and_close(status_line(e.status))
-        return
-    head, early = buf[:end], buf[end:]
-    try:
-        method, target, _version = parsers.parse_request_line(head)
-    except HeadError as e:
-        srv.record("http", "", None, "bad_request")
-        h.reply_and_close(status_line(e.status))
-        return
-    if method != "CONNECT":
-        srv.record("http", target, None, "method_not_allowed")
-        h.reply_and_close(status_line(405))
-        return
-    try:
-        host, port = parsers.split_host_port(target)
-    except HeadError as e:
-        srv.record("http", target, None, "bad_request")
-        h.reply_and_close(status_line(e.status))
-        return
-    srv.native_open("http", h, host, port, early, status_line(200))
-
-
-def http_fast_target(h: Any) -> tuple[str, str, int, bytes, bytes] | None:
-    """A well-formed CONNECT in a native handshake, else None (``http_decide`` answers it)."""
-    parsers = relay.parsers
-    buf = h.data
-    try:
-        end = parsers.http_head_end(buf, MAX_HEAD)
-        method, target, _version = parsers.parse_request_line(buf[:end])
-        if method != "CONNECT":
-            return None
-        host, port = parsers.split_host_port(target)
     except HeadError:
-        return None
-    return "http", host, port, buf[end:], OK_REPLY
+        pass                    # parse() gives the reply and the violation
+    return await srv.serve_parsed(conn, HTTP, HTTP.parse(buf))

@@ -7,18 +7,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import socket
-import time
+import threading
 import os
-from typing import Any, Iterator, Tuple, TypeVar
+import time
+from typing import Any, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from . import relay
 from ._aio import recv_within
-from .dial import REP_GENERAL_FAILURE, REP_NOT_ALLOWED, Dialer, Refusal, Resolver
-from .filter import Filter, canonical_host
-from .upstream import UpstreamConfig, bypasses_proxy
+from .dial import CHAIN, DIRECT, REFUSE, Dialer, Plan, Refusal, Resolver
+from .events import Decider, Event, EventStream, OnEvent, Request, next_tunnel_id
+from .filter import Filter
+from .upstream import UpstreamConfig
 from .violations import OnViolation, Violation, ViolationLog
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,85 @@ LISTEN_HOST = "127.0.0.1"
 BACKLOG = 1024
 ACCEPT_BACKOFF = 0.05
 _ACCEPT_RETRYABLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
+#: how a tunnel normally ends: the peer left (never worth more than a debug line)
+_NORMAL_ENDS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN}
 
 S = TypeVar("S", bound="ProxyServer")
 
 
 #: What a successful handshake hands to the relay: the connected upstream socket, bytes the
-#: client sent after its request (for the upstream) and bytes the upstream sent after its
-#: response (for the client).
-Handoff = Tuple[socket.socket, bytes, bytes]
+#: client sent after its request (for the upstream), bytes the upstream sent after its
+#: response (for the client), and the tunnel's ticket (for its end event).
+Handoff = Tuple[socket.socket, bytes, bytes, "Ticket"]
+
+
+class Target(NamedTuple):
+    """A handshake parsed into what the policy judges (host as the client sent it)."""
+
+    host: str
+    port: int
+    early: bytes = b""
+    method: str = "CONNECT"
+    client: Optional[str] = None
+    #: a SOCKS5 IPv4 / IPv6 address: only an IP / CIDR rule (or a decider) admits it, and
+    #: without one the refusal is ``address_type`` (the client should send the name)
+    literal: bool = False
+
+
+class Reject(NamedTuple):
+    """A handshake refused before any policy (malformed, unsupported): its reply (None: close
+    silently) and the violation to record (``reason`` None: none)."""
+
+    reply: Optional[bytes]
+    reason: Optional[str]
+    host: str = ""
+    port: Optional[int] = None
+    client: Optional[str] = None
+
+
+Parsed = Union[Target, Reject]
+
+
+class Protocol:
+    """What a protocol module supplies: parsing a complete handshake and encoding replies."""
+
+    name = "tcp"
+    ok_reply = b""
+
+    def parse(self, data: bytes) -> Parsed:
+        raise NotImplementedError
+
+    def parse_handshake(self, h: Any) -> Parsed:
+        """``parse`` for a handshake the engine read."""
+        return self.parse(h.data)
+
+    def refusal_reply(self, r: Refusal, host: str, port: int | None) -> bytes:
+        raise NotImplementedError
+
+
+class Ticket:
+    """An allowed tunnel, from its allow event to its end event."""
+
+    __slots__ = ("id", "protocol", "method", "host", "port", "client", "start")
+
+    def __init__(self, protocol: str, method: str, host: str, port: int, client: str | None) -> None:
+        self.id = next_tunnel_id()
+        self.protocol = protocol
+        self.method = method
+        self.host = host
+        self.port = port
+        self.client = client
+        self.start = time.monotonic()
+
+
+def _literal_plan(plan: Plan) -> Plan:
+    """A SOCKS5 address no rule names is refused as ``address_type`` (send the name)."""
+    r = plan.refusal
+    if plan.kind != REFUSE or r is None or r.reason != "not_allowed":
+        return plan
+    refusal = Refusal(f"{plan.host} sent as an address", http_status=403, socks_rep=0x08, reason="address_type",
+                      source="default")
+    return Plan(REFUSE, plan.host, plan.port, refusal, source="default")
 
 
 def native_frontend_available() -> bool:
@@ -64,7 +136,11 @@ class HandshakeTimeout(Exception):
 
 
 class ProxyServer:
-    """Base of ``Server`` and ``Socks5Server``; subclasses implement ``_session``."""
+    """Base of ``Server`` and ``Socks5Server``: serves parsed handshakes by executing plans.
+
+    Subclasses supply ``_session`` (the asyncio handshake) and ``protocol_for`` (the
+    ``Protocol`` of a handshake the engine read); everything after parsing is here, once.
+    """
 
     protocol = "tcp"
 
@@ -82,15 +158,22 @@ class ProxyServer:
         deny_private: bool = False,
         on_violation: OnViolation | None = None,
         violation_capacity: int = 1024,
+        dns_ttl: float = 30.0,
+        decider: Decider | None = None,
+        decider_timeout: float = 60.0,
+        on_event: OnEvent | None = None,
     ) -> None:
+        if not isinstance(filter, Filter):
+            raise TypeError(f"filter must be a kodarelay.Filter, not {type(filter).__name__}")
         self._lsock = lsock
         self._loop = asyncio.get_running_loop()
-        self.filter = filter
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.total_timeout = total_timeout
-        self.dialer = Dialer(filter, upstream or UpstreamConfig.direct(), resolver, connect_timeout, deny_private)
+        self.dialer = Dialer(filter, upstream or UpstreamConfig.direct(), resolver, connect_timeout, deny_private,
+                             dns_ttl=dns_ttl, decider=decider, decider_timeout=decider_timeout)
         self.violation_log = ViolationLog(violation_capacity, on_violation)
+        self._events = EventStream(on_event) if on_event is not None else None
         self._port: int = lsock.getsockname()[1]
         self._tasks: set[asyncio.Task[Any]] = set()
         self._serve_task: asyncio.Task[Any] | None = None
@@ -98,7 +181,7 @@ class ProxyServer:
         self._last_accept_error_log = 0.0
         self._front: Any = None            # the engine's listener (compiled front-end)
         self._native: set[Any] = set()     # tunnels the engine dialled and relays
-        self._fast_cache: dict[Any, Any] = {}  # see _dial_fast
+        self._announce_lock = threading.Lock()
 
     @classmethod
     async def bind(cls: type[S], port: int | None = None, filter: Filter | None = None, **options: Any) -> S:
@@ -119,6 +202,23 @@ class ProxyServer:
     @property
     def port(self) -> int:
         return self._port
+
+    # ── the policy (replaceable from any thread) ────────────────────────────
+
+    @property
+    def filter(self) -> Filter:
+        return self.dialer.filter
+
+    @filter.setter
+    def filter(self, value: Filter) -> None:
+        self.set_filter(value)
+
+    def set_filter(self, filter: Filter) -> None:
+        """Judge the next request by ``filter`` (any thread); cached decisions and remembered
+        decider answers are dropped first, live tunnels keep running."""
+        if not isinstance(filter, Filter):
+            raise TypeError(f"filter must be a kodarelay.Filter, not {type(filter).__name__}")
+        self.dialer.filter = filter
 
     @property
     def upstream(self) -> UpstreamConfig:
@@ -180,209 +280,124 @@ class ProxyServer:
         finally:
             self._serve_task = None
 
-    # ── the compiled front-end ───────────────────────────────────────────────
+    # ── judging: one plan per request, its violation and its events ─────────
 
-    #: "http", "socks5" or "mux": what the engine reads before handing a connection over
-    front_mode = "http"
-
-    def _start_front(self) -> None:
-        self._front = relay.impl.native_listen(  # type: ignore[attr-defined]
-            self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct
-        )
-
-    def _on_batch_direct(self, items: list[Any]) -> list[Any]:
-        """Runs on the engine's completer thread, holding the GIL it took for the batch: the
-        common case (a well-formed request for an allowed address, dialled directly) is dialled
-        at once; everything else (refusals and their violations, names to resolve, chaining)
-        goes to the event loop, which decides it from scratch. Side-effect free until dial."""
-        rest = []
-        for h in items:
-            try:
-                if self._closed or not self._dial_fast(h):
-                    rest.append(h)
-            except Exception:
-                rest.append(h)
-        return rest
-
-    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
-        """(protocol, host, port, early bytes, ok reply) of a well-formed request, else None."""
-        return None
-
-    def _dial_fast(self, h: Any) -> bool:
-        target = self._fast_target(h)
-        if target is None:
-            return False
-        protocol, host, port, early, ok = target
-        dialer = self.dialer
-        # Verdicts for IP literals depend on nothing but the policy: remember the allowed ones
-        # for as long as the filter, upstream and guard are the same objects.
-        policy = (self.filter, dialer.filter, dialer.upstream, dialer.deny_private)
-        cache = self._fast_cache
-        if cache.get(None) != policy:
-            cache.clear()
-            cache[None] = policy
-        name = cache.get((host, port))
-        if name is None:
-            if not self.filter.explain(host, port).allowed:
-                return False
-            canon = canonical_host(host)
-            if not isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-                return False
-            name = str(canon)
-            if not dialer.upstream.is_direct and not bypasses_proxy(name, dialer.upstream.no_proxy):
-                return False
-            if not self.filter.check_resolved(canon, port, [name], deny_private=dialer.deny_private).allowed:
-                return False
-            if len(cache) > 1024:
-                cache.clear()
-            cache[(host, port)] = name
-        try:
-            self._dial_native(h, protocol, host, port, [name], early, ok)
-        except ValueError:
-            return False
-        return True
-
-    def _dial_native(self, h: Any, protocol: str, host: str, port: int, addresses: list[str], early: bytes,
-                     ok: bytes) -> None:
-        """``h.dial`` and track the tunnel; its end is reported on the engine's completer thread
-        (no event-loop wakeup per tunnel). Safe on either thread."""
-        native = self._native
-
-        def done(e: BaseException | None) -> None:
-            native.discard(tunnel)
-            if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
-                log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, e)
-            elif e is not None:
-                log.debug("tunnel ended: %s", e)
-
-        tunnel = h.dial(addresses, port, ok, early, self.dialer.connect_timeout, self.idle_timeout,
-                        self.total_timeout, protocol == "socks5", self._loop, done)
-        native.add(tunnel)
-        if self._closed:                # close() ran meanwhile (on the loop thread)
-            tunnel.abort()
-            native.discard(tunnel)
-
-    def _on_batch(self, items: list[Any], err: int) -> None:
-        """One batch of handshakes the engine read (and maybe an accept error)."""
-        if err == -1:                       # the engine was shut down under us: start again
-            if not self._closed and self._serve_task is not None:
-                self._start_front()
-        elif err and not self._closed:
-            e = OSError(err, os.strerror(err))
-            if err not in _ACCEPT_RETRYABLE:
-                log.error("accept on port %d failed: %s", self._port, e)
-            self._log_accept_error(e)
-        for h in items:
-            if self._closed:
-                h.close()
-                continue
-            try:
-                self._decide(h)
-            except Exception:
-                log.exception("unexpected error serving a connection")
-                h.close()
-
-    def _decide(self, h: Any) -> None:
-        """Answer one native handshake: ``h.dial``, ``h.reply_and_close`` or the asyncio path."""
+    def protocol_for(self, h: Any) -> Protocol:
+        """The protocol of a handshake the engine read."""
         raise NotImplementedError
 
-    def refusal_bytes(self, protocol: str, r: Refusal) -> bytes:
-        if protocol == "socks5":
-            from .socks5 import reply_bytes
+    def _judged(self, proto: str, target: Target, plan: Plan) -> Ticket | None:
+        """Record what ``plan`` means (a violation and a refuse event, or an allow event);
+        returns the ticket of an allowed tunnel. Any thread."""
+        if plan.kind == REFUSE:
+            r = plan.refusal
+            assert r is not None
+            self.record(proto, plan.host, plan.port, r.reason or "refused", target.client)
+            self.emit(Event(time.time(), "refuse", proto, target.method, plan.host, plan.port, target.client,
+                            r.reason, r.rule, r.source))
+            return None
+        ticket = Ticket(proto, target.method, plan.host, plan.port, target.client)
+        self.emit(Event(time.time(), "allow", proto, target.method, plan.host, plan.port, target.client,
+                        "allowed", plan.rule, plan.source, ticket.id))
+        return ticket
 
-            return reply_bytes(r.socks_rep or REP_GENERAL_FAILURE)
-        from .server import status_line
+    def _reject(self, proto: str, parsed: Reject) -> None:
+        """Record a handshake refused before any policy."""
+        if parsed.reason is not None:
+            self.record(proto, parsed.host, parsed.port, parsed.reason, parsed.client)
+            self.emit(Event(time.time(), "refuse", proto, "", parsed.host, parsed.port, parsed.client,
+                            parsed.reason, None, "default"))
 
-        return status_line(r.http_status, r.reason if r.http_status == 403 else None)
+    def _ended(self, ticket: Ticket | None, moved: tuple[int, int] | None, reason: str | None = None) -> None:
+        if ticket is None or self._events is None:
+            return
+        up, down = moved if moved is not None else (None, None)
+        self.emit(Event(time.time(), "end", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
+                        reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start))
 
-    def _refuse(self, protocol: str, h: Any, host: str, port: int, r: Refusal) -> None:
+    def _unreachable(self, proto: str, target: Target, plan: Plan, r: Refusal, ticket: Ticket | None) -> None:
+        """An allowed target that could not be reached (or an upstream that said no)."""
         if r.reason is not None:
-            self.record(protocol, host, port, r.reason)
+            self.record(proto, plan.host, plan.port, r.reason, target.client, str(r))
         else:
-            log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, r)
-        h.reply_and_close(self.refusal_bytes(protocol, r))
+            log.info("%s tunnel to %s:%d failed: %s", proto, plan.host, plan.port, r)
+        self._ended(ticket, (0, 0), r.reason or "unreachable")
 
-    def native_open(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes) -> None:
-        """``open_tunnel`` for a native handshake: judge now; dial in the engine when the target
-        is an address (or after resolving it); chained tunnels take the asyncio path."""
-        decision = self.filter.explain(host, port)
-        if not decision.allowed:
-            r = Refusal(f"{host}:{port} is {decision.reason}", http_status=403, socks_rep=REP_NOT_ALLOWED,
-                        reason=decision.reason)
-            self._refuse(protocol, h, host, port, r)
-            return
-        dialer = self.dialer
-        canon = canonical_host(host)
-        name = str(canon)
-        chained = not dialer.upstream.is_direct and not bypasses_proxy(name, dialer.upstream.no_proxy)
-        if chained or not isinstance(canon, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-            self._track(self._loop.create_task(self._native_slow(protocol, h, host, port, early, ok, chained)))
-            return
-        self._native_dial(protocol, h, host, port, [name], early, ok)
+    def emit(self, event: Event) -> None:
+        if self._events is not None:
+            self._events.emit(event)
 
-    def _native_dial(self, protocol: str, h: Any, host: str, port: int, addresses: list[str], early: bytes,
-                     ok: bytes) -> None:
-        canon = canonical_host(host)
-        decision = self.filter.check_resolved(canon, port, addresses, deny_private=self.dialer.deny_private)
-        if not decision.allowed:
-            r = Refusal(f"{canon} resolves to a refused address", http_status=403, socks_rep=REP_NOT_ALLOWED,
-                        reason=decision.reason)
-            self._refuse(protocol, h, host, port, r)
-            return
+    def record(self, protocol: str, host: str, port: int | None, reason: str, client: str | None = None,
+               detail: str | None = None) -> None:
+        self.violation_log.record(protocol, host, port, reason, client, detail)
+
+    async def open_tunnel(self, protocol: str, host: str, port: int, *, method: str = "CONNECT",
+                          client: str | None = None) -> tuple[socket.socket, bytes]:
+        """Judge ``host:port`` and connect to it; returns the socket and bytes already received.
+
+        Every refusal is recorded (policy refusals as violations, unreachable targets as a
+        log line) and raised as ``Refusal``, which carries each protocol's reply.
+        """
+        target = Target(host, port, b"", method, client)
+        plan = await self._plan(protocol, target)
+        ticket = self._judged(protocol, target, plan)
+        if plan.kind == REFUSE:
+            assert plan.refusal is not None
+            raise plan.refusal
         try:
-            self._dial_native(h, protocol, host, port, addresses, early, ok)
-        except ValueError:              # an address the engine cannot take (scoped IPv6 ...)
-            self._track(self._loop.create_task(self._run_detached(protocol, h, host, port, early, ok)))
+            return await self.dialer.connect(plan)
+        except Refusal as r:
+            self._unreachable(protocol, target, plan, r, ticket)
+            raise
 
-    async def _native_slow(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes,
-                           chained: bool) -> None:
+    def _plan_now(self, target: Target) -> Plan | None:
+        plan = self.dialer.plan_now(target.host, target.port)
+        return plan if plan is None or not target.literal else _literal_plan(plan)
+
+    async def _plan(self, protocol: str, target: Target) -> Plan:
+        plan = self._plan_now(target)
+        if plan is None:
+            plan = await self.dialer.plan(Request(protocol, target.method, target.host, target.port, target.client))
+            if target.literal:
+                plan = _literal_plan(plan)
+        return plan
+
+    # ── the asyncio path ─────────────────────────────────────────────────────
+
+    async def serve_parsed(self, conn: socket.socket, proto: Protocol, parsed: Parsed) -> Handoff | None:
+        """Judge a parsed handshake, reply, and return what the relay needs (None: refused)."""
+        if isinstance(parsed, Reject):
+            self._reject(proto.name, parsed)
+            if parsed.reply is not None:
+                await self.send_quietly(conn, parsed.reply)
+            return None
+        plan = await self._plan(proto.name, parsed)
+        ticket = self._judged(proto.name, parsed, plan)
+        if ticket is None:
+            assert plan.refusal is not None
+            await self.send_quietly(conn, proto.refusal_reply(plan.refusal, plan.host, plan.port))
+            return None
+        opened = await self._connect_plan(conn, proto, parsed, plan, ticket)
+        if opened is None:
+            return None
+        return opened[0], parsed.early, opened[1], ticket
+
+    async def _connect_plan(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
+                            ticket: Ticket) -> tuple[socket.socket, bytes] | None:
+        """Execute an allowed plan on the loop and send the client its answer."""
         try:
-            if chained:
-                await self._run_detached(protocol, h, host, port, early, ok)
-                return
-            name = str(canonical_host(host))
-            try:
-                addresses = await self.dialer.resolve(name, port)
-            except Refusal as r:
-                self._refuse(protocol, h, host, port, r)
-                return
-            if not self._closed:
-                self._native_dial(protocol, h, host, port, addresses, early, ok)
-        finally:
-            h.close()       # a no-op once answered
-
-    async def _run_detached(self, protocol: str, h: Any, host: str, port: int, early: bytes, ok: bytes) -> None:
-        """The asyncio path for a native handshake (upstream chaining)."""
-        conn = socket.socket(fileno=h.detach())
-        with _connection_ends(conn):
-            conn.setblocking(False)
-            try:
-                upstream, from_upstream = await self.open_tunnel(protocol, host, port)
-            except Refusal as r:
-                try:
-                    await self.send(conn, self.refusal_bytes(protocol, r))
-                except OSError:
-                    pass
-                return
-            try:
-                await self.send(conn, ok)
-                if early or from_upstream:
-                    await self._forward_early(conn, upstream, early, from_upstream)
-            except BaseException:
-                upstream.close()
-                raise
-            await relay.relay_with_timeouts(conn, upstream, self.idle_timeout, self.total_timeout)
-
-    def _track(self, task: asyncio.Task[Any]) -> None:
-        """Keep a strong reference to ``task`` while it runs: asyncio holds tasks only weakly."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _log_accept_error(self, e: OSError) -> None:
-        now = time.monotonic()
-        if now - self._last_accept_error_log >= 1.0:
-            self._last_accept_error_log = now
-            log.warning("accept on port %d failed (%s); backing off and retrying", self._port, e)
+            upstream, from_upstream = await self.dialer.connect(plan)
+        except Refusal as r:
+            self._unreachable(proto.name, target, plan, r, ticket)
+            await self.send_quietly(conn, proto.refusal_reply(r, plan.host, plan.port))
+            return None
+        try:
+            await self.send(conn, proto.ok_reply)
+        except BaseException:
+            upstream.close()
+            self._ended(ticket, (0, 0))
+            raise
+        return upstream, from_upstream
 
     def _spawn(self, conn: socket.socket) -> None:
         conn.setblocking(False)
@@ -396,20 +411,179 @@ class ProxyServer:
         with _connection_ends(conn):
             handoff = await self._session(conn)
             if handoff is not None:
-                upstream, to_upstream, to_client = handoff
+                upstream, to_upstream, to_client, ticket = handoff
                 del handoff
-                if to_upstream or to_client:
-                    await self._forward_early(conn, upstream, to_upstream, to_client)
-                del to_upstream, to_client
-                # The handshake's frames are gone now: an idle tunnel keeps this frame and
-                # the relay's, nothing else.
-                await relay.relay_with_timeouts(conn, upstream, self.idle_timeout, self.total_timeout)
+                await self._relay(conn, upstream, to_upstream, to_client, ticket)
+
+    async def _relay(self, conn: socket.socket, upstream: socket.socket, to_upstream: bytes, to_client: bytes,
+                     ticket: Ticket) -> None:
+        moved = None
+        try:
+            if to_upstream or to_client:
+                await self._forward_early(conn, upstream, to_upstream, to_client)
+            # The handshake's frames are gone now: an idle tunnel keeps this frame and
+            # the relay's, nothing else.
+            up, down = await relay.relay_with_timeouts(conn, upstream, self.idle_timeout, self.total_timeout)
+            moved = (up + len(to_upstream), down + len(to_client))
+        finally:
+            self._ended(ticket, moved)
 
     async def _session(self, conn: socket.socket) -> Handoff | None:
         """Run the protocol handshake; return what the tunnel needs, or None when refused."""
         raise NotImplementedError
 
-    # ── helpers for sessions ─────────────────────────────────────────────────
+    # ── the compiled front-end ───────────────────────────────────────────────
+
+    #: "http", "socks5" or "mux": what the engine reads before handing a connection over
+    front_mode = "http"
+
+    def _start_front(self) -> None:
+        self._front = relay.impl.native_listen(  # type: ignore[attr-defined]
+            self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct
+        )
+
+    def _on_batch_direct(self, items: list[Any]) -> list[Any]:
+        """Runs on the engine's completer thread, holding the GIL it took for the batch: each
+        handshake is parsed once, and a request whose plan is known at once and direct is
+        dialled here; the rest goes to the event loop with its parse."""
+        rest: list[Any] = []
+        for h in items:
+            try:
+                proto = self.protocol_for(h)
+                parsed = proto.parse_handshake(h)
+                if isinstance(parsed, Target) and not self._closed:
+                    plan = self._plan_now(parsed)
+                    if plan is not None and plan.kind == DIRECT and self._dial_native(h, proto, parsed, plan):
+                        continue
+                rest.append((h, proto, parsed))
+            except Exception:
+                rest.append(h)
+        return rest
+
+    def _on_batch(self, items: list[Any], err: int) -> None:
+        """One batch of handshakes the engine read (and maybe an accept error)."""
+        if err == -1:                       # the engine was shut down under us: start again
+            if not self._closed and self._serve_task is not None:
+                self._start_front()
+        elif err and not self._closed:
+            e = OSError(err, os.strerror(err))
+            if err not in _ACCEPT_RETRYABLE:
+                log.error("accept on port %d failed: %s", self._port, e)
+            self._log_accept_error(e)
+        for item in items:
+            h, proto, parsed = item if isinstance(item, tuple) else (item, None, None)
+            if self._closed:
+                h.close()
+                continue
+            try:
+                if proto is None:
+                    proto = self.protocol_for(h)
+                    parsed = proto.parse_handshake(h)
+                self._serve_native(h, proto, parsed)
+            except Exception:
+                log.exception("unexpected error serving a connection")
+                h.close()
+
+    def _serve_native(self, h: Any, proto: Protocol, parsed: Parsed) -> None:
+        if isinstance(parsed, Reject):
+            self._reject(proto.name, parsed)
+            if parsed.reply is not None:
+                h.reply_and_close(parsed.reply)
+            else:
+                h.close()
+            return
+        plan = self._plan_now(parsed)
+        if plan is None:
+            self._track(self._loop.create_task(self._serve_native_later(h, proto, parsed)))
+        else:
+            self._execute_native(h, proto, parsed, plan)
+
+    async def _serve_native_later(self, h: Any, proto: Protocol, target: Target) -> None:
+        try:
+            plan = await self._plan(proto.name, target)
+            if not self._closed:
+                self._execute_native(h, proto, target, plan)
+        finally:
+            h.close()       # a no-op once answered, dialled or detached
+
+    def _execute_native(self, h: Any, proto: Protocol, target: Target, plan: Plan) -> None:
+        """Carry out ``plan`` for a native handshake: refuse it, dial it in the engine, or
+        (chaining, an address the engine cannot take) run it on the asyncio path."""
+        if plan.kind == REFUSE:
+            self._judged(proto.name, target, plan)
+            assert plan.refusal is not None
+            h.reply_and_close(proto.refusal_reply(plan.refusal, plan.host, plan.port))
+            return
+        if plan.kind == DIRECT and self._dial_native(h, proto, target, plan):
+            return
+        ticket = self._judged(proto.name, target, plan)
+        assert ticket is not None
+        conn = socket.socket(fileno=h.detach())      # taken now: nothing else may answer it
+        self._track(self._loop.create_task(self._run_detached(conn, proto, target, plan, ticket)))
+
+    def _dial_native(self, h: Any, proto: Protocol, target: Target, plan: Plan) -> bool:
+        """``h.dial`` the plan's checked addresses and track the tunnel; False when the engine
+        cannot take an address (the asyncio path then serves it). Safe on either thread; the
+        tunnel's end is reported on the engine's completer thread (no loop wakeup)."""
+        ticket = Ticket(proto.name, target.method, plan.host, plan.port, target.client)
+        native = self._native
+
+        announced: list[bool] = []
+
+        def announce() -> None:
+            # the allow event goes out before the end event, whichever thread gets here first
+            with self._announce_lock:
+                if not announced:
+                    announced.append(True)
+                    self.emit(Event(time.time(), "allow", proto.name, target.method, plan.host, plan.port,
+                                    target.client, "allowed", plan.rule, plan.source, ticket.id))
+
+        def done(e: BaseException | None) -> None:
+            native.discard(tunnel)
+            announce()
+            moved = getattr(tunnel, "moved", None)
+            if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
+                log.info("%s tunnel to %s:%d failed: %s", proto.name, plan.host, plan.port, e)
+                self._ended(ticket, (0, 0), "unreachable")
+                return
+            if e is not None and not (isinstance(e, OSError) and e.errno in _NORMAL_ENDS):
+                log.debug("tunnel ended: %s", e)
+            self._ended(ticket, moved() if callable(moved) else moved)
+
+        try:
+            tunnel = h.dial(list(plan.addresses), plan.port, proto.ok_reply, target.early,
+                            self.dialer.connect_timeout, self.idle_timeout, self.total_timeout,
+                            proto.name == "socks5", self._loop, done)
+        except ValueError:
+            return False
+        announce()
+        native.add(tunnel)
+        if self._closed:                # close() ran meanwhile (on the loop thread)
+            tunnel.abort()
+            native.discard(tunnel)
+        return True
+
+    async def _run_detached(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
+                            ticket: Ticket) -> None:
+        """The asyncio path for a native handshake (chaining, or an address the engine cannot take)."""
+        with _connection_ends(conn):
+            conn.setblocking(False)
+            opened = await self._connect_plan(conn, proto, target, plan, ticket)
+            if opened is not None:
+                await self._relay(conn, opened[0], target.early, opened[1], ticket)
+
+    # ── helpers ──────────────────────────────────────────────────────────────
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a strong reference to ``task`` while it runs: asyncio holds tasks only weakly."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _log_accept_error(self, e: OSError) -> None:
+        now = time.monotonic()
+        if now - self._last_accept_error_log >= 1.0:
+            self._last_accept_error_log = now
+            log.warning("accept on port %d failed (%s); backing off and retrying", self._port, e)
 
     async def recv_some(self, conn: socket.socket, deadline: float, n: int = 4096) -> bytes:
         """Read up to ``n`` bytes before the handshake ``deadline`` (loop time)."""
@@ -424,27 +598,12 @@ class ProxyServer:
     async def send(self, conn: socket.socket, data: bytes) -> None:
         await self._loop.sock_sendall(conn, data)
 
-    def record(self, protocol: str, host: str, port: int | None, reason: str) -> None:
-        self.violation_log.record(protocol, host, port, reason)
-
-    async def open_tunnel(self, protocol: str, host: str, port: int) -> tuple[socket.socket, bytes]:
-        """Judge ``host:port`` and connect to it; returns the socket and bytes already received.
-
-        Every refusal is recorded (policy refusals as violations, unreachable targets as a
-        log line) and raised as ``Refusal``, which carries each protocol's reply.
-        """
+    async def send_quietly(self, conn: socket.socket, data: bytes) -> None:
+        """Send a final reply; a client that already left is not an error."""
         try:
-            decision = self.filter.explain(host, port)
-            if not decision.allowed:
-                raise Refusal(f"{host}:{port} is {decision.reason}", http_status=403, socks_rep=REP_NOT_ALLOWED,
-                              reason=decision.reason)
-            return await self.dialer.dial(host, port)
-        except Refusal as r:
-            if r.reason is not None:
-                self.record(protocol, host, port, r.reason)
-            else:
-                log.info("%s tunnel to %s:%d failed: %s", protocol, host, port, r)
-            raise
+            await self._loop.sock_sendall(conn, data)
+        except OSError:
+            pass
 
     async def _forward_early(
         self, client: socket.socket, upstream: socket.socket, to_upstream: bytes, to_client: bytes
@@ -514,4 +673,4 @@ class ProxyServer:
         await self.aclose()
 
 
-__all__ = ["ProxyServer", "Handoff", "HandshakeTimeout", "Refusal"]
+__all__ = ["ProxyServer", "Protocol", "Target", "Reject", "Ticket", "Handoff", "HandshakeTimeout", "Refusal"]

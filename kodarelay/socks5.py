@@ -1,10 +1,13 @@
 """The built-in SOCKS5 proxy server (RFC 1928 subset, loopback only).
 
-No authentication (method 0x00 only, else ``05 FF``), CONNECT only (else REP 0x07), domain
-names only (IPv4 / IPv6 literals get REP 0x08: clients must send the name, which is why the
-bouquet says ``socks5h://``). Empty or non-UTF-8 name → 0x01, not allowed → 0x02, refused
-→ 0x05, network unreachable → 0x03, host unreachable or timeout → 0x04, success → 0x00 and
-the relay. An unknown address type or a non-SOCKS5 version closes the connection.
+Methods: no authentication (0x00) and RFC 1929 username/password (0x02, preferred when a
+client offers both: the username attributes the request, the password is ignored); neither
+offered → ``05 FF``. CONNECT only (else REP 0x07). Names are judged like a CONNECT to them;
+an IPv4 / IPv6 literal is judged like a CONNECT to that literal, and refused with REP 0x08
+(``address_type``: send the name, ``socks5h://``) unless an IP / CIDR rule admits it. Empty,
+non-UTF-8 or port-carrying name → 0x01, not allowed → 0x02, refused → 0x05, network
+unreachable → 0x03, host unreachable or timeout → 0x04, success → 0x00 and the relay. An
+unknown address type or a non-SOCKS5 version closes the connection.
 
 The handshake timeout covers the handshake only; the tunnel then has the same idle and
 total caps as HTTP CONNECT, and chains through the same upstream layer.
@@ -14,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from . import relay
 from .dial import REP_GENERAL_FAILURE, Refusal
-from .serving import Handoff, HandshakeTimeout, ProxyServer
+from .serving import Handoff, HandshakeTimeout, Parsed, Protocol, ProxyServer, Reject, Target
+from .violations import _printable
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +34,53 @@ REP_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 CMD_CONNECT = 0x01
 ATYP_DOMAIN = 0x03
 METHOD_NO_AUTH = 0x00
-MAX_HANDSHAKE = 600  # greeting (≤ 257) + request (≤ 262)
+METHOD_USERPASS = 0x02
+MAX_HANDSHAKE = 600  # greeting (≤ 257) + auth (≤ 513) + request (≤ 262), each read on its own
+
+T = TypeVar("T")
 
 
 def reply_bytes(rep: int) -> bytes:
     """A SOCKS5 reply with an all-zero IPv4 bound address (clients ignore it for CONNECT)."""
     return bytes((5, rep, 0, 1, 0, 0, 0, 0, 0, 0))
+
+
+SOCKS_OK = reply_bytes(REP_SUCCEEDED)
+
+
+class Socks5Protocol(Protocol):
+    """SOCKS5 after its greeting: a complete request in, a target (or a refusal) out."""
+
+    name = "socks5"
+    ok_reply = SOCKS_OK
+
+    def parse(self, data: bytes, client: str | None = None) -> Parsed:
+        try:
+            parsed = relay.parsers.parse_socks5_request(data)
+        except Socks5Error as e:
+            if e.rep is not None:
+                return Reject(reply_bytes(e.rep), "bad_host", client=client)
+            log.debug("closing SOCKS5 connection: %s", e)
+            return Reject(None, None)
+        if parsed is None:          # (the engine delivers complete requests only)
+            return Reject(None, None)
+        used, cmd, atyp, host, port = parsed
+        if cmd != CMD_CONNECT:
+            return Reject(reply_bytes(REP_COMMAND_NOT_SUPPORTED), "command", host, port, client)
+        if atyp == ATYP_DOMAIN and ":" in host:
+            return Reject(reply_bytes(REP_GENERAL_FAILURE), "bad_host", host, port, client)
+        return Target(host, port, data[used:], "CONNECT", client, atyp != ATYP_DOMAIN)
+
+    def parse_handshake(self, h: Any) -> Parsed:
+        user = getattr(h, "user", None)
+        client = _printable(user.decode("utf-8", "backslashreplace"), 100) if user else None
+        return self.parse(h.data, client)
+
+    def refusal_reply(self, r: Refusal, host: str, port: int | None) -> bytes:
+        return reply_bytes(r.socks_rep or REP_GENERAL_FAILURE)
+
+
+SOCKS5 = Socks5Protocol()
 
 
 class Socks5Server(ProxyServer):
@@ -49,14 +94,12 @@ class Socks5Server(ProxyServer):
         deadline = self._loop.time() + self.handshake_timeout
         return await socks5_session(self, conn, b"", deadline)
 
-    def _decide(self, h: Any) -> None:
-        socks5_decide(self, h)
-
-    def _fast_target(self, h: Any) -> tuple[str, str, int, bytes, bytes] | None:
-        return socks5_fast_target(h)
+    def protocol_for(self, h: Any) -> Protocol:
+        return SOCKS5
 
 
-async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float, parse):  # type: ignore[no-untyped-def]
+async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float,
+                      parse: Callable[[bytes], T | None]) -> tuple[T, bytes]:
     while True:
         parsed = parse(buf)
         if parsed is not None:
@@ -69,98 +112,54 @@ async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadlin
         buf += chunk
 
 
+def parse_userpass(buf: bytes) -> tuple[int, str] | None:
+    """``(consumed, username)`` from an RFC 1929 request, or None if more bytes are needed."""
+    if len(buf) < 2:
+        return None
+    if buf[0] != 1:
+        raise Socks5Error(None, f"unsupported username/password version {buf[0]}")
+    ulen = buf[1]
+    if len(buf) < 2 + ulen + 1:
+        return None
+    plen = buf[2 + ulen]
+    end = 3 + ulen + plen
+    if len(buf) < end:
+        return None
+    user = bytes(buf[2:2 + ulen]).decode("utf-8", "backslashreplace")
+    return end, user
+
+
 async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float) -> Handoff | None:
     """Serve one SOCKS5 session whose first bytes (possibly none yet) are ``buf``."""
     parsers = relay.parsers
-
-    async def reply(rep: int) -> None:
-        try:
-            await srv.send(conn, reply_bytes(rep))
-        except OSError:
-            pass
-
+    client: str | None = None
     try:
         (used, methods), buf = await _read_until(srv, conn, buf, deadline, parsers.parse_socks5_greeting)
         buf = buf[used:]
-        if METHOD_NO_AUTH not in methods:
-            await srv.send(conn, b"\x05\xff")
+        if METHOD_USERPASS in methods:
+            await srv.send(conn, b"\x05\x02")
+            (used, user), buf = await _read_until(srv, conn, buf, deadline, parse_userpass)
+            buf = buf[used:]
+            client = _printable(user, 100) if user else None
+            await srv.send(conn, b"\x01\x00")       # any password: attribution, not access
+        elif METHOD_NO_AUTH in methods:
+            await srv.send(conn, b"\x05\x00")
+        else:
+            await srv.send_quietly(conn, b"\x05\xff")
             return None
-        await srv.send(conn, b"\x05\x00")
-        (used, cmd, atyp, host, port), buf = await _read_until(srv, conn, buf, deadline, parsers.parse_socks5_request)
+
+        def complete(b: bytes) -> bytes | None:
+            try:
+                return b if parsers.parse_socks5_request(b) is not None else None
+            except Socks5Error as e:
+                if e.rep is None:
+                    raise
+                return b                # complete enough: parse() gives its reply
+
+        _, buf = await _read_until(srv, conn, buf, deadline, complete)
     except HandshakeTimeout:
         return None
     except Socks5Error as e:
-        if e.rep is not None:
-            srv.record("socks5", "", None, "bad_host")
-            await reply(e.rep)
-        else:
-            log.debug("closing SOCKS5 connection: %s", e)
+        log.debug("closing SOCKS5 connection: %s", e)
         return None
-    early = buf[used:]
-    if cmd != CMD_CONNECT:
-        srv.record("socks5", host, port, "command")
-        await reply(REP_COMMAND_NOT_SUPPORTED)
-        return None
-    if atyp != ATYP_DOMAIN:
-        srv.record("socks5", host, port, "address_type")
-        await reply(REP_ADDRESS_TYPE_NOT_SUPPORTED)
-        return None
-    try:
-        upstream, from_upstream = await srv.open_tunnel("socks5", host, port)
-    except Refusal as r:
-        await reply(r.socks_rep or REP_GENERAL_FAILURE)
-        return None
-    try:
-        await srv.send(conn, reply_bytes(REP_SUCCEEDED))
-    except BaseException:
-        upstream.close()
-        raise
-    return upstream, early, from_upstream
-
-
-def socks5_decide(srv: ProxyServer, h: Any) -> None:
-    """``socks5_session`` after the greeting, for a request the engine read (it answered the
-    greeting itself): the same checks, violations and replies."""
-    data = h.data
-    try:
-        parsed = relay.parsers.parse_socks5_request(data)
-    except Socks5Error as e:
-        if e.rep is not None:
-            srv.record("socks5", "", None, "bad_host")
-            h.reply_and_close(reply_bytes(e.rep))
-        else:
-            log.debug("closing SOCKS5 connection: %s", e)
-            h.close()
-        return
-    if parsed is None:          # (the engine delivers complete requests only)
-        h.close()
-        return
-    used, cmd, atyp, host, port = parsed
-    early = data[used:]
-    if cmd != CMD_CONNECT:
-        srv.record("socks5", host, port, "command")
-        h.reply_and_close(reply_bytes(REP_COMMAND_NOT_SUPPORTED))
-        return
-    if atyp != ATYP_DOMAIN:
-        srv.record("socks5", host, port, "address_type")
-        h.reply_and_close(reply_bytes(REP_ADDRESS_TYPE_NOT_SUPPORTED))
-        return
-    srv.native_open("socks5", h, host, port, early, reply_bytes(REP_SUCCEEDED))
-
-
-SOCKS_OK = reply_bytes(REP_SUCCEEDED)
-
-
-def socks5_fast_target(h: Any) -> tuple[str, str, int, bytes, bytes] | None:
-    """A well-formed SOCKS5 CONNECT to a name in a native handshake, else None."""
-    data = h.data
-    try:
-        parsed = relay.parsers.parse_socks5_request(data)
-    except Socks5Error:
-        return None
-    if parsed is None:
-        return None
-    used, cmd, atyp, host, port = parsed
-    if cmd != CMD_CONNECT or atyp != ATYP_DOMAIN:
-        return None
-    return "socks5", host, port, data[used:], SOCKS_OK
+    return await srv.serve_parsed(conn, SOCKS5, SOCKS5.parse(buf, client))

@@ -27,7 +27,12 @@ RESPONSE_TIMEOUT = 10.0
 
 
 class UpstreamError(OSError):
-    """The upstream proxy could not be reached or refused the CONNECT."""
+    """The upstream proxy could not be reached or refused the CONNECT; ``status`` is its
+    non-2xx status code when it answered one."""
+
+    def __init__(self, *args: object, status: int | None = None) -> None:
+        super().__init__(*args)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -322,7 +327,7 @@ async def connect_upstream(
             raise UpstreamError(f"malformed upstream response {status_line[:100]!r}")
         code = int(parts[1])
         if not 200 <= code < 300:
-            raise UpstreamError(f"upstream proxy refused CONNECT to {host}:{port} with {code}")
+            raise UpstreamError(f"upstream proxy refused CONNECT to {host}:{port} with {code}", status=code)
         return sock, buf[end:]
     except BaseException:
         sock.close()

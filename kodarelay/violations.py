@@ -31,6 +31,10 @@ REASONS = (
     "address_type",
     "command",
     "resolve_failed",
+    "decider_denied",
+    "decider_timeout",
+    "decider_error",
+    "upstream_refused",
 )
 
 
@@ -43,6 +47,10 @@ class Violation:
     host: str
     port: Optional[int]
     reason: str
+    #: who asked (``Proxy-Authorization`` user or SOCKS5 username), None when absent
+    client: Optional[str] = None
+    #: more about the reason (e.g. "upstream refused (403)"), never a path or query
+    detail: Optional[str] = None
 
 
 OnViolation = Callable[[Violation], None]
@@ -58,12 +66,15 @@ class ViolationLog:
         self._lock = threading.Lock()
         self._on_violation = on_violation
 
-    def record(self, protocol: str, host: str, port: int | None, reason: str) -> Violation:
+    def record(self, protocol: str, host: str, port: int | None, reason: str, client: str | None = None,
+               detail: str | None = None) -> Violation:
         """Store, log and announce one refusal; returns the record."""
-        v = Violation(time.time(), protocol, _printable(host), port, reason)
+        v = Violation(time.time(), protocol, _printable(host), port, reason,
+                      None if client is None else _printable(client, 100), detail)
         with self._lock:
             self._ring.append(v)
-        log.info("refused %s %s:%s (%s)", protocol, v.host, port if port is not None else "-", reason)
+        log.info("refused %s %s:%s (%s)%s", protocol, v.host, port if port is not None else "-", detail or reason,
+                 f" for {v.client}" if v.client is not None else "")
         if self._on_violation is not None:
             try:
                 self._on_violation(v)

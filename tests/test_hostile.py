@@ -181,7 +181,7 @@ def test_every_refusal_is_recorded_with_its_reason(echo):
         assert [(v.host, v.reason) for v in http.violations()] == [
             ("allowed.test", "resolved_address"),
             ("evil.test", "not_allowed"),
-            ("127.1", "not_allowed"),
+            ("127.0.0.1", "not_allowed"),          # recorded canonical, as events and deciders see it
             ("allowed.test:+1", "bad_request"),
         ]
         assert [v.reason for v in socks.violations()] == ["resolved_address", "not_allowed", "not_allowed"]

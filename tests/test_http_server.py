@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import socket
 import threading
 
@@ -29,6 +30,10 @@ def test_refused_host_gets_403_and_never_a_byte(start_proxy, echo):
     s, head = http_connect(h.port, f"evil.test:{echo.port}")
     assert status_of(head) == 403
     assert b"X-Proxy-Error: not_allowed\r\n" in head
+    assert b"Content-Type: text/plain" in head
+    length = int(re.search(rb"Content-Length: (\d+)\r\n", head).group(1))
+    body = recv_exact(s, length)
+    assert body.decode() == f"kodarelay refused evil.test:{echo.port}: not_allowed; allow it with --allow evil.test:{echo.port}\n"
     assert s.recv(1) == b""
     assert echo.accepted == 0
     [v] = h.violations()

@@ -37,14 +37,51 @@ def test_not_allowed_gets_rep_02(start_socks, echo):
     assert [(v.protocol, v.reason) for v in h.violations()] == [("socks5", "not_allowed")]
 
 
-def test_ipv4_and_ipv6_literals_get_rep_08(start_socks, echo):
-    h = start_socks(["localhost", "127.0.0.1"])
+def test_ipv4_and_ipv6_literals_no_ip_rule_names_get_rep_08(start_socks, echo):
+    h = start_socks(["localhost"])
     s, rep = socks5_connect(h.port, socket.inet_aton("127.0.0.1"), echo.port, atyp=1)
     assert rep[:2] == b"\x05\x08"
     s, rep = socks5_connect(h.port, socket.inet_pton(socket.AF_INET6, "::1"), echo.port, atyp=4)
     assert rep[:2] == b"\x05\x08"
     assert echo.accepted == 0
     assert {v.reason for v in h.violations()} == {"address_type"}
+
+
+def test_ipv4_literal_an_ip_rule_names_is_tunnelled(start_socks, echo):
+    """issue 13.4: an IPv4 ATYP is judged like a CONNECT to that literal."""
+    h = start_socks(["127.0.0.1"])
+    s, rep = socks5_connect(h.port, socket.inet_aton("127.0.0.1"), echo.port, atyp=1)
+    assert rep[:2] == b"\x05\x00"
+    s.sendall(b"hi")
+    assert recv_exact(s, 2) == b"hi"
+    # another address is still refused as address_type, a denied one as denied
+    s2, rep = socks5_connect(h.port, socket.inet_aton("127.0.0.2"), echo.port, atyp=1)
+    assert rep[:2] == b"\x05\x08"
+    assert [v.reason for v in h.violations()] == ["address_type"]
+
+
+def test_domain_carrying_a_port_is_refused_and_recorded(start_socks, echo, caplog):
+    """issue 10.6: ``allowed.test:9001`` as a DOMAIN got no reply and an ERROR traceback."""
+    h = start_socks(["localhost"])
+    s, rep = socks5_connect(h.port, f"localhost:{echo.port}".encode(), echo.port)
+    assert rep[:2] == b"\x05\x01"
+    assert [v.reason for v in h.violations()] == ["bad_host"]
+    assert echo.accepted == 0
+    assert not [r for r in caplog.records if r.levelno >= 40]
+
+
+def test_username_password_is_accepted_and_attributes(start_socks, echo):
+    """RFC 1929 (0x02) is chosen when offered, even beside no-auth; the password is ignored."""
+    h = start_socks(["localhost"])
+    s = connect(h.port)
+    s.sendall(b"\x05\x02\x00\x02")
+    assert recv_exact(s, 2) == b"\x05\x02"
+    s.sendall(b"\x01\x05job-7\x03pwd")
+    assert recv_exact(s, 2) == b"\x01\x00"
+    s.sendall(bytes([5, 1, 0, 3, 8]) + b"evil.com" + (443).to_bytes(2, "big"))
+    assert recv_exact(s, 10)[:2] == b"\x05\x02"
+    [v] = h.violations()
+    assert (v.host, v.reason, v.client) == ("evil.com", "not_allowed", "job-7")
 
 
 @pytest.mark.parametrize("cmd", [2, 3])
@@ -60,7 +97,7 @@ def test_bind_and_udp_get_rep_07(start_socks, echo, cmd):
 def test_no_acceptable_method_gets_ff(start_socks):
     h = start_socks()
     s = connect(h.port)
-    s.sendall(b"\x05\x01\x02")  # username/password only
+    s.sendall(b"\x05\x01\x01")  # GSSAPI only
     assert recv_exact(s, 2) == b"\x05\xff"
     assert s.recv(1) == b""
 
