@@ -135,8 +135,25 @@ def all_proxy_scheme(args: argparse.Namespace, socks_port: bool = False) -> str:
 
 
 def proxy_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword options for the built-in proxies that come from the policy flags."""
-    return {"deny_private": not args.allow_private}
+    """Keyword options for the built-in proxies that come from the policy and logging flags."""
+    options: dict[str, Any] = {"deny_private": not args.allow_private}
+    if getattr(args, "verbose", 0):
+        options["on_event"] = log_event
+    return options
+
+
+def log_event(event: Any) -> None:
+    """``-v``: one line per admitted tunnel; ``-vv``: its end too. Refusals are not repeated
+    here: the ``kodarelay.violations`` logger already says each once."""
+    where = host_port(event.host, event.port)
+    if event.kind == "allow":
+        why = f"{event.source} {event.rule}" if event.rule else str(event.source)
+        log.info("allowed %s %s (%s)", event.protocol, where, why)
+    elif event.kind == "end":
+        log.debug(
+            "ended %s %s: %s bytes up, %s down, %.2fs",
+            event.protocol, where, event.bytes_up, event.bytes_down, event.duration or 0.0,
+        )
 
 
 def check_ca_bundle(path: str | None) -> str | None:

@@ -387,24 +387,24 @@ def test_run_summary_never_prints_a_path_or_query():
     assert "secret" not in out.stderr and "token" not in out.stderr, out.stderr
 
 
-def _native_frontend() -> bool:
-    from kodarelay.serving import native_frontend_available
-
-    return native_frontend_available()
-
-
-@pytest.mark.xfail(
-    condition=_native_frontend(), strict=True,
-    reason="serving.py ProxyServer._dial_fast calls filter.explain() for a name before native_open() judges it again",
-)
-def test_run_debug_log_judges_each_connection_once(https_site, ca):
-    """Issue 13: -vv printed each "allowed" line twice."""
+@pytest.mark.parametrize("level", ["-v", "-vv"])
+def test_run_verbose_says_each_allowed_tunnel_once(https_site, ca, level):
+    """Issue 13: -v showed refusals but not what was admitted, and -vv said lines twice."""
     curl = require_tool("curl")
-    out = kr("run", "-vv", "--allow", "localhost", "--upstream", "direct", "--ca-bundle", str(ca[0]), "--", curl, "-sS", https_site.url("/"))
+    out = kr(
+        "run", level, "--allow", "localhost", "--upstream", "direct", "--ca-bundle", str(ca[0]), "--",
+        "sh", "-c", f"{curl} -sS {https_site.url('/a')}; {curl} -sS --max-time 20 https://blocked.invalid/; exit 0",
+    )
     assert out.returncode == 0, out.stderr
-    judged = [line for line in out.stderr.splitlines() if "allowed" in line]
-    assert judged, out.stderr
-    assert len(judged) == len(set(judged)), out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == len(set(lines)), out.stderr
+    where = f"localhost:{https_site.port}"
+    assert [line for line in lines if line.startswith("kodarelay: allowed ")] == [f"kodarelay: allowed http {where} (rule localhost)"]
+    assert [line for line in lines if "blocked.invalid" in line and "refused http" in line] == [
+        "kodarelay: refused http blocked.invalid:443 (not_allowed)"
+    ]
+    ended = [line for line in lines if line.startswith(f"kodarelay: ended http {where}: ")]
+    assert len(ended) == (1 if level == "-vv" else 0), out.stderr
 
 
 def test_run_localhost_goes_through_the_policy(http_site):
