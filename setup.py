@@ -24,7 +24,7 @@ extensions = [
     Extension(
         "kodarelay._relay",
         ["kodarelay/_relay.pyx"],
-        depends=["kodarelay/_engine.pxi"],
+        depends=["kodarelay/_engine.pxi", "kodarelay/_http1.pxi"],
         extra_compile_args=cflags,
         define_macros=macros,
     )

@@ -30,7 +30,7 @@
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
-from libc.errno cimport errno, EINTR, EAGAIN, EINVAL, ENOSYS, EBADF, ECONNABORTED
+from libc.errno cimport errno, EINTR, EAGAIN, EINVAL, ENOSYS, EBADF, ECONNABORTED, EMFILE, ENFILE
 from libc.math cimport ceil
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 
@@ -343,6 +343,9 @@ cdef struct Listener:
     # worker thread only
     Hs *head             # handshakes in accept order = deadline order
     Hs *tail
+    int nhs              # handshakes in the list
+    int max_hs           # ... at most (the oldest are shed first)
+    unsigned long shed   # handshakes shed at the bound or for want of fds
     Hs *ready_head       # completed this iteration
     Hs *ready_tail
     int accept_err
@@ -945,6 +948,7 @@ cdef inline int _send_all_nb(int fd, const char *p, size_t n) noexcept nogil:
 
 
 cdef void _hs_unlink(Listener *l, Hs *h) noexcept nogil:
+    l.nhs -= 1
     if h.prev != NULL:
         h.prev.next = h.next
     else:
@@ -1125,6 +1129,10 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
                 continue
             if e == EAGAIN:
                 return
+            if (e == EMFILE or e == ENFILE) and l.head != NULL:
+                _hs_timeout(w, l, l.head)     # out of fds: shed the oldest (slowest) handshake, retry
+                l.shed += 1
+                continue
             # EMFILE, ENFILE, ...: never stop accepting; back off and re-arm
             l.accept_err = e
             if l.in_epoll:
@@ -1132,6 +1140,9 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
                 l.in_epoll = False
             l.retry_at = now + ACCEPT_BACKOFF
             return
+        while l.nhs >= l.max_hs and l.head != NULL:
+            _hs_timeout(w, l, l.head)         # at the bound: the oldest (slowest) goes first
+            l.shed += 1
         h = <Hs *>malloc(sizeof(Hs))
         if h == NULL:
             close(fd)
@@ -1154,6 +1165,7 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
         else:
             l.head = h
         l.tail = h
+        l.nhs += 1
         ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET
         ev.data.u64 = <uint64_t><uintptr_t>h | <uint64_t>TAG_HS
         if epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
@@ -2076,7 +2088,7 @@ cdef class _NativeListener:
     cdef readonly object cb
     cdef readonly object direct
 
-    def __cinit__(self, lsock, int mode, double hs_timeout, loop, cb, direct=None):
+    def __cinit__(self, lsock, int mode, double hs_timeout, loop, cb, direct=None, int max_handshakes=0):
         cdef Listener *l
         cdef Worker *w
         cdef int fd
@@ -2093,6 +2105,7 @@ cdef class _NativeListener:
         l.fd = fd
         l.mode = mode
         l.hs_timeout = hs_timeout
+        l.max_hs = max_handshakes if max_handshakes > 0 else 0x7fffffff
         l.refs = 2                    # this object + the worker
         l.owner = <PyObject *>self
         while True:
@@ -2114,6 +2127,11 @@ cdef class _NativeListener:
             pthread_mutex_unlock(&w.mu)
         self.e = e
         self.l = l
+
+    @property
+    def shed(self):
+        """Handshakes shed so far (at ``max_handshakes``, or for want of fds)."""
+        return self.l.shed if self.l != NULL else 0
 
     def close(self):
         """Stop accepting (the engine closes its copy of the listener and open handshakes)."""
@@ -2284,9 +2302,11 @@ cdef class _Handshake:
                 raise
 
 
-def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None):
-    """Serve ``lsock``'s handshakes in the engine (mode: "http", "socks5" or "mux").
+def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None, max_handshakes=0):
+    """Serve ``lsock``'s handshakes in the engine (mode: "http", "socks5" or "mux"), at most
+    ``max_handshakes`` at once (0: unbounded; past it, or out of fds, the oldest are shed).
 
     Each batch first goes to ``direct(items) -> items left`` on the engine's completer thread
     (when given), then what is left (and any accept error) to ``cb(items, err)`` on ``loop``."""
-    return _NativeListener(lsock, {"http": 0, "socks5": 1, "mux": 2}[mode], handshake_timeout, loop, cb, direct)
+    return _NativeListener(lsock, {"http": 0, "socks5": 1, "mux": 2}[mode], handshake_timeout, loop, cb, direct,
+                           max_handshakes)

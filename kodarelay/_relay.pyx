@@ -155,4 +155,5 @@ def parse_socks5_request(const unsigned char[:] buf):
         raise Socks5Error(None, f"unknown address type {atyp}")
     cdef int port = (buf[end] << 8) | buf[end + 1]
     return end + 2, cmd, atyp, host, port
+include "_http1.pxi"
 include "_engine.pxi"

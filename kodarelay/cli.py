@@ -10,8 +10,8 @@ Decisions worth knowing (the README repeats them):
   ``socks5h://``, while every client that reads ``ALL_PROXY`` speaks HTTP CONNECT.
   ``--all-proxy-scheme socks5h`` is for SOCKS-only setups; ``serve --socks5-port`` points
   ``ALL_PROXY`` at that SOCKS5 port as ``socks5h://`` unless ``--all-proxy-scheme http``.
-  The proxy only tunnels (CONNECT): a plain-``http://`` client must tunnel too
-  (``curl -p``), or get 405.
+  Plain-``http://`` requests are forwarded (judged like a CONNECT) unless
+  ``--no-forward-http``, which answers them 405.
 * ``run``, ``serve`` and ``check`` refuse private addresses (RFC 1918, CGNAT, ULA) a name
   resolves to, as well as the always-guarded ones (loopback, link-local, metadata,
   documentation, ...): a sandbox should not reach the host's LAN by default.
@@ -64,9 +64,13 @@ REASON_TEXT = {
     ),
     "resolve_failed": "the name does not resolve",
     "bad_request": "malformed proxy request",
-    "method_not_allowed": "not a CONNECT request (plain-HTTP proxying is not supported; tunnel, e.g. curl -p)",
+    "method_not_allowed": "not a CONNECT request, and plain-HTTP forwarding is off (--no-forward-http; or tunnel, e.g. curl -p)",
     "address_type": "SOCKS5 request for an IP literal (use socks5h:// so the name is sent)",
     "command": "SOCKS5 command other than CONNECT",
+    "decider_denied": "the decider said no",
+    "decider_timeout": "the decider did not answer in time",
+    "decider_error": "the decider failed or gave no valid answer",
+    "upstream_refused": "the upstream proxy refused it",
 }
 SUMMARY_LINES = 20
 
@@ -135,11 +139,9 @@ def all_proxy_scheme(args: argparse.Namespace, socks_port: bool = False) -> str:
 
 
 def proxy_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword options for the built-in proxies that come from the policy and logging flags."""
-    options: dict[str, Any] = {"deny_private": not args.allow_private}
-    if getattr(args, "verbose", 0):
-        options["on_event"] = log_event
-    return options
+    """Keyword options for the built-in proxies that come from the policy flags (``--events``,
+    ``--policy`` and friends are ``_Hooks``')."""
+    return {"deny_private": not args.allow_private}
 
 
 def log_event(event: Any) -> None:
@@ -231,17 +233,81 @@ def summarize(violations: Sequence[Any], total: int) -> list[str]:
     """Lines for stderr: each refused (host:port, reason) once, with its count, most frequent first."""
     if not total and not violations:
         return []
-    counts = Counter((_summary_host(v.host), v.port, v.reason) for v in violations)
+    counts = Counter((_summary_host(v.host), v.port, v.reason, getattr(v, "detail", None)) for v in violations)
     n = max(total, len(violations))
     lines = [f"refused {n} connection{'s' if n != 1 else ''}:"]
-    for (host, port, reason), count in counts.most_common(SUMMARY_LINES):
-        why = REASON_TEXT.get(reason, reason)
+    for (host, port, reason, detail), count in counts.most_common(SUMMARY_LINES):
+        why = detail or REASON_TEXT.get(reason, reason)
         lines.append(f"  {count}x {host_port(host, port)}  {reason}: {why}")
     if len(counts) > SUMMARY_LINES:
         lines.append(f"  ... and {len(counts) - SUMMARY_LINES} more destinations")
     if total > len(violations):
         lines.append(f"  (details kept for the last {len(violations)} only)")
     return lines
+
+
+class _Hooks:
+    """``--policy``, ``--events``, ``--dns-ttl`` and ``--learn``: the options they add to the
+    proxies, and what they do once the proxies run and when they stop."""
+
+    def __init__(self, args: argparse.Namespace, flt: Any, *, learn: bool = False) -> None:
+        from .audit import JsonLines, Tally, admit_all, fan_out
+        from .policyfile import PolicyError, PolicyWatcher
+
+        self.filter = flt
+        self.tally = Tally()
+        self.watcher: PolicyWatcher | None = None
+        self.events: JsonLines | None = None
+        self._handles: list[Any] = []
+        if getattr(args, "policy", None):
+            try:
+                self.watcher = PolicyWatcher(args.policy, self._apply, flt.allow_patterns, flt.deny_patterns)
+            except PolicyError as e:
+                raise CliError(f"--policy: {e}") from None
+            self.filter = self.watcher.filter()
+        consumers: list[Callable[[Any], None]] = [self.tally]
+        if getattr(args, "verbose", 0):
+            consumers.append(log_event)
+        if getattr(args, "events", None):
+            try:
+                self.events = JsonLines(args.events)
+            except OSError as e:
+                raise CliError(f"--events: cannot open {args.events!r}: {e.strerror or e}") from None
+            consumers.append(self.events)
+        self.options: dict[str, Any] = {"on_event": fan_out(consumers)}
+        if getattr(args, "dns_ttl", None) is not None:
+            self.options["dns_ttl"] = args.dns_ttl
+        if learn:
+            self.options["decider"] = admit_all
+
+    def _apply(self, flt: Any) -> None:
+        for h in self._handles:
+            h.set_filter(flt)
+
+    def started(self, handles: Sequence[Any]) -> None:
+        self._handles = list(handles)
+        if self.watcher is not None:
+            self.watcher.start()
+
+    def reload(self) -> None:
+        if self.watcher is not None:
+            self.watcher.reload()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.events is not None:
+            self.events.close()
+
+
+def _ttl_type(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid --dns-ttl {text!r} (want seconds >= 0)")
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -272,13 +338,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     def count(_violation: Any) -> None:
         refused[0] += 1
 
+    args.learn = args.learn or args.learn_out is not None
+    hooks = _Hooks(args, flt, learn=args.learn)
     sigmask = isolate.block_signals()  # before the proxy thread starts, so it inherits the mask
     try:
         handle = BuiltInProxy(
-            flt, upstream=upstream, socks5=True, on_violation=count, violation_capacity=4096, **proxy_options(args)
+            hooks.filter, upstream=upstream, socks5=True, forward_http=args.forward_http, on_violation=count,
+            violation_capacity=4096, **hooks.options, **proxy_options(args)
         ).start()
     except (OSError, TimeoutError) as e:
+        hooks.stop()
         raise CliError(f"cannot start the proxy: {e}", isolate.EXIT_RUN_FAILED) from None
+    hooks.started([handle])
     log.info("proxy on 127.0.0.1:%d (HTTP CONNECT + SOCKS5), upstream %s", handle.port, upstream)
     try:
         sig = isolate.pending_stop_signal()
@@ -299,10 +370,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(str(e), e.exit_code) from None
     finally:
         handle.shutdown()
+        hooks.stop()
     if not args.quiet:
+        allowed = hooks.tally.line()
+        if allowed is not None and args.verbose:
+            print(f"kodarelay: {allowed}", file=sys.stderr)
         for line in summarize(handle.violations(), refused[0]):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
+    if args.learn:
+        _report_learned(hooks.tally, args.learn_out)
     return code
+
+
+def _report_learned(tally: Any, out: str | None) -> None:
+    """Learn mode's result: the exact flags on stderr, and a policy file with ``--learn-out``."""
+    flags = tally.allow_flags()
+    if not flags:
+        print("kodarelay: learn: CMD reached no destination", file=sys.stderr)
+    else:
+        print(f"kodarelay: learn: CMD reached {len(flags)} destination{'s' if len(flags) != 1 else ''}; "
+              "to allow exactly these:", file=sys.stderr)
+        print("  " + " ".join(flags), file=sys.stderr)
+    if out is not None:
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write("# written by kodarelay run --learn\n")
+                f.writelines(line + "\n" for line in tally.policy_lines())
+        except OSError as e:
+            raise CliError(f"--learn-out: cannot write {out!r}: {e.strerror or e}", 1) from None
 
 
 # ── serve ────────────────────────────────────────────────────────────────────
@@ -322,14 +417,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def count(_violation: Any) -> None:
         refused[0] += 1
 
-    options: dict[str, Any] = {"upstream": upstream, "on_violation": count, **proxy_options(args)}
+    hooks = _Hooks(args, flt)
+    flt = hooks.filter
+    options: dict[str, Any] = {"upstream": upstream, "on_violation": count, **hooks.options, **proxy_options(args)}
     separate_socks = args.socks5_port is not None and (args.socks5_port == 0 or args.socks5_port != args.port)
     scheme = all_proxy_scheme(args, socks_port=separate_socks)
     isolate.block_signals()  # SIGINT / SIGTERM wait for sigwaitinfo below; threads inherit the mask
     handles = []
     try:
         try:
-            handles.append(BuiltInProxy(flt, port=args.port or None, socks5=True, **options).start())
+            handles.append(
+                BuiltInProxy(flt, port=args.port or None, socks5=True, forward_http=args.forward_http, **options).start()
+            )
             if separate_socks:
                 handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, **options).start())
         except OSError as e:
@@ -357,11 +456,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        info = signal.sigwaitinfo((signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT))
-        log.debug("got %s; stopping", signal.Signals(info.si_signo).name)
+        hooks.started(handles)
+        while True:
+            info = signal.sigwaitinfo((signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT))
+            if info.si_signo == signal.SIGHUP and hooks.watcher is not None:
+                hooks.reload()          # with --policy, SIGHUP reloads it; without, it stops
+                continue
+            log.debug("got %s; stopping", signal.Signals(info.si_signo).name)
+            break
     finally:
         for h in handles:
             h.shutdown()
+        hooks.stop()
     print(f"kodarelay: stopped ({refused[0]} refused)", file=sys.stderr)
     return 0
 
@@ -458,8 +564,9 @@ CMD gets HTTPS_PROXY / HTTP_PROXY (and the names pip, git, npm, yarn, gRPC... re
 ALL_PROXY=http://... on the same port (it speaks SOCKS5 too; --all-proxy-scheme socks5h
 for SOCKS-only clients), the CA variables with --ca-bundle, and an empty NO_PROXY: even
 localhost goes through the policy. Names that resolve to private addresses are refused
-unless --allow-private (or an IP / CIDR --allow rule naming them). Inherited *_proxy variables are
-removed. The proxy tunnels only (CONNECT): plain-http clients must tunnel (curl -p).
+unless --allow-private (or an IP / CIDR --allow rule naming them). Inherited *_proxy
+variables are removed. Plain-http requests are forwarded, judged like a CONNECT
+(--no-forward-http: 405).
 
 --isolate (Linux) runs CMD in its own network namespace (unshare --net, or unshare -rn
 when not root) whose only way out is the proxy: a client that ignores the proxy
@@ -538,6 +645,17 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
         "socks5h for SOCKS-only setups; serve --socks5-port defaults to socks5h at that port)",
     )
     p.add_argument("--verbose", "-v", action="count", default=0, help="log more (-vv: debug)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="rules from FILE ('allow PATTERN' / 'deny PATTERN' lines, # comments), reloaded when it "
+                        "changes (serve: and on SIGHUP); a bad file keeps the old rules")
+    p.add_argument("--events", metavar="FILE",
+                   help="write every decision and tunnel end as a JSON line to FILE (- for stderr)")
+    p.add_argument("--dns-ttl", type=_ttl_type, metavar="SECONDS",
+                   help="reuse a name's checked addresses this long (default 30; 0 resolves every time)")
+    p.add_argument(
+        "--no-forward-http", dest="forward_http", action="store_false",
+        help="answer plain-HTTP proxy requests (GET http://...) with 405 instead of forwarding them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -561,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proxy_args(run)
     run.add_argument("--isolate", action="store_true", help="run CMD in its own network namespace (Linux): no way out but the proxy")
     run.add_argument("--quiet", "-q", action="store_true", help="no refusal summary, no warnings")
+    run.add_argument("--learn", action="store_true",
+                     help="admit everything deny rules and the guard do not refuse, then print the --allow flags "
+                          "CMD needed")
+    run.add_argument("--learn-out", metavar="FILE", help="with --learn: also write them as a policy file")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 

@@ -399,7 +399,7 @@ def test_run_verbose_says_each_allowed_tunnel_once(https_site, ca, level):
     lines = out.stderr.splitlines()
     assert len(lines) == len(set(lines)), out.stderr
     where = f"localhost:{https_site.port}"
-    assert [line for line in lines if line.startswith("kodarelay: allowed ")] == [f"kodarelay: allowed http {where} (rule localhost)"]
+    assert [line for line in lines if line.startswith("kodarelay: allowed http ")] == [f"kodarelay: allowed http {where} (rule localhost)"]
     assert [line for line in lines if "blocked.invalid" in line and "refused http" in line] == [
         "kodarelay: refused http blocked.invalid:443 (not_allowed)"
     ]

@@ -203,7 +203,7 @@ def test_events_one_allow_and_one_end_per_tunnel_with_byte_counts(start_proxy, e
     s.close()
     s, code, _ = _status(h.port, f"evil.test:{echo.port}")
     assert code == 403
-    wait_until(lambda: len(ev.items) == 3, what="three events")
+    wait_until(lambda: len(ev.items) == 3, what=f"three events (have {ev.kinds()})")
     allow, second, third = ev.items
     end, refuse = (second, third) if second.kind == "end" else (third, second)
     assert (allow.kind, allow.host, allow.port, allow.source, allow.rule) == (

@@ -13,7 +13,7 @@ import pytest
 
 from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig
 
-from peers import DEADLINE, connect, http_connect, recv_exact, socks5_connect, status_of, wait_until
+from peers import DEADLINE, connect, http_connect, pinned, recv_exact, socks5_connect, status_of, wait_until
 
 
 class CountingResolver:
@@ -310,3 +310,12 @@ async def test_changing_the_guard_or_decider_drops_cached_plans():
     d.filter = Filter(["app.test"])
     assert (await d.plan(other)).kind == "direct"
     assert len(asked) == 2                                          # ... until the filter is replaced
+
+
+def test_an_address_spelled_oddly_by_the_resolver_is_still_served(start_proxy, echo):
+    """issue 10.8: ``0x7f.0.0.1`` from an injected resolver could not be taken by the engine,
+    and the fallback closed the client before answering it."""
+    h = start_proxy(["app.test", "127.0.0.1"], resolver=pinned({"app.test": ["0x7f.0.0.1"]}))
+    s = _tunnel_ok(h.port, f"app.test:{echo.port}")
+    s.sendall(b"odd")
+    assert recv_exact(s, 3) == b"odd"
