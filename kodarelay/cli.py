@@ -22,14 +22,20 @@ Decisions worth knowing (the README repeats them):
 * ``env --ca-bundle`` wants an existing file and prints its absolute path, like ``run``.
 * ``run`` strips every inherited ``*_proxy`` variable from CMD's environment and hands out
   the wide bouquet (``tools=True``: pip, git, npm, yarn, cargo, gRPC, ... names).
+* ``run`` fences CMD by default (``kodarelay.isolate``, ``kodarelay._fence``): no route
+  but the proxy, no capability, no Unix socket but ``--allow-unix`` paths. Where the fence
+  cannot be made it says so in one line and runs CMD unfenced; ``--isolate`` exits 125
+  instead, ``--no-isolate`` never fences. The summary mentions the fence when a fenced CMD
+  failed or something was refused (silent on a clean run), since direct connections never
+  reach the proxy and cannot be listed.
 * ``--upstream auto`` (default) chains through the caller's own ``HTTPS_PROXY`` (and
   honours its ``NO_PROXY``); ``direct`` ignores it; a URL chains everything through it.
 * Allow / deny patterns may be repeated or comma-separated (``--allow a.com,b.org``).
 * Exit codes: ``run`` exits with CMD's status (128 + N if signal N killed it), 127 when
   CMD is not found, 126 when it cannot be executed, 125 when kodarelay itself cannot start
-  (port, namespace), 2 for bad usage (including a bad pattern or upstream URL). ``check``:
-  0 allowed, 1 refused, 2 bad input. ``serve``: 0 after SIGINT / SIGTERM, 1 if it cannot
-  start, 2 for bad usage.
+  (port, the fence with ``--isolate``), 2 for bad usage (including a bad pattern or
+  upstream URL). ``check``: 0 allowed, 1 refused, 2 bad input. ``serve``: 0 after
+  SIGINT / SIGTERM, 1 if it cannot start, 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -323,15 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ca_bundle = check_ca_bundle(args.ca_bundle)
     if not isolate.command_exists(cmd[0]):
         raise CliError(f"{cmd[0]}: command not found", isolate.EXIT_NOT_FOUND)
-    if args.isolate:
-        if not sys.platform.startswith("linux"):
-            raise CliError(f"--isolate needs Linux network namespaces (this is {sys.platform})", isolate.EXIT_RUN_FAILED)
-        import shutil
-
-        if shutil.which("unshare") is None:
-            raise CliError(
-                "--isolate needs `unshare` (util-linux) on PATH; refusing to run CMD unfenced", isolate.EXIT_RUN_FAILED
-            )
+    fenced, allow_unix = plan_fence(args)
     scheme = all_proxy_scheme(args)
     refused = [0]
 
@@ -356,13 +354,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sig is not None:  # told to stop before CMD existed: don't start it
             return 128 + sig
         base = isolate.clean_env(os.environ)
-        if args.isolate:
-            if handle.uds_path is None:
-                raise CliError("--isolate: the proxy has no UDS bridge (see the warning above)", isolate.EXIT_RUN_FAILED)
-            pid = isolate.spawn_isolated(
-                cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle, all_proxy_scheme=scheme
-            )
-        else:
+        pid = None
+        if fenced:
+            try:
+                if handle.uds_path is None:
+                    raise isolate.FenceUnavailable("the proxy has no UDS bridge (see the warning above)")
+                pid = isolate.spawn_isolated(
+                    cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle,
+                    all_proxy_scheme=scheme, allow_unix=allow_unix,
+                )
+            except isolate.FenceUnavailable as e:
+                if args.isolate:
+                    raise
+                fenced = False
+                _warn_unfenced(args, str(e).removeprefix("--isolate: ").split("; CMD was not run")[0])
+        if pid is None:
             base.update(isolate.run_bouquet(handle.port, ca_bundle, scheme))
             pid = isolate.spawn(cmd, base, sigmask)
         code = isolate.supervise(pid)
@@ -377,6 +383,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"kodarelay: {allowed}", file=sys.stderr)
         for line in summarize(handle.violations(), refused[0]):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
+        if fenced and (code != 0 or refused[0] or args.verbose):
+            print(f"kodarelay: {FENCE_NOTE}", file=sys.stderr)
     if args.learn:
         _report_learned(hooks.tally, args.learn_out)
     return code
@@ -398,6 +406,50 @@ def _report_learned(tally: Any, out: str | None) -> None:
                 f.writelines(line + "\n" for line in tally.policy_lines())
         except OSError as e:
             raise CliError(f"--learn-out: cannot write {out!r}: {e.strerror or e}", 1) from None
+
+
+FENCE_NOTE = (
+    "CMD ran fenced: only the proxy led out; direct connections had no route and Unix "
+    "sockets were refused (neither is listed above)"
+)
+
+
+def plan_fence(args: argparse.Namespace) -> tuple[bool, list[str]]:
+    """Whether to try the fence, and the ``--allow-unix`` paths (absolute).
+
+    ``--isolate``: fenced or not at all (exit 125). The default: fenced wherever it can be
+    made; otherwise one line on stderr (not with ``--quiet``) and CMD runs unfenced.
+    ``--allow-unix`` with ``--no-isolate`` is a usage error (it would promise a fence).
+    """
+    from . import isolate
+    from ._fence import canonical_unix_path
+
+    allow_unix = [canonical_unix_path(p) for p in args.allow_unix or ()]
+    for path in allow_unix:
+        if len(os.fsencode(path)) > 107:
+            raise CliError(f"--allow-unix: path too long for a Unix socket: {path!r}")
+    if args.isolate is False:
+        if allow_unix:
+            raise CliError("--allow-unix needs the fence; it means nothing with --no-isolate")
+        return False, []
+    why = isolate.fence_unavailable()
+    if why is None and args.isolate is None:
+        why = isolate.probe_namespaces()  # the default must not let unshare's own error through
+    if why is None:
+        return True, allow_unix
+    if args.isolate:
+        raise CliError(f"--isolate: {why}; refusing to run CMD unfenced", isolate.EXIT_RUN_FAILED)
+    _warn_unfenced(args, why)
+    return False, []
+
+
+def _warn_unfenced(args: argparse.Namespace, why: str) -> None:
+    if not args.quiet:
+        print(
+            f"kodarelay: no network fence here ({why}); CMD runs unfenced: a client that ignores "
+            "the proxy variables is not stopped (--isolate refuses to run unfenced)",
+            file=sys.stderr, flush=True,
+        )
 
 
 # ── serve ────────────────────────────────────────────────────────────────────
@@ -558,6 +610,7 @@ examples:
   kodarelay run --dev-defaults --deny gist.github.com -- git clone https://github.com/psf/requests
   kodarelay run --allow localhost --ca-bundle ca.pem -- curl https://localhost:8443/
   kodarelay run --allow api.example.com --isolate -- python agent.py
+  kodarelay run --allow api.example.com --allow-unix /run/myapp/api.sock -- python agent.py
   kodarelay run --upstream http://proxy.corp:3128 --allow github.com -- ./fetch.sh
 
 CMD gets HTTPS_PROXY / HTTP_PROXY (and the names pip, git, npm, yarn, gRPC... read),
@@ -568,9 +621,11 @@ unless --allow-private (or an IP / CIDR --allow rule naming them). Inherited *_p
 variables are removed. Plain-http requests are forwarded, judged like a CONNECT
 (--no-forward-http: 405).
 
---isolate (Linux) runs CMD in its own network namespace (unshare --net, or unshare -rn
-when not root) whose only way out is the proxy: a client that ignores the proxy
-variables gets no connection at all. Without namespaces kodarelay refuses to run CMD.
+CMD runs fenced by default (Linux): in its own network and user namespaces (unshare)
+whose only way out is the proxy, with no capability, and no Unix socket but the ones
+--allow-unix names: a client that ignores the proxy variables gets no connection at all.
+Where the fence cannot be made, kodarelay says so in one line and runs CMD unfenced;
+--isolate refuses instead (exit 125), --no-isolate never fences.
 
 SIGINT / SIGTERM / SIGHUP / SIGQUIT / SIGUSR1 / SIGUSR2 are forwarded to CMD.
 Exit status: CMD's (128+N if signal N killed it); 127 CMD not found; 126 CMD not
@@ -677,7 +732,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_policy_args(run)
     _add_proxy_args(run)
-    run.add_argument("--isolate", action="store_true", help="run CMD in its own network namespace (Linux): no way out but the proxy")
+    fence = run.add_mutually_exclusive_group()
+    fence.add_argument(
+        "--isolate", action="store_true", default=None,
+        help="run CMD fenced or not at all (exit 125); the default fences CMD wherever it can",
+    )
+    fence.add_argument(
+        "--no-isolate", dest="isolate", action="store_false", default=None,
+        help="run CMD unfenced: a client that ignores the proxy variables reaches the network",
+    )
+    run.add_argument(
+        "--allow-unix", action="append", metavar="PATH",
+        help="let fenced CMD connect to this Unix socket (repeatable); no other is reachable",
+    )
     run.add_argument("--quiet", "-q", action="store_true", help="no refusal summary, no warnings")
     run.add_argument("--learn", action="store_true",
                      help="admit everything deny rules and the guard do not refuse, then print the --allow flags "

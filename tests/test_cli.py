@@ -565,7 +565,7 @@ def test_run_forwards_signals_and_leaves_nothing_behind(tmp_path, sig, isolated,
         request.getfixturevalue("netns")
     script = write_script(tmp_path / "sleeper.py", SIGNAL_SCRIPT)
     ready, marker = tmp_path / "ready", tmp_path / "got-signal"
-    args = [*KR, "run", "--upstream", "direct", *(["--isolate"] if isolated else []), "--", sys.executable, script, str(ready), str(marker)]
+    args = [*KR, "run", "--upstream", "direct", *(["--isolate"] if isolated else ["--no-isolate"]), "--", sys.executable, script, str(ready), str(marker)]
     proc = subprocess.Popen(args, env=clean_env(), stderr=subprocess.PIPE)
     try:
         proxy_url, parent = _wait_file(ready, proc).split("\n")
