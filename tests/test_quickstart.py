@@ -56,3 +56,17 @@ def test_readme_python_example_runs_as_written(tmp_path, start_proxy):
     assert "https://127.0.0.1:8443/ not fetched" in lines
     # pypi.org was admitted by the example's policy and went on to the (refusing) upstream
     assert [(v.host, v.port) for v in trap.violations()] == [("pypi.org", 443)]
+
+
+HOOKS = QUICKSTART.parent / "hooks.py"
+
+
+@pytest.mark.skipif(not HOOKS.exists(), reason="run from a source checkout")
+def test_hooks_example_runs_as_the_readme_shows():
+    out = subprocess.run([sys.executable, str(HOOKS)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("decider asked: job-7 wants site.test:") == 1
+    assert "first fetch: 200 hello" in out.stdout
+    assert "second fetch (remembered, not asked): 200 hello" in out.stdout
+    assert "after set_filter: 403 kodarelay: GET to site.test:" in out.stdout
+    assert "violations: [('site.test', 'denied', 'job-7')]" in out.stdout
