@@ -14,6 +14,9 @@ from typing import Union
 
 log = logging.getLogger(__name__)
 
+#: The crate's NO_PROXY: loopback, link-local and the RFC 1918 ranges. Clients connect to
+#: these directly, so the proxy never judges or records them; pass ``no_proxy=""`` to
+#: ``proxy_env_vars`` to fence them too (the ``kodarelay`` command always does).
 DEFAULT_NO_PROXY = "localhost,127.0.0.1,::1,169.254.0.0/16,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
 PROXY_PORT_ENV_KEY = "KODA_PROXY_PORT"
 
@@ -93,6 +96,11 @@ def proxy_env_vars(
     read), ``NO_PROXY`` / ``no_proxy``, and with ``ca_bundle`` the four CA variables
     ``SSL_CERT_FILE`` (OpenSSL, Python ssl, Go), ``NODE_EXTRA_CA_CERTS`` (Node),
     ``REQUESTS_CA_BUNDLE`` (requests) and ``CURL_CA_BUNDLE`` (curl).
+
+    ``no_proxy`` defaults to ``DEFAULT_NO_PROXY`` (the crate's value, kept for drop-in use):
+    localhost, 127.0.0.1, ::1, 169.254.0.0/16 and the private ranges bypass the proxy, so a
+    sandboxed process reaches them unjudged and no violation is recorded. Pass
+    ``no_proxy=""`` to send everything through the policy.
 
     ``tools=True`` adds the same proxy as ``npm_config_proxy`` / ``npm_config_https_proxy``
     (npm), ``YARN_HTTP_PROXY`` / ``YARN_HTTPS_PROXY`` (Yarn 2+), ``GRPC_PROXY`` (gRPC core,

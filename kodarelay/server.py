@@ -57,7 +57,8 @@ _ADMIT = {
     "not_allowed": "allow it with --allow {target}",
     "denied": "a deny rule matches it; only removing that --deny rule admits it",
     "resolved_address": "it resolves to a loopback, link-local, private or reserved address; "
-                        "an IP or CIDR --allow rule naming that address admits it",
+                        "an IP or CIDR --allow rule naming that address admits it "
+                        "(a private one also --allow-private)",
     "bad_host": "the host name is malformed; no rule admits it",
     "decider_denied": "the approval hook said no; --allow {target} admits it without asking",
     "decider_timeout": "the approval hook did not answer in time; --allow {target} admits it without asking",
