@@ -6,12 +6,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from peers import DEADLINE, WebServer, require_tool, wait_until
+from peers import DEADLINE, CannedProxy, WebServer, require_tool, wait_until
 from test_cli import _start_serve, clean_env, kr
 
 
@@ -122,36 +120,13 @@ def test_bad_policy_file_at_start_is_a_usage_error(tmp_path):
 def test_an_upstream_refusal_is_visible_in_the_summary_and_events(tmp_path):
     """issue 13.5: chained through a proxy that answers 403, the client saw 502 and kodarelay
     said nothing."""
-    import socket
-    import threading
-
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(8)
-
-    def corporate() -> None:
-        while True:
-            try:
-                c, _ = lsock.accept()
-            except OSError:
-                return
-            with c:
-                c.settimeout(DEADLINE)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = c.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                c.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-
-    threading.Thread(target=corporate, daemon=True).start()
+    corporate = CannedProxy(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
     events = tmp_path / "e.jsonl"
     try:
-        out = kr("run", "--allow", "pkg.test", "--upstream", f"http://127.0.0.1:{lsock.getsockname()[1]}",
+        out = kr("run", "--allow", "pkg.test", "--upstream", f"http://127.0.0.1:{corporate.port}",
                  "--events", str(events), "--", require_tool("curl"), "-sS", "--max-time", "20", "https://pkg.test/")
     finally:
-        lsock.close()
+        corporate.close()
     assert out.returncode != 0
     assert "1x pkg.test:443  upstream_refused: upstream refused (403)" in out.stderr
     rows = [json.loads(line) for line in events.read_text().splitlines()]
