@@ -8,7 +8,7 @@ import http.server
 import socket
 import threading
 
-from peers import connect, recv_exact
+from peers import connect, read_head, recv_exact
 
 
 class _OriginHandler(http.server.BaseHTTPRequestHandler):
@@ -161,12 +161,7 @@ class Origin:
 
 def read_response(s: socket.socket) -> tuple[bytes, bytes]:
     """One response with a Content-Length (or none): (head, body)."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        b = s.recv(1)
-        if not b:
-            break
-        head += b
+    head = read_head(s)
     length = 0
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):

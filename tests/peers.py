@@ -176,13 +176,18 @@ def http_connect(port: int, target: str, extra: bytes = b"") -> tuple[socket.soc
     """Send ``CONNECT target`` to the proxy; returns the socket and the response head."""
     s = connect(port)
     s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + extra)
+    return s, read_head(s)
+
+
+def read_head(s: socket.socket) -> bytes:
+    """A response head, byte by byte (nothing after it is consumed)."""
     head = b""
     while b"\r\n\r\n" not in head:
         b = s.recv(1)
         if not b:
             break
         head += b
-    return s, head
+    return head
 
 
 def status_of(head: bytes) -> int:

@@ -110,17 +110,7 @@ def test_absolute_target_errors(impl, target):
 
 # ── differential: both implementations agree on every input ────────────────
 
-if env_flag("KODARELAY_NO_EXTENSIONS"):
-    _compiled = None
-else:
-    from kodarelay import _relay as _compiled
-
-
-def _outcome(fn, *args):
-    try:
-        return ("ok", fn(*args))
-    except HeadError as e:
-        return (type(e).__name__, e.status, str(e))
+from test_parsers import _compiled, _outcome  # noqa: E402  (one differential harness for every parser)
 
 
 needs_compiled = pytest.mark.skipif(_compiled is None, reason="compiled module disabled")
