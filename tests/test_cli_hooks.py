@@ -28,11 +28,14 @@ def test_run_events_jsonl_allow_end_refuse_and_never_a_path(http_site, tmp_path)
     events = tmp_path / "events.jsonl"
     curl = require_tool("curl")
     script = (f"{curl} -sS -p --max-time 20 '{http_site.url('/secret-path?token=abc123')}'; "
+              f"{curl} -sS --max-time 20 '{http_site.url('/fwd-secret?token=abc123#frag-secret')}'; "
+              f"{curl} -sS --max-time 20 'http://user:pw-secret@refused.test/p-secret?token=abc123'; "
               f"{curl} -sS --max-time 20 'https://refused.test/p?token=abc123'; exit 0")
     out = kr("run", "--allow", "localhost", "--upstream", "direct", "--events", str(events), "--", "sh", "-c", script)
     assert out.returncode == 0, out.stderr
     text = events.read_text()
-    assert "secret-path" not in text and "abc123" not in text and "token" not in text
+    for secret in ("secret", "abc123", "token", "pw-", "frag"):
+        assert secret not in text and secret not in out.stderr, secret
     rows = [json.loads(line) for line in text.splitlines()]
     kinds = [(r["kind"], r["host"]) for r in rows]
     assert ("allow", "localhost") in kinds and ("end", "localhost") in kinds and ("refuse", "refused.test") in kinds

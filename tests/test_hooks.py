@@ -339,3 +339,21 @@ def test_a_cached_decision_never_skips_the_decider_after_set_filter(start_proxy,
     s, code, head = _status(h.port, f"app.test:{echo.port}")
     assert code == 403 and b"X-Proxy-Error: decider_denied" in head
     assert [r.host for r in d.asked] == ["app.test"]
+
+
+def test_forwarded_plain_http_asks_the_decider_too(start_proxy):
+    from peers import WebServer
+
+    site = WebServer()
+    try:
+        d = Decider({"app.test": "allow"})
+        h = start_app(start_proxy, decider=d, forward_http=True)
+        s = connect(h.port)
+        s.sendall(f"GET http://app.test:{site.port}/x HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n".encode())
+        assert recv_exact(s, 12) == b"HTTP/1.1 200"
+        s2 = connect(h.port)
+        s2.sendall(b"GET http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+        assert recv_exact(s2, 12) == b"HTTP/1.1 403"
+        assert [(r.method, r.host, r.port) for r in d.asked] == [("GET", "app.test", site.port), ("GET", "nope.test", 80)]
+    finally:
+        site.close()
