@@ -35,6 +35,8 @@ _EXPORTS = {
     "Server": "server",
     "Socks5Server": "socks5",
     "Violation": "violations",
+    "Request": "events",
+    "Event": "events",
     "BuiltInProxy": "builtin",
     "BuiltInSocks5Proxy": "builtin",
     # upstream
@@ -74,6 +76,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .bridge import cleanup_uds_path, proxy_uds_path, rewrite_proxy_url_port, spawn_uds_bridge
     from .builtin import BuiltInProxy, BuiltInSocks5Proxy
+    from .events import Event, Request
     from .env import (
         DEFAULT_NO_PROXY,
         PROXY_PORT_ENV_KEY,

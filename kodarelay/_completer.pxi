@@ -16,7 +16,8 @@ cdef void _deliver_batch(Tunnel *head) noexcept with gil:
                 if h.on_done is not None:
                     cb = h.on_done
                     h.on_done = None           # (it usually refers to ``h``: no cycle left)
-                    cb(h.outcome())            # no event-loop wakeup per tunnel
+                    cb(h.outcome(), h)         # no event-loop wakeup per tunnel; the handle: the
+                                               # callback may run before h.dial has returned it
                 else:
                     h.loop.call_soon_threadsafe(h._deliver)
             except BaseException:

@@ -7,6 +7,7 @@
 # dial (a tunnel in phase PH_CONNECT, then relayed), reply-and-close, or detach.
 
 cdef void _hs_unlink(Listener *l, Hs *h) noexcept nogil:
+    l.nhs -= 1
     if h.prev != NULL:
         h.prev.next = h.next
     else:
@@ -190,6 +191,10 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
                 continue
             if e == EAGAIN:
                 return
+            if (e == EMFILE or e == ENFILE) and l.head != NULL:
+                _hs_timeout(w, l, l.head)     # out of fds: shed the oldest (slowest) handshake, retry
+                l.shed += 1
+                continue
             # EMFILE, ENFILE, ...: never stop accepting; back off and re-arm
             l.accept_err = e
             if l.in_epoll:
@@ -197,6 +202,9 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
                 l.in_epoll = False
             l.retry_at = now + ACCEPT_BACKOFF
             return
+        while l.nhs >= l.max_hs and l.head != NULL:
+            _hs_timeout(w, l, l.head)         # at the bound: the oldest (slowest) goes first
+            l.shed += 1
         h = <Hs *>malloc(sizeof(Hs))
         if h == NULL:
             close(fd)
@@ -219,6 +227,7 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
         else:
             l.head = h
         l.tail = h
+        l.nhs += 1
         ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET
         ev.data.u64 = <uint64_t><uintptr_t>h | <uint64_t>TAG_HS
         if epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:

@@ -15,7 +15,8 @@ cdef class _NativeListener:
     cdef readonly object on_refused
 
     def __cinit__(self, lsock, int mode, double hs_timeout, loop, cb, direct=None, on_refused=None,
-                  double connect_timeout=10.0, double idle_timeout=300.0, double total_timeout=3600.0):
+                  double connect_timeout=10.0, double idle_timeout=300.0, double total_timeout=3600.0,
+                  int max_handshakes=0):
         cdef Listener *l
         cdef Worker *w
         cdef int fd
@@ -39,6 +40,7 @@ cdef class _NativeListener:
         l.fd = fd
         l.mode = mode
         l.hs_timeout = hs_timeout
+        l.max_hs = max_handshakes if max_handshakes > 0 else 0x7fffffff
         l.connect_timeout = connect_timeout
         l.idle = idle_timeout if idle_timeout == idle_timeout else 1e300
         l.total = total_timeout if total_timeout == total_timeout else 1e300
@@ -166,6 +168,11 @@ cdef class _NativeListener:
         return {"plans": c.count, "hits": c.hits, "misses": c.misses, "refused": c.refused,
                 "evicted": c.evicted, "live": self.l.nlive}
 
+    @property
+    def shed(self):
+        """Handshakes shed so far (at ``max_handshakes``, or for want of fds)."""
+        return self.l.shed if self.l != NULL else 0
+
     def close(self):
         """Stop accepting (the engine closes its copy of the listener and open handshakes)."""
         cdef Listener *l = self.l
@@ -273,8 +280,9 @@ cdef class _Handshake:
 
 
 def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None, on_refused=None,
-                  connect_timeout=10.0, idle_timeout=300.0, total_timeout=3600.0):
-    """Serve ``lsock``'s handshakes in the engine (mode: "http", "socks5" or "mux").
+                  connect_timeout=10.0, idle_timeout=300.0, total_timeout=3600.0, max_handshakes=0):
+    """Serve ``lsock``'s handshakes in the engine (mode: "http", "socks5" or "mux"), at most
+    ``max_handshakes`` at once (0: unbounded; past it, or out of fds, the oldest are shed).
 
     A handshake with a cached plan (``set_plan``) is served in the engine: dialled within
     ``connect_timeout`` and relayed with the idle / total caps, or refused; those refusals go
@@ -284,7 +292,7 @@ def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None, on_refu
     the completer thread (when given), then what is left (and any accept error) to
     ``cb(items, err)`` on ``loop``."""
     return _NativeListener(lsock, {"http": 0, "socks5": 1, "mux": 2}[mode], handshake_timeout, loop, cb, direct,
-                           on_refused, connect_timeout, idle_timeout, total_timeout)
+                           on_refused, connect_timeout, idle_timeout, total_timeout, max_handshakes)
 
 
 def _plan_key(int proto, bytes data):

@@ -7,7 +7,7 @@ from libc.string cimport memcpy, memcmp
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.errno cimport (
     errno, EINTR, EAGAIN, EINVAL, ENOSYS, EBADF, ECONNABORTED, ENOMEM, ETIMEDOUT, ECONNREFUSED,
-    ENETUNREACH, EHOSTUNREACH, EHOSTDOWN,
+    ENETUNREACH, EHOSTUNREACH, EHOSTDOWN, EMFILE, ENFILE,
 )
 from libc.math cimport ceil
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
@@ -319,6 +319,9 @@ cdef struct Listener:
     # worker thread only
     Hs *head             # handshakes in accept order = deadline order
     Hs *tail
+    int nhs              # handshakes in the list
+    int max_hs           # ... at most (the oldest are shed first)
+    unsigned long shed   # handshakes shed at the bound or for want of fds
     Hs *ready_head       # completed this iteration
     Hs *ready_tail
     int accept_err

@@ -196,6 +196,7 @@ def parse_socks5_request(const unsigned char[:] buf):
     return end + 2, cmd, atyp, host, port
 
 
+include "_http1.pxi"
 include "_helpers.pxi"
 include "_pools.pxi"
 include "_timers.pxi"

@@ -19,6 +19,9 @@ __all__ = [
     "http_head_end",
     "parse_request_line",
     "split_host_port",
+    "parse_http_head",
+    "parse_response_head",
+    "parse_absolute_target",
     "parse_socks5_greeting",
     "parse_socks5_request",
     "relay_with_timeouts",
@@ -98,6 +101,149 @@ def split_host_port(authority: str) -> tuple[str, int]:
     if not 1 <= port <= 65535:
         raise HeadError(400, "port out of range")
     return host, port
+
+
+# ── HTTP/1.1 heads for plain-HTTP forwarding ─────────────────────────────────
+#
+# Strict on purpose: a proxy that reads a head differently from the server behind it is how
+# requests get smuggled, so anything RFC 9112 lets a recipient "tolerate" is refused here.
+
+_VALUE_BAD = frozenset(set(range(0x00, 0x20)) - {0x09} | {0x7F})
+
+
+def _parse_fields(head: bytes, start: int) -> list[tuple[bytes, bytes]]:
+    """Header fields from ``head[start:]`` (which ends with the blank line), as written.
+
+    Every line ends CRLF; a NUL, a bare CR or LF, an obs-fold continuation line, a name that
+    is not a token (whitespace before the colon included) or a control byte in a value is
+    ``HeadError(400)``. Values lose their leading and trailing SP / HTAB.
+    """
+    fields: list[tuple[bytes, bytes]] = []
+    n = len(head)
+    pos = start
+    while True:
+        eol = head.find(b"\r\n", pos)
+        if eol < 0:
+            raise HeadError(400, "head does not end with CRLF CRLF")
+        if eol == pos:
+            if eol + 2 != n:
+                raise HeadError(400, "bytes after the blank line")
+            return fields
+        line = head[pos:eol]
+        if line[0] in (0x20, 0x09):
+            raise HeadError(400, "obs-fold in header")
+        colon = line.find(b":")
+        if colon <= 0:
+            raise HeadError(400, "malformed header line")
+        name = line[:colon]
+        if any(c not in _TOKEN_CHARS for c in name):
+            raise HeadError(400, "malformed header name")
+        value = line[colon + 1 :].strip(b" \t")
+        if any(c in _VALUE_BAD for c in value):
+            raise HeadError(400, "control byte in header value")
+        fields.append((name, value))
+        pos = eol + 2
+
+
+def _check_line_ends(head: bytes) -> None:
+    if b"\x00" in head:
+        raise HeadError(400, "NUL in head")
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        raise HeadError(400, "bare CR or LF in head")
+
+
+def parse_http_head(head: bytes) -> tuple[str, str, str, list[tuple[bytes, bytes]]]:
+    """``(method, target, version, fields)`` from a complete request head (ending CRLF CRLF).
+
+    The request line follows ``parse_request_line``; ``fields`` are ``(name, value)`` byte
+    pairs in order, names as written. NUL, bare CR / LF, obs-fold, a malformed name or a
+    control byte in a value: ``HeadError(400)``.
+    """
+    _check_line_ends(head)
+    method, target, version = parse_request_line(head)
+    return method, target, version, _parse_fields(head, head.find(b"\r\n") + 2)
+
+
+def parse_response_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """``(status, fields)`` from a complete response head (ending CRLF CRLF).
+
+    The status line is ``HTTP/d.d SP 3DIGIT [SP reason]``; fields as in ``parse_http_head``.
+    Anything else is ``HeadError(502)``: the upstream, not the client, sent it.
+    """
+    try:
+        _check_line_ends(head)
+        eol = head.find(b"\r\n")
+        line = head[:eol]
+        if (
+            eol < 12
+            or not line.startswith(b"HTTP/")
+            or not (0x30 <= line[5] <= 0x39)
+            or line[6] != 0x2E
+            or not (0x30 <= line[7] <= 0x39)
+            or line[8] != 0x20
+            or not all(0x30 <= c <= 0x39 for c in line[9:12])
+            or (len(line) > 12 and line[12] != 0x20)
+            or any(c in _VALUE_BAD for c in line[12:])
+        ):
+            raise HeadError(400, "malformed status line")
+        return int(line[9:12]), _parse_fields(head, eol + 2)
+    except HeadError as e:
+        raise HeadError(502, f"upstream sent {e}") from None
+
+
+def parse_absolute_target(target: str) -> tuple[str, int, str, str]:
+    """``(host, port, authority, origin)`` from an absolute-form ``http://`` request target.
+
+    ``host`` is as written (brackets kept, for the filter to judge), ``port`` defaults to 80,
+    ``authority`` is what the URI named (the forwarded ``Host``), ``origin`` the path and
+    query (``/`` when empty; the fragment dropped). An origin-form or authority-form target,
+    another scheme (``https://`` goes through CONNECT), userinfo, an empty host or a bad
+    port is ``HeadError(400)``.
+    """
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        raise HeadError(400, "request target is not in absolute form")
+    scheme = scheme.lower()
+    if scheme != "http":
+        raise HeadError(400, "only http:// is forwarded (use CONNECT for https)")
+    end = len(rest)
+    for ch in "/?#":
+        i = rest.find(ch)
+        if 0 <= i < end:
+            end = i
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        raise HeadError(400, "userinfo in request target")
+    if authority.startswith("["):
+        close = authority.find("]")
+        if close < 0:
+            raise HeadError(400, "malformed bracketed host")
+        host, after = authority[: close + 1], authority[close + 1 :]
+        if close == 1:
+            raise HeadError(400, "empty host")
+        if after and after[0] != ":":
+            raise HeadError(400, "malformed bracketed host")
+        port_s = after[1:] if after else None
+    else:
+        host, sep, port_s_ = authority.partition(":")
+        port_s = port_s_ if sep else None
+        if "[" in host or "]" in host:
+            raise HeadError(400, "malformed host")
+    if not host:
+        raise HeadError(400, "empty host")
+    port = 80
+    if port_s is not None:
+        if not port_s or len(port_s) > 5 or not all("0" <= c <= "9" for c in port_s):
+            raise HeadError(400, "malformed port")
+        port = int(port_s)
+        if not 1 <= port <= 65535:
+            raise HeadError(400, "port out of range")
+    hash_at = tail.find("#")
+    if hash_at >= 0:
+        tail = tail[:hash_at]
+    if not tail.startswith("/"):
+        tail = "/" + tail
+    return host, port, authority, tail
 
 
 # ── SOCKS5 (RFC 1928 subset) ─────────────────────────────────────────────────
@@ -277,5 +423,8 @@ async def relay_with_timeouts(
                     await t
                 except BaseException:
                     pass
+        for t in tasks:
+            if not t.cancelled():
+                t.exception()   # both directions may fail at once: the second error is seen too
         a.close()
         b.close()

@@ -177,7 +177,8 @@ class BuiltInProxy(_BuiltIn):
     ``UpstreamConfig.direct()`` to ignore the environment. Other keyword options are those of
     ``Server.bind`` (timeouts, ``resolver``, ``deny_private``, ``on_violation``,
     ``violation_capacity``, ``dns_ttl``, ``decider``, ``decider_timeout``, ``on_event``,
-    ``socks5=True`` for one port that speaks both protocols).
+    ``max_handshakes``, ``socks5=True`` for one port that speaks both protocols,
+    ``forward_http=True`` to forward plain-HTTP requests instead of answering 405).
     """
 
     _server_cls = Server

@@ -5,20 +5,37 @@ Decisions worth knowing (the README repeats them):
 * ``run`` and ``serve`` hand out an **empty NO_PROXY**: every connection, ``localhost``
   included, goes through the policy. Allow ``localhost`` (or an IP rule) to reach local
   services. ``env`` does the same unless ``--no-proxy`` says otherwise.
-* One port speaks HTTP CONNECT and SOCKS5 (first byte 0x05); ``ALL_PROXY`` is
-  ``socks5h://`` at that port (``--all-proxy-scheme http`` for httpx / gRPC clients that
-  reject ``socks5h``). The proxy only tunnels (CONNECT): a plain-``http://`` client must
-  tunnel too (``curl -p``), or get 405.
+* One port speaks HTTP CONNECT and SOCKS5 (first byte 0x05), so ``ALL_PROXY`` is
+  ``http://`` at that port: httpx (without the ``socksio`` extra) and gRPC reject
+  ``socks5h://``, while every client that reads ``ALL_PROXY`` speaks HTTP CONNECT.
+  ``--all-proxy-scheme socks5h`` is for SOCKS-only setups; ``serve --socks5-port`` points
+  ``ALL_PROXY`` at that SOCKS5 port as ``socks5h://`` unless ``--all-proxy-scheme http``.
+  Plain-``http://`` requests are forwarded (judged like a CONNECT) unless
+  ``--no-forward-http``, which answers them 405.
+* ``run``, ``serve`` and ``check`` refuse private addresses (RFC 1918, CGNAT, ULA) a name
+  resolves to, as well as the always-guarded ones (loopback, link-local, metadata,
+  documentation, ...): a sandbox should not reach the host's LAN by default.
+  ``--allow-private`` opts in; an IP / CIDR ``--allow`` rule opts in for what it names.
+  The library's servers keep ``deny_private=False`` (drop-in for the crate).
+* ``check`` judges an IP literal like the proxy does (rules, then the guard). A name it
+  judges by the rules only (no DNS) and says so on stderr when it is allowed.
+* ``env --ca-bundle`` wants an existing file and prints its absolute path, like ``run``.
 * ``run`` strips every inherited ``*_proxy`` variable from CMD's environment and hands out
   the wide bouquet (``tools=True``: pip, git, npm, yarn, cargo, gRPC, ... names).
+* ``run`` fences CMD by default (``kodarelay.isolate``, ``kodarelay._fence``): no route
+  but the proxy, no capability, no Unix socket but ``--allow-unix`` paths. Where the fence
+  cannot be made it says so in one line and runs CMD unfenced; ``--isolate`` exits 125
+  instead, ``--no-isolate`` never fences. The summary mentions the fence when a fenced CMD
+  failed or something was refused (silent on a clean run), since direct connections never
+  reach the proxy and cannot be listed.
 * ``--upstream auto`` (default) chains through the caller's own ``HTTPS_PROXY`` (and
   honours its ``NO_PROXY``); ``direct`` ignores it; a URL chains everything through it.
 * Allow / deny patterns may be repeated or comma-separated (``--allow a.com,b.org``).
 * Exit codes: ``run`` exits with CMD's status (128 + N if signal N killed it), 127 when
   CMD is not found, 126 when it cannot be executed, 125 when kodarelay itself cannot start
-  (port, namespace), 2 for bad usage (including a bad pattern or upstream URL). ``check``:
-  0 allowed, 1 refused, 2 bad input. ``serve``: 0 after SIGINT / SIGTERM, 1 if it cannot
-  start, 2 for bad usage.
+  (port, the fence with ``--isolate``), 2 for bad usage (including a bad pattern or
+  upstream URL). ``check``: 0 allowed, 1 refused, 2 bad input. ``serve``: 0 after
+  SIGINT / SIGTERM, 1 if it cannot start, 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -47,14 +64,23 @@ REASON_TEXT = {
     "not_allowed": "no --allow rule matches",
     "denied": "a --deny rule matches",
     "bad_host": "malformed host name",
-    "resolved_address": "resolves to a loopback, link-local, metadata or other special address",
+    "resolved_address": (
+        "is or resolves to a loopback, link-local, metadata, private, documentation or other special address "
+        "(an IP / CIDR --allow rule naming it admits it; --allow-private admits private ranges)"
+    ),
     "resolve_failed": "the name does not resolve",
     "bad_request": "malformed proxy request",
-    "method_not_allowed": "not a CONNECT request (plain-HTTP proxying is not supported; tunnel, e.g. curl -p)",
+    "method_not_allowed": "not a CONNECT request, and plain-HTTP forwarding is off (--no-forward-http; or tunnel, e.g. curl -p)",
     "address_type": "SOCKS5 request for an IP literal (use socks5h:// so the name is sent)",
     "command": "SOCKS5 command other than CONNECT",
+    "decider_denied": "the decider said no",
+    "decider_timeout": "the decider did not answer in time",
+    "decider_error": "the decider failed or gave no valid answer",
+    "upstream_refused": "the upstream proxy refused it",
 }
 SUMMARY_LINES = 20
+#: how long ``--ask`` waits for the person at the terminal before refusing
+ASK_TIMEOUT = 300.0
 
 
 class CliError(Exception):
@@ -111,6 +137,33 @@ def build_upstream(value: str) -> Any:
         return UpstreamConfig.from_url(value)
     except ValueError as e:
         raise CliError(f"--upstream: {e} (want auto, direct or [http://][user:pass@]host:port)") from None
+
+
+def all_proxy_scheme(args: argparse.Namespace, socks_port: bool = False) -> str:
+    """``--all-proxy-scheme``, else ``http`` (the port speaks both), or ``socks5h`` for a SOCKS5-only port."""
+    if args.all_proxy_scheme is not None:
+        return str(args.all_proxy_scheme)
+    return "socks5h" if socks_port else "http"
+
+
+def proxy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword options for the built-in proxies that come from the policy flags (``--events``,
+    ``--policy`` and friends are ``_Hooks``')."""
+    return {"deny_private": not args.allow_private}
+
+
+def log_event(event: Any) -> None:
+    """``-v``: one line per admitted tunnel; ``-vv``: its end too. Refusals are not repeated
+    here: the ``kodarelay.violations`` logger already says each once."""
+    where = host_port(event.host, event.port)
+    if event.kind == "allow":
+        why = f"{event.source} {event.rule}" if event.rule else str(event.source)
+        log.info("allowed %s %s (%s)", event.protocol, where, why)
+    elif event.kind == "end":
+        log.debug(
+            "ended %s %s: %s bytes up, %s down, %.2fs",
+            event.protocol, where, event.bytes_up, event.bytes_down, event.duration or 0.0,
+        )
 
 
 def check_ca_bundle(path: str | None) -> str | None:
@@ -171,21 +224,114 @@ def _configure_logging(verbose: int, quiet: bool = False, *, timestamps: bool = 
 # ── run ──────────────────────────────────────────────────────────────────────
 
 
+def _summary_host(host: str | None) -> str:
+    """A violation's host as the summary shows it: a URL (a refused plain-HTTP request's
+    target) is cut to its ``host[:port]``, since a path or query must never be printed."""
+    if not host:
+        return "-"
+    from .filter import url_hint
+
+    hint = url_hint(host)
+    if hint is None:
+        return host
+    return hint[1] or "-"
+
+
 def summarize(violations: Sequence[Any], total: int) -> list[str]:
     """Lines for stderr: each refused (host:port, reason) once, with its count, most frequent first."""
     if not total and not violations:
         return []
-    counts = Counter((v.host, v.port, v.reason) for v in violations)
+    counts = Counter((_summary_host(v.host), v.port, v.reason, getattr(v, "detail", None)) for v in violations)
     n = max(total, len(violations))
     lines = [f"refused {n} connection{'s' if n != 1 else ''}:"]
-    for (host, port, reason), count in counts.most_common(SUMMARY_LINES):
-        why = REASON_TEXT.get(reason, reason)
-        lines.append(f"  {count}x {host_port(host or '-', port)}  {reason}: {why}")
+    for (host, port, reason, detail), count in counts.most_common(SUMMARY_LINES):
+        why = detail or REASON_TEXT.get(reason, reason)
+        lines.append(f"  {count}x {host_port(host, port)}  {reason}: {why}")
     if len(counts) > SUMMARY_LINES:
         lines.append(f"  ... and {len(counts) - SUMMARY_LINES} more destinations")
     if total > len(violations):
         lines.append(f"  (details kept for the last {len(violations)} only)")
     return lines
+
+
+class _Hooks:
+    """``--policy``, ``--events``, ``--dns-ttl`` and ``--learn``: the options they add to the
+    proxies, and what they do once the proxies run and when they stop."""
+
+    def __init__(self, args: argparse.Namespace, flt: Any, *, learn: bool = False) -> None:
+        from .audit import JsonLines, Tally, admit_all, fan_out
+        from .policyfile import PolicyError, PolicyWatcher
+
+        self.filter = flt
+        self.tally = Tally()
+        self.watcher: PolicyWatcher | None = None
+        self.events: JsonLines | None = None
+        self._handles: list[Any] = []
+        if getattr(args, "policy", None):
+            try:
+                self.watcher = PolicyWatcher(args.policy, self._apply, flt.allow_patterns, flt.deny_patterns)
+            except PolicyError as e:
+                raise CliError(f"--policy: {e}") from None
+            self.filter = self.watcher.filter()
+        # Events cost the engine its GIL-free path (it serves cached plans only when nobody
+        # listens per request), so they are only asked for when something reads them.
+        consumers: list[Callable[[Any], None]] = [self.tally] if learn or bool(getattr(args, "verbose", 0)) else []
+        if getattr(args, "verbose", 0):
+            consumers.append(log_event)
+        if getattr(args, "events", None):
+            try:
+                self.events = JsonLines(args.events)
+            except OSError as e:
+                raise CliError(f"--events: cannot open {args.events!r}: {e.strerror or e}") from None
+            consumers.append(self.events)
+        self.options: dict[str, Any] = {"on_event": fan_out(consumers)} if consumers else {}
+        if getattr(args, "dns_ttl", None) is not None:
+            self.options["dns_ttl"] = args.dns_ttl
+        self.asker: Any = None
+        if getattr(args, "ask", False):
+            if learn:
+                raise CliError("--ask and --learn do not mix: --learn admits everything the rules leave open")
+            from .ask import TerminalDecider
+
+            try:
+                self.asker = TerminalDecider()
+            except OSError as e:
+                raise CliError(f"--ask needs a terminal to ask on: {e.strerror or e}") from None
+            self.options["decider"] = self.asker
+            self.options["decider_timeout"] = ASK_TIMEOUT
+        if learn:
+            self.options["decider"] = admit_all
+
+    def _apply(self, flt: Any) -> None:
+        for h in self._handles:
+            h.set_filter(flt)
+
+    def started(self, handles: Sequence[Any]) -> None:
+        self._handles = list(handles)
+        if self.watcher is not None:
+            self.watcher.start()
+
+    def reload(self) -> None:
+        if self.watcher is not None:
+            self.watcher.reload()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.asker is not None:
+            self.asker.close()
+        if self.events is not None:
+            self.events.close()
+
+
+def _ttl_type(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid --dns-ttl {text!r} (want seconds >= 0)")
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -201,51 +347,127 @@ def cmd_run(args: argparse.Namespace) -> int:
     ca_bundle = check_ca_bundle(args.ca_bundle)
     if not isolate.command_exists(cmd[0]):
         raise CliError(f"{cmd[0]}: command not found", isolate.EXIT_NOT_FOUND)
-    if args.isolate:
-        if not sys.platform.startswith("linux"):
-            raise CliError(f"--isolate needs Linux network namespaces (this is {sys.platform})", isolate.EXIT_RUN_FAILED)
-        import shutil
-
-        if shutil.which("unshare") is None:
-            raise CliError(
-                "--isolate needs `unshare` (util-linux) on PATH; refusing to run CMD unfenced", isolate.EXIT_RUN_FAILED
-            )
+    fenced, allow_unix = plan_fence(args)
+    scheme = all_proxy_scheme(args)
     refused = [0]
 
     def count(_violation: Any) -> None:
         refused[0] += 1
 
+    args.learn = args.learn or args.learn_out is not None
+    hooks = _Hooks(args, flt, learn=args.learn)
     sigmask = isolate.block_signals()  # before the proxy thread starts, so it inherits the mask
     try:
         handle = BuiltInProxy(
-            flt, upstream=upstream, socks5=True, on_violation=count, violation_capacity=4096
+            hooks.filter, upstream=upstream, socks5=True, forward_http=args.forward_http, on_violation=count,
+            violation_capacity=4096, **hooks.options, **proxy_options(args)
         ).start()
     except (OSError, TimeoutError) as e:
+        hooks.stop()
         raise CliError(f"cannot start the proxy: {e}", isolate.EXIT_RUN_FAILED) from None
+    hooks.started([handle])
     log.info("proxy on 127.0.0.1:%d (HTTP CONNECT + SOCKS5), upstream %s", handle.port, upstream)
     try:
         sig = isolate.pending_stop_signal()
         if sig is not None:  # told to stop before CMD existed: don't start it
             return 128 + sig
         base = isolate.clean_env(os.environ)
-        if args.isolate:
-            if handle.uds_path is None:
-                raise CliError("--isolate: the proxy has no UDS bridge (see the warning above)", isolate.EXIT_RUN_FAILED)
-            pid = isolate.spawn_isolated(
-                cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle, all_proxy_scheme=args.all_proxy_scheme
-            )
-        else:
-            base.update(isolate.run_bouquet(handle.port, ca_bundle, args.all_proxy_scheme))
+        pid = None
+        if fenced:
+            try:
+                if handle.uds_path is None:
+                    raise isolate.FenceUnavailable("the proxy has no UDS bridge (see the warning above)")
+                pid = isolate.spawn_isolated(
+                    cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle,
+                    all_proxy_scheme=scheme, allow_unix=allow_unix,
+                )
+            except isolate.FenceUnavailable as e:
+                if args.isolate:
+                    raise
+                fenced = False
+                _warn_unfenced(args, str(e).removeprefix("--isolate: ").split("; CMD was not run")[0])
+        if pid is None:
+            base.update(isolate.run_bouquet(handle.port, ca_bundle, scheme))
             pid = isolate.spawn(cmd, base, sigmask)
         code = isolate.supervise(pid)
     except isolate.RunError as e:
         raise CliError(str(e), e.exit_code) from None
     finally:
         handle.shutdown()
+        hooks.stop()
     if not args.quiet:
+        allowed = hooks.tally.line()
+        if allowed is not None and args.verbose:
+            print(f"kodarelay: {allowed}", file=sys.stderr)
         for line in summarize(handle.violations(), refused[0]):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
+        if fenced and (code != 0 or refused[0] or args.verbose):
+            print(f"kodarelay: {FENCE_NOTE}", file=sys.stderr)
+    if args.learn:
+        _report_learned(hooks.tally, args.learn_out)
     return code
+
+
+def _report_learned(tally: Any, out: str | None) -> None:
+    """Learn mode's result: the exact flags on stderr, and a policy file with ``--learn-out``."""
+    flags = tally.allow_flags()
+    if not flags:
+        print("kodarelay: learn: CMD reached no destination", file=sys.stderr)
+    else:
+        print(f"kodarelay: learn: CMD reached {len(flags)} destination{'s' if len(flags) != 1 else ''}; "
+              "to allow exactly these:", file=sys.stderr)
+        print("  " + " ".join(flags), file=sys.stderr)
+    if out is not None:
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write("# written by kodarelay run --learn\n")
+                f.writelines(line + "\n" for line in tally.policy_lines())
+        except OSError as e:
+            raise CliError(f"--learn-out: cannot write {out!r}: {e.strerror or e}", 1) from None
+
+
+FENCE_NOTE = (
+    "CMD ran fenced: only the proxy led out; direct connections had no route and Unix "
+    "sockets were refused (neither is listed above)"
+)
+
+
+def plan_fence(args: argparse.Namespace) -> tuple[bool, list[str]]:
+    """Whether to try the fence, and the ``--allow-unix`` paths (absolute).
+
+    ``--isolate``: fenced or not at all (exit 125). The default: fenced wherever it can be
+    made; otherwise one line on stderr (not with ``--quiet``) and CMD runs unfenced.
+    ``--allow-unix`` with ``--no-isolate`` is a usage error (it would promise a fence).
+    """
+    from . import isolate
+    from ._fence import canonical_unix_path
+
+    allow_unix = [canonical_unix_path(p) for p in args.allow_unix or ()]
+    for path in allow_unix:
+        if len(os.fsencode(path)) > 107:
+            raise CliError(f"--allow-unix: path too long for a Unix socket: {path!r}")
+    if args.isolate is False:
+        if allow_unix:
+            raise CliError("--allow-unix needs the fence; it means nothing with --no-isolate")
+        return False, []
+    why = isolate.fence_unavailable()
+    if why is None and args.isolate is None:
+        why = isolate.probe_namespaces()  # the default must not let unshare's own error through
+    if why is None:
+        return True, allow_unix
+    if args.isolate:
+        raise CliError(f"--isolate: {why}; refusing to run CMD unfenced", isolate.EXIT_RUN_FAILED)
+    _warn_unfenced(args, why)
+    return False, []
+
+
+def _warn_unfenced(args: argparse.Namespace, why: str) -> None:
+    if not args.quiet:
+        print(
+            f"kodarelay: no network fence here ({why}); CMD runs unfenced: a client that ignores "
+            "the proxy variables is not stopped (--isolate refuses to run unfenced)",
+            file=sys.stderr, flush=True,
+        )
 
 
 # ── serve ────────────────────────────────────────────────────────────────────
@@ -265,13 +487,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def count(_violation: Any) -> None:
         refused[0] += 1
 
-    options: dict[str, Any] = {"upstream": upstream, "on_violation": count}
+    hooks = _Hooks(args, flt)
+    flt = hooks.filter
+    options: dict[str, Any] = {"upstream": upstream, "on_violation": count, **hooks.options, **proxy_options(args)}
     separate_socks = args.socks5_port is not None and (args.socks5_port == 0 or args.socks5_port != args.port)
+    scheme = all_proxy_scheme(args, socks_port=separate_socks)
     isolate.block_signals()  # SIGINT / SIGTERM wait for sigwaitinfo below; threads inherit the mask
     handles = []
     try:
         try:
-            handles.append(BuiltInProxy(flt, port=args.port or None, socks5=True, **options).start())
+            handles.append(
+                BuiltInProxy(flt, port=args.port or None, socks5=True, forward_http=args.forward_http, **options).start()
+            )
             if separate_socks:
                 handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, **options).start())
         except OSError as e:
@@ -280,9 +507,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except TimeoutError as e:
             raise CliError(f"serve: {e}", EXIT_SERVE_FAILED) from None
         main = handles[0]
-        socks_port = handles[1].port if len(handles) > 1 and args.all_proxy_scheme == "socks5h" else main.port
+        socks_port = handles[1].port if len(handles) > 1 and scheme == "socks5h" else main.port
         pairs = dict(proxy_env_vars(main.port, ca_bundle, no_proxy="", tools=True))
-        pairs.update(socks5_env_vars(socks_port, scheme=args.all_proxy_scheme))
+        pairs.update(socks5_env_vars(socks_port, scheme=scheme))
         try:
             sys.stdout.write(format_bouquet(sorted(pairs.items()), "sh"))
             sys.stdout.flush()
@@ -299,11 +526,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        info = signal.sigwaitinfo((signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT))
-        log.debug("got %s; stopping", signal.Signals(info.si_signo).name)
+        hooks.started(handles)
+        while True:
+            info = signal.sigwaitinfo((signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT))
+            if info.si_signo == signal.SIGHUP and hooks.watcher is not None:
+                hooks.reload()          # with --policy, SIGHUP reloads it; without, it stops
+                continue
+            log.debug("got %s; stopping", signal.Signals(info.si_signo).name)
+            break
     finally:
         for h in handles:
             h.shutdown()
+        hooks.stop()
     print(f"kodarelay: stopped ({refused[0]} refused)", file=sys.stderr)
     return 0
 
@@ -314,8 +548,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_env(args: argparse.Namespace) -> int:
     from .env import proxy_env_vars, socks5_env_vars
 
+    ca_bundle = check_ca_bundle(args.ca_bundle)
     try:
-        pairs = dict(proxy_env_vars(args.port, args.ca_bundle, no_proxy=args.no_proxy, tools=args.tools))
+        pairs = dict(proxy_env_vars(args.port, ca_bundle, no_proxy=args.no_proxy, tools=args.tools))
     except ValueError as e:
         raise CliError(str(e)) from None
     if args.socks5_port is not None:
@@ -333,15 +568,44 @@ def _has_port(pattern: str) -> bool:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Judge a target as the proxy would: rules, then (for an IP literal) the address guard.
+
+    A name is judged by the rules only: resolving it here could give another answer than
+    the proxy's own lookup later, so ``check`` does no DNS and says so (on stderr, keeping
+    stdout to lines a script can parse) when it allows a name.
+    """
+    from .filter import is_ip_literal, url_hint
+
     flt = build_filter(args)
     d = flt.explain(args.target)
     if d.reason == "bad_host":
+        hint = url_hint(args.target)
+        if hint is not None:
+            what, suggestion = hint
+            tail = f" (did you mean {suggestion!r}?)" if suggestion else ""
+            raise CliError(f"check: {args.target!r} {what}; check takes HOST[:PORT]{tail}")
         raise CliError(f"check: bad host {args.target!r}: {d.detail}")
+    deny_private = not args.allow_private
+    literal = d.host is not None and is_ip_literal(d.host)
+    if d.allowed and literal and d.host is not None:
+        d = flt.check_resolved(d.host, d.port, [d.host], deny_private=deny_private)
     target = host_port(d.host or args.target, d.port)
     verdict = "allowed" if d.allowed else "denied"
     print(f"{verdict} {target} rule={d.rule if d.rule is not None else '-'} reason={d.reason}")
     if d.reason == "not_allowed" and d.port is None and any(_has_port(p) for p in flt.allow_patterns):
         print("note: no port given, and port-limited allow rules never match an unknown port; try HOST:PORT")
+    if d.reason == "resolved_address":
+        admit = "--allow-private or " if deny_private and "private" in d.detail else ""
+        print(f"note: {d.detail}; the proxy refuses it unless {admit}an IP / CIDR --allow rule names it")
+    if d.allowed and not literal:
+        guarded = ("" if d.host == "localhost" else "loopback, ") + "link-local, metadata, documentation, reserved" + (
+            " or private" if deny_private else " or other special"
+        )
+        print(
+            f"{PROG}: note: judged by name only (no DNS); the proxy also refuses {d.host} if it resolves to "
+            f"a {guarded} address that no IP / CIDR --allow rule names",
+            file=sys.stderr,
+        )
     return 0 if d.allowed else 1
 
 
@@ -364,16 +628,22 @@ examples:
   kodarelay run --dev-defaults --deny gist.github.com -- git clone https://github.com/psf/requests
   kodarelay run --allow localhost --ca-bundle ca.pem -- curl https://localhost:8443/
   kodarelay run --allow api.example.com --isolate -- python agent.py
+  kodarelay run --allow api.example.com --allow-unix /run/myapp/api.sock -- python agent.py
   kodarelay run --upstream http://proxy.corp:3128 --allow github.com -- ./fetch.sh
 
 CMD gets HTTPS_PROXY / HTTP_PROXY (and the names pip, git, npm, yarn, gRPC... read),
-ALL_PROXY=socks5h://... on the same port, the CA variables with --ca-bundle, and an
-empty NO_PROXY: even localhost goes through the policy. Inherited *_proxy variables are
-removed. The proxy tunnels only (CONNECT): plain-http clients must tunnel (curl -p).
+ALL_PROXY=http://... on the same port (it speaks SOCKS5 too; --all-proxy-scheme socks5h
+for SOCKS-only clients), the CA variables with --ca-bundle, and an empty NO_PROXY: even
+localhost goes through the policy. Names that resolve to private addresses are refused
+unless --allow-private (or an IP / CIDR --allow rule naming them). Inherited *_proxy
+variables are removed. Plain-http requests are forwarded, judged like a CONNECT
+(--no-forward-http: 405).
 
---isolate (Linux) runs CMD in its own network namespace (unshare --net, or unshare -rn
-when not root) whose only way out is the proxy: a client that ignores the proxy
-variables gets no connection at all. Without namespaces kodarelay refuses to run CMD.
+CMD runs fenced by default (Linux): in its own network and user namespaces (unshare)
+whose only way out is the proxy, with no capability, and no Unix socket but the ones
+--allow-unix names: a client that ignores the proxy variables gets no connection at all.
+Where the fence cannot be made, kodarelay says so in one line and runs CMD unfenced;
+--isolate refuses instead (exit 125), --no-isolate never fences.
 
 SIGINT / SIGTERM / SIGHUP / SIGQUIT / SIGUSR1 / SIGUSR2 are forwarded to CMD.
 Exit status: CMD's (128+N if signal N killed it); 127 CMD not found; 126 CMD not
@@ -388,7 +658,9 @@ examples:
   kodarelay serve --allow localhost --upstream direct -v
 
 Prints the bouquet as export lines on stdout (copy them into the sandbox's shell) and
-logs every refusal on stderr. Runs until SIGINT or SIGTERM, then stops cleanly (exit 0).
+logs every refusal on stderr. ALL_PROXY is http:// at the main port (it speaks SOCKS5
+too), or socks5h:// at --socks5-port. Names resolving to private addresses are refused
+unless --allow-private. Runs until SIGINT or SIGTERM, then stops cleanly (exit 0).
 --port 0 (the default) picks a free port.
 """
 
@@ -408,10 +680,14 @@ examples:
   kodarelay check registry.npmjs.org --allow '*.npmjs.org:443'
   kodarelay check gist.github.com --allow '*.github.com' --deny gist.github.com
   kodarelay check '[::1]:8080' --allow '::1'
+  kodarelay check 10.1.2.3:443 --allow 10.0.0.0/8
 
 Prints "allowed" or "denied", the target, the rule that decided and the reason.
-Judges the rules only (no DNS): the proxy also refuses names that resolve to loopback,
-link-local or metadata addresses unless an IP rule (or a localhost rule) allows them.
+An IP literal is judged as the proxy judges it: rules, then the address guard, which
+refuses loopback, link-local, metadata, documentation, reserved and (without
+--allow-private) private addresses unless an IP / CIDR rule names them. A name is judged
+by the rules only (no DNS): the proxy also refuses it if it resolves to such an address
+(unless an IP rule, or for the name localhost a localhost rule, admits it).
 Exit status: 0 allowed, 1 denied, 2 bad input.
 """
 
@@ -423,6 +699,11 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--deny", "-d", action="append", metavar="PATTERN", help="deny pattern; deny wins over allow")
     p.add_argument("--dev-defaults", action="store_true", help="also allow the default dev allowlist (GitHub, npm, PyPI, crates.io, Docker Hub)")
+    p.add_argument(
+        "--allow-private", action="store_true",
+        help="admit private addresses (RFC 1918, CGNAT, ULA) that allowed hosts resolve to or are; "
+        "refused by default unless an IP / CIDR --allow rule names them",
+    )
 
 
 def _add_proxy_args(p: argparse.ArgumentParser) -> None:
@@ -432,10 +713,25 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ca-bundle", metavar="PATH", help="CA bundle the clients must trust (sets SSL_CERT_FILE, CURL_CA_BUNDLE, PIP_CERT, ...)")
     p.add_argument(
-        "--all-proxy-scheme", choices=("socks5h", "http"), default="socks5h",
-        help="scheme of ALL_PROXY (default socks5h; http for httpx / gRPC clients that reject socks5h)",
+        "--all-proxy-scheme", choices=("http", "socks5h"), default=None,
+        help="scheme of ALL_PROXY (default http: the port speaks both, and httpx / gRPC reject socks5h; "
+        "socks5h for SOCKS-only setups; serve --socks5-port defaults to socks5h at that port)",
     )
     p.add_argument("--verbose", "-v", action="count", default=0, help="log more (-vv: debug)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="rules from FILE ('allow PATTERN' / 'deny PATTERN' lines, # comments), reloaded when it "
+                        "changes (serve: and on SIGHUP); a bad file keeps the old rules")
+    p.add_argument("--events", metavar="FILE",
+                   help="write every decision and tunnel end as a JSON line to FILE (- for stderr)")
+    p.add_argument("--ask", action="store_true",
+                   help="ask on the terminal before admitting a host no rule matches (y once, a always, n no, "
+                        "N never; no answer in 5 minutes refuses)")
+    p.add_argument("--dns-ttl", type=_ttl_type, metavar="SECONDS",
+                   help="reuse a name's checked addresses this long (default 30; 0 resolves every time)")
+    p.add_argument(
+        "--no-forward-http", dest="forward_http", action="store_false",
+        help="answer plain-HTTP proxy requests (GET http://...) with 405 instead of forwarding them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,8 +753,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_policy_args(run)
     _add_proxy_args(run)
-    run.add_argument("--isolate", action="store_true", help="run CMD in its own network namespace (Linux): no way out but the proxy")
+    fence = run.add_mutually_exclusive_group()
+    fence.add_argument(
+        "--isolate", action="store_true", default=None,
+        help="run CMD fenced or not at all (exit 125); the default fences CMD wherever it can",
+    )
+    fence.add_argument(
+        "--no-isolate", dest="isolate", action="store_false", default=None,
+        help="run CMD unfenced: a client that ignores the proxy variables reaches the network",
+    )
+    run.add_argument(
+        "--allow-unix", action="append", metavar="PATH",
+        help="let fenced CMD connect to this Unix socket (repeatable); no other is reachable",
+    )
     run.add_argument("--quiet", "-q", action="store_true", help="no refusal summary, no warnings")
+    run.add_argument("--learn", action="store_true",
+                     help="admit everything deny rules and the guard do not refuse, then print the --allow flags "
+                          "CMD needed")
+    run.add_argument("--learn-out", metavar="FILE", help="with --learn: also write them as a policy file")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
@@ -478,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     env.add_argument("--port", "-p", type=_port_type(1), required=True, help="the proxy's HTTP CONNECT port")
     env.add_argument("--socks5-port", type=_port_type(1), metavar="PORT", help="the proxy's SOCKS5 port (adds ALL_PROXY=socks5h://...)")
-    env.add_argument("--ca-bundle", metavar="PATH", help="CA bundle path (adds SSL_CERT_FILE, CURL_CA_BUNDLE, ...)")
+    env.add_argument("--ca-bundle", metavar="PATH", help="an existing CA bundle file, printed as an absolute path (adds SSL_CERT_FILE, CURL_CA_BUNDLE, ...)")
     env.add_argument("--format", "-f", choices=("sh", "json", "dotenv"), default="sh", help="output format (default sh)")
     env.add_argument("--tools", action="store_true", help="also the names npm, yarn, pip, git, cargo, gRPC, Docker... read")
     env.add_argument("--no-proxy", default="", metavar="LIST", help="NO_PROXY value (default empty: everything goes through the proxy)")

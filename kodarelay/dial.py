@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, List, Optional
 
 from .events import Decider, Request
-from .filter import Decision, Filter, canonical_host
+from .filter import Decision, Filter, _parse_resolved, canonical_host
 from .upstream import UpstreamConfig, UpstreamError, bypasses_proxy, connect_upstream, open_tcp
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,9 @@ class Dialer:
             r = Refusal(f"{text} resolves to a refused address", http_status=403, socks_rep=REP_NOT_ALLOWED,
                         reason=guarded.reason, rule=guarded.rule, source="guard")
             return Plan(REFUSE, text, port, r, rule=guarded.rule, source="guard", ttl=name_ttl)
-        return Plan(DIRECT, text, port, addresses=tuple(addresses), rule=rule, source=source, ttl=name_ttl)
+        # the checked addresses, canonical: every dialer (the engine's too) can take them
+        return Plan(DIRECT, text, port, addresses=tuple(str(_parse_resolved(a)) for a in addresses), rule=rule,
+                    source=source, ttl=name_ttl)
 
     # ── waiting steps ────────────────────────────────────────────────────────
 
@@ -495,20 +497,5 @@ class Dialer:
             ) from None
 
 
-def admit_hint(reason: str | None, host: str, port: int | None, rule: str | None) -> str:
-    """What would admit a refused target, for the reader of a refusal."""
-    shown = f"[{host}]" if ":" in host else host
-    target = f"{shown}:{port}" if port is not None else shown
-    if reason in ("not_allowed", "decider_denied", "decider_timeout", "decider_error"):
-        return f"allow it with --allow {target}" if host else "name a host"
-    if reason == "denied":
-        return f"it is denied by rule {rule!r}" if rule else "a deny rule covers it"
-    if reason == "resolved_address":
-        return "it resolves to a guarded address; an IP/CIDR allow rule naming that address admits it"
-    if reason == "bad_host":
-        return "the host is malformed"
-    return "see the kodarelay documentation"
-
-
-__all__ = ["Dialer", "Plan", "Policy", "Refusal", "Resolver", "default_resolver", "resolver_pool", "admit_hint",
+__all__ = ["Dialer", "Plan", "Policy", "Refusal", "Resolver", "default_resolver", "resolver_pool",
            "REFUSE", "DIRECT", "CHAIN"]

@@ -14,6 +14,9 @@ from typing import Union
 
 log = logging.getLogger(__name__)
 
+#: The crate's NO_PROXY: loopback, link-local and the RFC 1918 ranges. Clients connect to
+#: these directly, so the proxy never judges or records them; pass ``no_proxy=""`` to
+#: ``proxy_env_vars`` to fence them too (the ``kodarelay`` command always does).
 DEFAULT_NO_PROXY = "localhost,127.0.0.1,::1,169.254.0.0/16,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
 PROXY_PORT_ENV_KEY = "KODA_PROXY_PORT"
 
@@ -85,6 +88,7 @@ def proxy_env_vars(
     *,
     no_proxy: str = DEFAULT_NO_PROXY,
     tools: bool = False,
+    client: str | None = None,
 ) -> list[tuple[str, str]]:
     """The HTTP(S) proxy bouquet for a proxy on ``127.0.0.1:port``, sorted by key.
 
@@ -92,6 +96,11 @@ def proxy_env_vars(
     read), ``NO_PROXY`` / ``no_proxy``, and with ``ca_bundle`` the four CA variables
     ``SSL_CERT_FILE`` (OpenSSL, Python ssl, Go), ``NODE_EXTRA_CA_CERTS`` (Node),
     ``REQUESTS_CA_BUNDLE`` (requests) and ``CURL_CA_BUNDLE`` (curl).
+
+    ``no_proxy`` defaults to ``DEFAULT_NO_PROXY`` (the crate's value, kept for drop-in use):
+    localhost, 127.0.0.1, ::1, 169.254.0.0/16 and the private ranges bypass the proxy, so a
+    sandboxed process reaches them unjudged and no violation is recorded. Pass
+    ``no_proxy=""`` to send everything through the policy.
 
     ``tools=True`` adds the same proxy as ``npm_config_proxy`` / ``npm_config_https_proxy``
     (npm), ``YARN_HTTP_PROXY`` / ``YARN_HTTPS_PROXY`` (Yarn 2+), ``GRPC_PROXY`` (gRPC core,
@@ -101,8 +110,14 @@ def proxy_env_vars(
     (git), ``AWS_CA_BUNDLE`` (AWS CLI / botocore), ``CARGO_HTTP_CAINFO`` (cargo),
     ``DENO_CERT`` (Deno), ``NIX_SSL_CERT_FILE`` (Nix), ``BUNDLE_SSL_CA_CERT`` (Bundler) and
     ``npm_config_cafile`` (npm). Raises ``ValueError`` naming a bad port or path.
+
+    ``client="job-7"`` puts ``job-7:@`` in every proxy URL: clients send it as the user of
+    ``Proxy-Authorization: Basic``, and the proxy attributes each request to it. The empty
+    password is deliberate: requests (and pip) drop a proxy user that has no password, and
+    git prompts for one. With a client, ``GIT_HTTP_PROXY_AUTHMETHOD=basic`` is set too: git
+    (libcurl's "anyauth") otherwise waits for a 407 challenge before it sends the user.
     """
-    url = f"http://127.0.0.1:{_check_port(port)}"
+    url = f"http://{_userinfo(client)}127.0.0.1:{_check_port(port)}"
     if not isinstance(no_proxy, str) or "\x00" in no_proxy:
         raise ValueError(f"no_proxy must be a str without NUL bytes, got {no_proxy!r}")
     proxy_keys = ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"]
@@ -112,23 +127,37 @@ def proxy_env_vars(
         ca_keys += _TOOL_CA_KEYS
     env = {key: url for key in proxy_keys}
     env["NO_PROXY"] = env["no_proxy"] = no_proxy
+    if client is not None:
+        env["GIT_HTTP_PROXY_AUTHMETHOD"] = "basic"
     if ca_bundle is not None:
         path = _check_path(ca_bundle)
         env.update((key, path) for key in ca_keys)
     return sorted(env.items())
 
 
-def socks5_env_vars(port: int, *, scheme: str = "socks5h") -> list[tuple[str, str]]:
+def _userinfo(client: str | None) -> str:
+    """``client@`` for a proxy URL (percent-encoded), or nothing."""
+    if client is None:
+        return ""
+    if not isinstance(client, str) or not client or any(c < " " or c == "\x7f" for c in client):
+        raise ValueError(f"client must be a non-empty printable str, got {client!r}")
+    from urllib.parse import quote
+
+    return quote(client, safe="") + ":@"
+
+
+def socks5_env_vars(port: int, *, scheme: str = "socks5h", client: str | None = None) -> list[tuple[str, str]]:
     """``ALL_PROXY`` / ``all_proxy`` for a proxy on ``127.0.0.1:port``, sorted by key.
 
     The default ``socks5h://`` makes the client send the hostname, not an address it
     resolved itself (the allowlist judges names). ``scheme="http"`` is for a port that
     serves both protocols, since httpx and gRPC reject ``socks5h://``. ``socks5://`` is
-    refused on purpose.
+    refused on purpose. ``client`` as in ``proxy_env_vars`` (SOCKS5 clients send it as the
+    RFC 1929 username).
     """
     if scheme not in _SOCKS_SCHEMES:
         raise ValueError(f"scheme must be one of {_SOCKS_SCHEMES}, got {scheme!r}")
-    url = f"{scheme}://127.0.0.1:{_check_port(port)}"
+    url = f"{scheme}://{_userinfo(client)}127.0.0.1:{_check_port(port)}"
     return sorted([("ALL_PROXY", url), ("all_proxy", url)])
 
 

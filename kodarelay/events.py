@@ -60,6 +60,8 @@ class Event:
     bytes_up: Optional[int] = None
     bytes_down: Optional[int] = None
     duration: Optional[float] = None
+    #: more about ``reason`` (e.g. "upstream refused (403)"); never a path or query
+    detail: Optional[str] = None
 
     def to_json(self) -> dict[str, object]:
         """The event as a JSON object (None fields left out)."""

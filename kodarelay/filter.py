@@ -10,17 +10,24 @@ Rule kinds, each optionally limited to one port with ``:port``:
 * exact name: ``github.com`` (case-insensitive, one trailing dot ignored);
 * single-label wildcard: ``*.npmjs.org`` matches ``registry.npmjs.org`` only, never the
   apex ``npmjs.org`` nor ``a.b.npmjs.org``;
-* IP address or CIDR: ``10.1.2.3``, ``10.0.0.0/8``, ``::1``, ``[::1]``, ``fd00::/8``
-  (bracket an IPv6 rule that carries a port: ``[::1]:8080``, ``[fd00::/8]:443``).
+* IP address or CIDR: ``10.1.2.3``, ``10.0.0.0/8``, ``::1``, ``[::1]``, ``fd00::/8``,
+  ``[::1]/128`` (bracket an IPv6 rule that carries a port: ``[::1]:8080``,
+  ``[fd00::/8]:443``, ``[fd00::]/8:443``).
+
+A pattern is never a URL: ``https://pypi.org`` or ``pypi.org/simple`` raise a
+``PatternError`` that says so and suggests the ``host[:port]`` (see ``url_hint``).
 
 Names only match name rules and IP literals only match IP / CIDR rules. Deny wins over
 allow. A port-limited allow rule never matches an unknown port; a port-limited deny rule
 always does (fail closed).
 
 ``Filter.check_resolved`` is the resolved-address guard the servers run after DNS: it
-refuses loopback, link-local, cloud-metadata, unspecified, multicast, broadcast and
-reserved addresses (and private ranges on request) unless an IP / CIDR allow rule names
-them. "Names" means the rule covers the address and lies inside the refused range it is
+refuses loopback, link-local, cloud-metadata, unspecified, "this network" (0.0.0.0/8),
+multicast, broadcast, reserved (240.0.0.0/4 and others), benchmarking (198.18.0.0/15,
+2001:2::/48) and documentation addresses (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24,
+2001:db8::/32, 3fff::/20) -- none of them is a destination a sandboxed client has a
+reason to reach, and several reach the host itself -- and, with ``deny_private``, the
+private ranges (RFC 1918, CGNAT, ULA), unless an IP / CIDR allow rule names them. "Names" means the rule covers the address and lies inside the refused range it is
 in: ``127.0.0.1``, ``[::1]:8080`` or ``10.0.0.0/8`` unlock those addresses, while a broad
 ``0.0.0.0/0`` (any IP literal) or ``169.254.0.0/16`` never unlocks loopback or the
 metadata address 169.254.169.254.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence, Union
 
@@ -321,6 +329,53 @@ def _pattern_error(raw: str, reason: str) -> PatternError:
     return PatternError(f"pattern {raw!r} {reason}")
 
 
+_URL_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://")
+_CIDR_TAIL = re.compile(r"/[0-9]+(:.*)?")
+
+
+def url_hint(text: str) -> tuple[str, str | None] | None:
+    """What a pattern or target written as a URL means: ``(what, suggestion)``, else None.
+
+    Users paste URLs (``https://pypi.org``, ``pypi.org/simple``) where a ``host[:port]`` is
+    wanted; without this the parsers would report a puzzling ``invalid port '//pypi.org'``.
+    ``what`` is ``"is a URL"`` (a ``scheme://``) or ``"has a path"``; ``suggestion`` is the
+    ``host[:port]`` it names (userinfo dropped; the port kept only when the URL writes one,
+    since a scheme's default port would narrow an allow rule), or None when the URL names no
+    usable host. CIDR rules (``10.0.0.0/8``, ``10.0.0.0/8:443``, ``[fd00::/8]:443``,
+    ``fd00::/8``) are not URLs.
+    """
+    text = text.strip().lower()
+    m = _URL_SCHEME.match(text)
+    if m is not None:
+        what, rest = "is a URL", text[m.end() :]
+    else:
+        cut = min((i for i in (text.find(c) for c in "/?#") if i >= 0), default=-1)
+        if cut < 0:
+            return None
+        if text[cut] == "/" and (_CIDR_TAIL.fullmatch(text[cut:]) or ("[" in text[:cut] and "]" not in text[:cut])):
+            return None
+        what, rest = "has a path", text
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[2]
+    candidates = [authority]
+    if not authority.startswith("[") and authority.count(":") == 1:
+        candidates.append(authority.partition(":")[0])  # scp-like git@github.com:org/repo
+    for suggestion in candidates:
+        if not suggestion:
+            continue
+        try:
+            _parse_pattern(suggestion, 0)
+        except (PatternError, TypeError):
+            continue
+        return what, suggestion
+    return what, None
+
+
+def _url_error(raw: str, hint: tuple[str, str | None]) -> PatternError:
+    what, suggestion = hint
+    tail = f" (did you mean {suggestion!r}?)" if suggestion else ""
+    return _pattern_error(raw, f"{what}; patterns are host[:port], e.g. 'pypi.org' or '*.npmjs.org:443'{tail}")
+
+
 def _ipv4_from_mapped_net(net: ipaddress.IPv6Network) -> IPNetwork:
     mapped = ipaddress.IPv6Network("::ffff:0:0/96")
     if net.prefixlen >= 96 and net.subnet_of(mapped):
@@ -353,6 +408,9 @@ def _parse_pattern(raw: str, index: int) -> _Rule:
     if any(c <= " " or c == "\x7f" for c in text):
         raise _pattern_error(raw, "contains whitespace or a control byte")
     text = text.lower()
+    hint = url_hint(text)
+    if hint is not None:
+        raise _url_error(raw, hint)
 
     port: int | None = None
     bracketed = text.startswith("[")
@@ -361,6 +419,9 @@ def _parse_pattern(raw: str, index: int) -> _Rule:
         if end < 0:
             raise _pattern_error(raw, "has an unclosed '['")
         host, rest = text[1:end], text[end + 1 :]
+        if rest.startswith("/") and "/" not in host:  # [::1]/128, [fd00::]/8:443
+            prefix, colon, after = rest.partition(":")
+            host, rest = host + prefix, colon + after
         if rest:
             if rest[0] != ":":
                 raise _pattern_error(raw, "has unexpected text after ']'")
@@ -488,12 +549,19 @@ _SPECIAL = _nets(
     ("127.0.0.0/8", "loopback"),
     ("169.254.0.0/16", "link-local"),
     ("192.0.0.0/24", "reserved (IETF protocol assignments)"),
+    ("192.0.2.0/24", "documentation (TEST-NET-1)"),
+    ("198.51.100.0/24", "documentation (TEST-NET-2)"),
+    ("203.0.113.0/24", "documentation (TEST-NET-3)"),
+    ("198.18.0.0/15", "benchmarking"),
     ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "reserved"),
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("::/96", "reserved (deprecated IPv4-compatible)"),
     ("100::/64", "reserved (discard-only)"),
+    ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
+    ("2001:2::/48", "benchmarking"),
     ("fe80::/10", "link-local"),
     ("ff00::/8", "multicast"),
 )
@@ -503,7 +571,6 @@ _PRIVATE = _nets(
     ("172.16.0.0/12", "private (RFC 1918)"),
     ("192.168.0.0/16", "private (RFC 1918)"),
     ("100.64.0.0/10", "private (CGNAT)"),
-    ("198.18.0.0/15", "private (benchmarking)"),
     ("fc00::/7", "private (ULA)"),
     ("fec0::/10", "private (deprecated site-local)"),
 )
@@ -630,8 +697,8 @@ class Filter:
         address is unwrapped to the IPv4 it carries (mapped, NAT64, 6to4, Teredo) and then:
         a deny IP / CIDR rule covering it (raw or unwrapped) -> ``denied``; an ordinary
         public address -> fine; loopback, link-local, metadata, unspecified, multicast,
-        broadcast, reserved (and with ``deny_private`` RFC 1918, ULA, CGNAT, benchmarking)
-        -> ``resolved_address``, unless an allow IP / CIDR rule names it (covers it and
+        broadcast, reserved, benchmarking, documentation (and with ``deny_private`` RFC
+        1918, ULA, CGNAT) -> ``resolved_address``, unless an allow IP / CIDR rule names it (covers it and
         lies inside that range, so ``0.0.0.0/0`` unlocks nothing special) or the target is
         the name ``localhost`` allowed by a ``localhost`` rule and the address is loopback. An
         unparseable address or an empty list -> ``resolved_address``. For an IP-literal

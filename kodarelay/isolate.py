@@ -1,8 +1,8 @@
 """Running a command behind kodarelay: its environment, its supervision, and the network fence.
 
 ``kodarelay run`` uses this module twice: on the host, to start CMD (or the namespace
-helper) and wait for it; inside the network namespace of ``--isolate``, to bring loopback
-up, forward a loopback port to the proxy's UDS bridge and start CMD there.
+helper) and wait for it; inside the fence's namespaces, to bring loopback up, forward a
+loopback port to the proxy's UDS bridge and start CMD there, fenced by ``kodarelay._fence``.
 
 Decisions worth knowing:
 
@@ -13,12 +13,22 @@ Decisions worth knowing:
   alone. The first is not forwarded again (CMD would see two SIGINTs); the second is.
   CMD is started with ``posix_spawn`` and gets the signal mask kodarelay started with.
 * **Exit status.** CMD's own status; ``128 + N`` when a signal ``N`` killed it.
-* **The fence.** ``unshare --net`` (as root) or ``unshare --net --user --map-root-user``
-  (otherwise, like ``unshare -rn``; CMD then sees itself as uid 0 of that user namespace)
-  runs ``python -m kodarelay._isolate_child``, which exits with CMD. In the new namespace
-  there is no interface but loopback: the only way out is the proxy's UDS bridge, a socket
-  *file*, which network namespaces do not separate. The helper reports on a pipe when the
-  fence is ready; if it never does, CMD is not run at all (never unfenced).
+* **The fence.** ``unshare --user --map-root-user --net`` (a user namespace even as root)
+  runs ``python -m kodarelay._isolate_child``, which exits with CMD. In the new network
+  namespace there is no interface but loopback; the helper brings it up, lets unprivileged
+  processes bind every port there, and forwards a loopback TCP port to the proxy's UDS
+  bridge (a socket *file*, which network namespaces do not separate). It then forks CMD's
+  process, which drops every capability (bounding set included), sets ``no_new_privs`` and
+  installs a seccomp filter (``kodarelay._fence``) before it executes CMD: CMD cannot
+  ``setns`` back into the host's network, nor open a Unix socket to anything outside (only
+  the paths ``--allow-unix`` names, through ``_fence.UnixGate``). The helper keeps its
+  capabilities inside the user namespace only, so CMD cannot ptrace it either.
+* **Ready or nothing.** The helper reports on a pipe: ``ok`` once CMD was started fenced,
+  ``fail <why>`` (or nothing) when the fence could not be made, ``exec <code> <why>`` when
+  it held but CMD could not be executed (kodarelay exits 126 / 127 with that one line).
+  The helper never runs CMD unfenced: on ``fail`` ``spawn_isolated`` raises
+  ``FenceUnavailable`` and the command decides (``--isolate``: exit 125; the default: one
+  line on stderr, then CMD runs unfenced).
 * **The helper dies with kodarelay.** It asks the kernel for ``SIGTERM`` when its parent
   dies (``PR_SET_PDEATHSIG``) and forwards it to CMD like any other signal.
 """
@@ -37,6 +47,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -74,6 +85,10 @@ class RunError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_RUN_FAILED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class FenceUnavailable(RunError):
+    """The fence could not be made, and CMD was not started (so it may still run unfenced)."""
 
 
 # ── the environment ──────────────────────────────────────────────────────────
@@ -195,12 +210,39 @@ def supervise(pid: int) -> int:
 # ── the host side of --isolate ───────────────────────────────────────────────
 
 
-def unshare_argv(unshare: str, *, root: bool) -> list[str]:
-    """``unshare --net`` as root, else ``unshare --net --user --map-root-user`` (``unshare -rn``)."""
-    argv = [unshare, "--net"]
-    if not root:
-        argv += ["--user", "--map-root-user"]
-    return argv + ["--"]
+def unshare_argv(unshare: str) -> list[str]:
+    """``unshare --user --map-root-user --net``: a user namespace whoever runs it.
+
+    As root too: the capabilities the helper holds are then those of the new user
+    namespace, never the host's, so nothing in the fence can ``setns`` back out.
+    """
+    return [unshare, "--user", "--map-root-user", "--net", "--"]
+
+
+def fence_unavailable() -> str | None:
+    """Why the fence cannot be made here (checked without starting anything), or None."""
+    from ._fence import FenceError, current_arch
+
+    try:
+        current_arch()
+    except FenceError as e:
+        return str(e)
+    if shutil.which("unshare") is None:
+        return "`unshare` (util-linux) is not on PATH"
+    return None
+
+
+def probe_namespaces(timeout: float = READY_TIMEOUT) -> str | None:
+    """Why ``unshare`` cannot make the namespaces here (its own words), or None when it can."""
+    argv = unshare_argv(shutil.which("unshare") or "unshare") + ["true"]
+    try:
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unshare: {e}"
+    if out.returncode == 0:
+        return None
+    text = out.stderr.decode(errors="replace").strip().splitlines()
+    return text[-1] if text else f"unshare exited {out.returncode}"
 
 
 def spawn_isolated(
@@ -211,28 +253,30 @@ def spawn_isolated(
     *,
     ca_bundle: str | None = None,
     all_proxy_scheme: str = "socks5h",
+    allow_unix: Sequence[str] = (),
     ready_timeout: float = READY_TIMEOUT,
 ) -> int:
-    """Start CMD in a new network namespace whose only way out is ``uds_path``; returns the helper pid.
+    """Start CMD fenced (see the module docstring) with ``uds_path`` its only way out; returns the helper pid.
 
-    Returns once the helper reported the fence ready. Raises ``RunError`` (and leaves no
-    process behind) when ``unshare`` is missing or the namespace could not be set up.
+    Returns once the helper reported CMD started in the fence. Raises ``FenceUnavailable``
+    (and leaves no process behind, CMD never started) when the fence cannot be made.
     """
-    if not sys.platform.startswith("linux"):
-        raise RunError("--isolate needs Linux network namespaces; this is " + sys.platform)
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        raise RunError("--isolate needs `unshare` (util-linux) on PATH; refusing to run CMD unfenced")
+    why = fence_unavailable()
+    if why is not None:
+        raise FenceUnavailable(f"--isolate: {why}; refusing to run CMD unfenced")
+    unshare = shutil.which("unshare") or "unshare"
     rfd, wfd = os.pipe()
     try:
         os.set_inheritable(wfd, True)
-        argv = unshare_argv(unshare, root=os.geteuid() == 0) + [
+        argv = unshare_argv(unshare) + [
             sys.executable, "-m", "kodarelay._isolate_child",
             "--uds", uds_path, "--ready-fd", str(wfd), "--parent", str(os.getpid()),
             "--all-proxy-scheme", all_proxy_scheme,
         ]
         if ca_bundle is not None:
             argv += ["--ca-bundle", ca_bundle]
+        for path in allow_unix:
+            argv += ["--allow-unix", path]
         argv += ["--", *cmd]
         try:
             pid = spawn(argv, env, sigmask)
@@ -241,37 +285,42 @@ def spawn_isolated(
         ready = _read_ready(rfd, ready_timeout)
     finally:
         os.close(rfd)
-    if ready:
+    if ready == "ok":
         return pid
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     _, status = os.waitpid(pid, 0)
+    if ready.startswith("exec "):  # fenced, but CMD could not be executed
+        _, exit_text, why = (ready.split(" ", 2) + ["", ""])[:3]
+        raise RunError(why, int(exit_text) if exit_text.isdigit() else EXIT_NOT_EXECUTABLE)
+    if ready.startswith("fail "):
+        raise FenceUnavailable(f"--isolate: could not set up the fence ({ready[5:]}); CMD was not run")
     code = os.waitstatus_to_exitcode(status)
     how = f"unshare exited {code}" if code >= 0 else f"the helper was killed by signal {-code}"
-    raise RunError(
+    raise FenceUnavailable(
         f"--isolate: could not set up the network namespace ({how}); CMD was not run. "
-        "Namespaces need root, or unprivileged user namespaces (kernel.unprivileged_userns_clone)"
+        "Namespaces need unprivileged user namespaces (user.max_user_namespaces > 0)"
     )
 
 
-def _read_ready(fd: int, timeout: float) -> bool:
-    """True once the helper wrote ``ok``; False on EOF or after ``timeout`` seconds."""
+def _read_ready(fd: int, timeout: float) -> str:
+    """The helper's report (``ok``, ``fail WHY``, ``exec CODE WHY``); "" on EOF or after ``timeout`` seconds."""
     buf = b""
     deadline = time.monotonic() + timeout
-    while b"\n" not in buf:
+    while b"\n" not in buf and len(buf) < 4096:
         left = deadline - time.monotonic()
         if left <= 0:
-            return False
+            return ""
         readable, _, _ = select.select([fd], [], [], left)
         if not readable:
-            return False
-        chunk = os.read(fd, 64)
+            return ""
+        chunk = os.read(fd, 512)
         if not chunk:
             break
         buf += chunk
-    return buf.startswith(b"ok\n")
+    return buf.split(b"\n", 1)[0].decode(errors="replace") if b"\n" in buf else ""
 
 
 # ── the namespace side of --isolate ──────────────────────────────────────────
@@ -361,9 +410,88 @@ class UdsForwarder:
             log.debug("isolate forwarder: relay ended: %s", e)
 
 
+def allow_unprivileged_ports() -> None:
+    """Let CMD (no capability) bind ports below 1024 on the namespace's own loopback."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
+            f.write("0")
+    except OSError as e:
+        log.debug("cannot lower ip_unprivileged_port_start: %s", e)
+
+
+def spawn_fenced(
+    cmd: Sequence[str], env: Mapping[str, str], sigmask: Iterable[int], *, allow_unix: Sequence[str] = ()
+) -> tuple[int, int | None]:
+    """Fork CMD's process; it drops every privilege, installs the filter and executes CMD.
+
+    Returns CMD's pid and, with ``allow_unix``, the seccomp notification fd for
+    ``UnixGate``. Call it before starting any thread (the child runs Python after fork).
+    Raises ``FenceError`` when the fence could not be applied (CMD not run) and
+    ``RunError`` (127 / 126) when CMD could not be executed.
+    """
+    from . import _fence
+
+    arch = _fence.current_arch()
+    _fence._libc()  # loaded before the fork
+    mediate = bool(allow_unix)
+    argv, environ = list(cmd), dict(env)
+    blocked = set(sigmask)
+    parent_chan, child_chan = socket.socketpair() if mediate else (None, None)
+    rfd, wfd = os.pipe()  # both close-on-exec: EOF on rfd means CMD was executed
+    pid = os.fork()
+    if pid == 0:  # the child: nothing here may return into the helper's code
+        try:
+            os.close(rfd)
+            try:
+                notify_fd = _fence.apply(arch, mediate_unix=mediate)
+                if notify_fd is not None and child_chan is not None:
+                    socket.send_fds(child_chan, [b"L"], [notify_fd])
+                    os.close(notify_fd)
+            except BaseException as e:  # noqa: BLE001 - whatever it is, CMD must not run
+                os.write(wfd, b"F" + str(e).encode(errors="replace"))
+                os._exit(EXIT_RUN_FAILED)
+            for sig in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            try:
+                os.execvpe(argv[0], argv, environ)
+            except OSError as e:
+                os.write(wfd, b"E%d" % (e.errno or errno.ENOEXEC))
+        finally:
+            os._exit(EXIT_NOT_FOUND)
+    os.close(wfd)
+    listener: int | None = None
+    try:
+        if parent_chan is not None:
+            assert child_chan is not None
+            child_chan.close()
+            _, fds, _, _ = socket.recv_fds(parent_chan, 1, 1)
+            listener = fds[0] if fds else None
+        report = b""
+        while chunk := os.read(rfd, 4096):
+            report += chunk
+    finally:
+        os.close(rfd)
+        if parent_chan is not None:
+            parent_chan.close()
+    if report[:1] not in (b"F", b"E") and (listener is not None or not mediate):
+        return pid, listener
+    if listener is not None:
+        os.close(listener)
+    os.waitpid(pid, 0)
+    if report[:1] == b"E":
+        code = int(report[1:] or errno.ENOENT)
+        if code == errno.ENOENT:
+            raise RunError(f"{argv[0]}: command not found", EXIT_NOT_FOUND)
+        raise RunError(f"{argv[0]}: cannot run: {os.strerror(code)}", EXIT_NOT_EXECUTABLE)
+    raise _fence.FenceError(report[1:].decode(errors="replace") or "CMD's process did not start")
+
+
 def child_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m kodarelay._isolate_child`` (runs inside the new namespace)."""
+    """Entry point of ``python -m kodarelay._isolate_child`` (runs inside the new namespaces)."""
     import argparse
+
+    from ._fence import FenceError, UnixGate
 
     p = argparse.ArgumentParser(prog="kodarelay._isolate_child", description="internal helper of kodarelay run --isolate")
     p.add_argument("--uds", required=True)
@@ -371,6 +499,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--parent", type=int, required=True)
     p.add_argument("--ca-bundle")
     p.add_argument("--all-proxy-scheme", default="socks5h")
+    p.add_argument("--allow-unix", action="append", default=[])
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # CMD follows the first "--", untouched
     args = p.parse_args(argv[:split])
@@ -379,22 +508,31 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     sigmask = block_signals()
     os.set_inheritable(args.ready_fd, False)
     die_with_parent(args.parent)
-    if not cmd:
-        print("kodarelay (isolate): no command given", file=sys.stderr)
+
+    def fail(why: str) -> int:
+        os.write(args.ready_fd, b"fail " + why.replace("\n", " ").encode(errors="replace") + b"\n")
         return EXIT_RUN_FAILED
+
+    if not cmd:
+        return fail("no command given")
     try:
         loopback_up()
-        forwarder = UdsForwarder(args.uds).start()
+        forwarder = UdsForwarder(args.uds)  # bound and listening; its thread starts after the fork
     except OSError as e:
-        print(f"kodarelay: --isolate: cannot set up loopback in the namespace: {e}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+        return fail(f"cannot set up loopback in the namespace: {e}")
+    allow_unprivileged_ports()
     env = clean_env(os.environ)
     env.update(run_bouquet(forwarder.port, args.ca_bundle, args.all_proxy_scheme))
+    try:
+        pid, listener = spawn_fenced(cmd, env, sigmask, allow_unix=args.allow_unix)
+    except FenceError as e:
+        return fail(str(e))
+    except RunError as e:  # the fence held; CMD itself could not be executed: kodarelay says so
+        os.write(args.ready_fd, f"exec {e.exit_code} {e}".replace("\n", " ").encode(errors="replace") + b"\n")
+        return e.exit_code
+    forwarder.start()
+    if listener is not None:
+        UnixGate(listener, args.allow_unix).start()
     os.write(args.ready_fd, b"ok\n")
     os.close(args.ready_fd)
-    try:
-        pid = spawn(cmd, env, sigmask)
-    except RunError as e:
-        print(f"kodarelay: {e}", file=sys.stderr)
-        return e.exit_code
     return supervise(pid)

@@ -5,9 +5,11 @@ One request per connection: ``CONNECT host:port HTTP/1.x``, judged by the filter
 Established`` and relayed. Every refusal gets its status line and the connection closes:
 
 * head over 8 KiB → 431, head not complete within ``handshake_timeout`` → 408;
-* malformed request line or target → 400; another method → 405;
+* malformed request line or target → 400; another method → 405 (saying how to turn
+  forwarding on), or with ``forward_http=True`` plain-HTTP forwarding (``forward.py``);
 * host not allowed, denied, malformed, or resolving to a guarded address → 403 with
-  ``X-Proxy-Error: <reason>``; unresolvable name or unreachable target / upstream → 502.
+  ``X-Proxy-Error: <reason>`` and a one-line ``text/plain`` body naming host, port, reason
+  and what would admit it; unresolvable name or unreachable target / upstream → 502.
 
 Bytes the client sent after its request head (an eager TLS ClientHello) are forwarded to
 the target, never dropped.
@@ -22,8 +24,8 @@ import socket
 from typing import Any
 
 from . import relay
-from .dial import Refusal, admit_hint
-from .serving import Handoff, HandshakeTimeout, Parsed, Protocol, ProxyServer, Reject, Target
+from .dial import Refusal
+from .serving import Handoff, HandshakeTimeout, Handover, Parsed, Protocol, ProxyServer, Reject, Target
 from .violations import _printable
 
 log = logging.getLogger(__name__)
@@ -50,68 +52,101 @@ def status_line(code: int, proxy_error: str | None = None) -> bytes:
     return (head + "\r\n").encode("ascii")
 
 
-def text_reply(code: int, body: str, proxy_error: str | None = None) -> bytes:
-    """A complete reply with a one-line ``text/plain`` body (``Connection: close``)."""
-    data = (body.rstrip("\n") + "\n").encode("utf-8", "backslashreplace")
-    head = f"HTTP/1.1 {code} {REASONS[code]}\r\n"
-    if proxy_error is not None:
-        head += f"X-Proxy-Error: {proxy_error}\r\n"
-    head += f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
-    return head.encode("ascii") + data
+#: What would admit a request refused for each reason (the body of a 403).
+_ADMIT = {
+    "not_allowed": "allow it with --allow {target}",
+    "denied": "a deny rule matches it; only removing that --deny rule admits it",
+    "resolved_address": "it resolves to a loopback, link-local, private or reserved address; "
+                        "an IP or CIDR --allow rule naming that address admits it "
+                        "(a private one also --allow-private)",
+    "bad_host": "the host name is malformed; no rule admits it",
+    "decider_denied": "the approval hook said no; --allow {target} admits it without asking",
+    "decider_timeout": "the approval hook did not answer in time; --allow {target} admits it without asking",
+    "decider_error": "the approval hook failed; --allow {target} admits it without asking",
+    "address_type": "send the host name instead (socks5h://), or allow the address with --allow {target}",
+}
 
 
-def refusal_403(reason: str, host: str, port: int | None, rule: str | None = None) -> bytes:
-    """The 403 every refusal gets: ``X-Proxy-Error``, and a body naming host, port, reason and
-    what would admit it, so whoever reads it knows it was the proxy, not the site."""
+def refusal_reply(code: int, reason: str | None = None, host: str = "", port: int | None = None,
+                  method: str = "CONNECT", detail: str = "") -> bytes:
+    """A refusal written for the reader: the 403 names host, port, reason and what admits it.
+
+    Used by the CONNECT path on both front-ends (so their bytes are identical) and by
+    forwarding. A 405 says how to turn forwarding on. Other codes carry ``detail`` as a
+    one-line body when given, else they are the bare status line (the crate's replies).
+    Host and port only: never a path, query or userinfo.
+    """
     shown = _printable(host, 255)
     shown = f"[{shown}]" if ":" in shown else shown
     target = f"{shown}:{port}" if port is not None else shown
-    body = f"kodarelay refused {target or 'the request'}: {reason}; {admit_hint(reason, shown, port, rule)}"
-    return text_reply(403, body, reason)
+    if code == 403:
+        admit = _ADMIT.get(reason or "", "ask whoever runs the proxy to allow it").format(target=target)
+        text = f"kodarelay: {method} to {target} refused ({reason}); {admit}"
+    elif code == 405:
+        what = f"{method} to {target}" if host else f"{method}"
+        text = (f"kodarelay: {what} refused (method_not_allowed): this proxy only tunnels CONNECT; "
+                "plain-HTTP forwarding is off (forward_http=True, or kodarelay without --no-forward-http)")
+    elif detail:
+        text = f"kodarelay: {method + ' to ' + target + ': ' if host else ''}{detail}"
+    else:
+        return status_line(code, reason if code == 403 else None)
+    body = (text + "\n").encode("ascii", "replace")
+    head = f"HTTP/1.1 {code} {REASONS[code]}\r\n"
+    if code == 403 and reason is not None:
+        head += f"X-Proxy-Error: {reason}\r\n"
+    head += f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode("ascii") + body
 
 
 OK_REPLY = status_line(200)
-METHOD_NOT_ALLOWED = text_reply(
-    405, "kodarelay forwards only CONNECT tunnels here: plain-HTTP forwarding is off "
-    "(turn it on with forward_http=True, or drop --no-forward-http)", "method_not_allowed")
+
+
+def basic_user(value: bytes) -> str | None:
+    """The user of a ``Basic`` credential (attribution; the password is ignored)."""
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user = decoded.partition(":")[0]
+    return _printable(user, 100) if user else None
 
 
 def proxy_user(head: bytes) -> str | None:
-    """The user of a ``Proxy-Authorization: Basic`` header (attribution; the password is ignored)."""
+    """The user of a request head's ``Proxy-Authorization: Basic`` header, if any."""
     for line in head.split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or name.strip().lower() != b"proxy-authorization":
-            continue
-        scheme, _, token = value.strip().partition(b" ")
-        if scheme.lower() != b"basic":
-            return None
-        try:
-            decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        user = decoded.partition(":")[0]
-        return _printable(user, 100) if user else None
+        if sep and name.strip().lower() == b"proxy-authorization":
+            return basic_user(value)
     return None
 
 
-def _authority(target: str) -> tuple[str, int | None]:
-    """Host and port of an absolute-form target, for a violation (never its path or query)."""
-    from urllib.parse import urlsplit
+def _authority_only(target: str) -> str:
+    """A malformed CONNECT target as recorded: kept when it cannot hold a path, query or
+    userinfo, else dropped."""
+    return "" if any(c in target for c in "/?#@") else target
 
+
+def _host_port_of(target: str) -> tuple[str, int | None]:
+    """Host and port of a request target for a violation record: never its path or query."""
     try:
-        parts = urlsplit(target)
-        host = parts.hostname or ""
-        port = parts.port or ({"http": 80, "https": 443}.get(parts.scheme.lower()) if host else None)
-    except ValueError:
+        host, port, _authority, _origin = relay.parsers.parse_absolute_target(target)
+        return host, port
+    except HeadError:
         return "", None
-    return host, port
 
 
 class HttpProtocol(Protocol):
-    """HTTP CONNECT: a complete head in, a target (or a refusal) out; its replies."""
+    """HTTP CONNECT: a complete head in, a target (or a refusal) out; its replies. With
+    ``forward``, any other method is handed over to plain-HTTP forwarding (``forward.py``)."""
 
     name = "http"
     ok_reply = OK_REPLY
+
+    def __init__(self, forward: bool = False) -> None:
+        self.forward = forward
 
     def parse(self, data: bytes) -> Parsed:
         parsers = relay.parsers
@@ -125,18 +160,29 @@ class HttpProtocol(Protocol):
             return Reject(status_line(e.status), "bad_request")
         client = proxy_user(head)
         if method != "CONNECT":
-            host, port = _authority(target)
-            return Reject(METHOD_NOT_ALLOWED, "method_not_allowed", host, port, client)
-        try:
-            host, port = parsers.split_host_port(target)
-        except HeadError as e:
-            return Reject(status_line(e.status), "bad_request", target, None, client)
-        return Target(host, port, early, "CONNECT", client)
+            if self.forward:
+                return Handover(data)
+            host, port = _host_port_of(target)
+            return Reject(refusal_reply(405, None, host, port, method), "method_not_allowed", host, port, client)
+        return connect_target(target, early, client)
 
     def refusal_reply(self, r: Refusal, host: str, port: int | None) -> bytes:
-        if r.http_status == 403:
-            return refusal_403(r.reason or "refused", host, port, r.rule)
-        return status_line(r.http_status)
+        return refusal_reply(r.http_status, r.reason, host, port)
+
+
+def connect_target(target: str, early: bytes, client: str | None = None) -> Parsed:
+    """The parse of a CONNECT request's target."""
+    try:
+        host, port = relay.parsers.split_host_port(target)
+    except HeadError as e:
+        return Reject(status_line(e.status), "bad_request", _authority_only(target), None, client)
+    return Target(host, port, early, "CONNECT", client)
+
+
+async def connect_request_tail(srv: ProxyServer, conn: socket.socket, target: str, early: bytes,
+                               client: str | None = None) -> Handoff | None:
+    """A CONNECT after forwarded requests on one connection: served like any other."""
+    return await srv.serve_parsed(conn, HTTP, connect_target(target, early, client))
 
 
 HTTP = HttpProtocol()
@@ -152,17 +198,29 @@ class Server(ProxyServer):
 
     protocol = "http"
 
-    def __init__(self, *args: object, socks5: bool = False, **kwargs: object) -> None:
+    def __init__(self, *args: object, socks5: bool = False, forward_http: bool = False, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.socks5 = socks5
         self.front_mode = "mux" if socks5 else "http"
+        self._http = HttpProtocol(forward_http)
+
+    @property
+    def forward_http(self) -> bool:
+        """Forward absolute-form plain-HTTP requests (``forward.py``) instead of answering 405."""
+        return self._http.forward
 
     def protocol_for(self, h: Any) -> Protocol:
         if h.proto == 1:
             from .socks5 import SOCKS5
 
             return SOCKS5
-        return HTTP
+        return self._http
+
+    async def handover(self, conn: socket.socket, parsed: Handover) -> Handoff | None:
+        from . import forward
+
+        deadline = self._loop.time() + self.handshake_timeout
+        return await forward.forward_session(self, conn, parsed.data, deadline)
 
     async def _session(self, conn: socket.socket) -> Handoff | None:
         deadline = self._loop.time() + self.handshake_timeout
@@ -194,4 +252,5 @@ async def http_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadli
         return None
     except HeadError:
         pass                    # parse() gives the reply and the violation
-    return await srv.serve_parsed(conn, HTTP, HTTP.parse(buf))
+    proto = srv._http if isinstance(srv, Server) else HTTP
+    return await srv.serve_parsed(conn, proto, proto.parse(buf))

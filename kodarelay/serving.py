@@ -10,9 +10,10 @@ import errno
 import ipaddress
 import logging
 import socket
+import threading
 import os
 import time
-from typing import Any, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Any, Awaitable, Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from . import relay
 from ._aio import recv_within
@@ -64,7 +65,14 @@ class Reject(NamedTuple):
     client: Optional[str] = None
 
 
-Parsed = Union[Target, Reject]
+class Handover(NamedTuple):
+    """A connection another session serves from here on (plain-HTTP forwarding): what was
+    read of it so far."""
+
+    data: bytes
+
+
+Parsed = Union[Target, Reject, Handover]
 
 
 class Protocol:
@@ -97,6 +105,19 @@ class Ticket:
         self.port = port
         self.client = client
         self.start = time.monotonic()
+
+
+def default_max_handshakes() -> int:
+    """A quarter of the fd limit (at least 64): dripping clients can never take every fd."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 65536
+    return max(64, min(65536, soft // 4))
 
 
 def _literal_plan(plan: Plan) -> Plan:
@@ -162,6 +183,7 @@ class ProxyServer:
         decider: Decider | None = None,
         decider_timeout: float = 60.0,
         on_event: OnEvent | None = None,
+        max_handshakes: int | None = None,
     ) -> None:
         if not isinstance(filter, Filter):
             raise TypeError(f"filter must be a kodarelay.Filter, not {type(filter).__name__}")
@@ -180,7 +202,14 @@ class ProxyServer:
         self._closed = False
         self._last_accept_error_log = 0.0
         self._front: Any = None            # the engine's listener (compiled front-end)
-        self._native: set[Any] = set()     # tunnels the engine dialled and relays
+        #: tunnels the engine dialled and relays, each with what reports its end
+        self._native: dict[Any, Callable[[BaseException | None, Any], None]] = {}
+        self._announce_lock = threading.Lock()
+        if max_handshakes is not None and max_handshakes < 1:
+            raise ValueError(f"max_handshakes must be >= 1, not {max_handshakes!r}")
+        #: connections still in their handshake, at most; at the bound the oldest are shed
+        self.max_handshakes = max_handshakes if max_handshakes is not None else default_max_handshakes()
+        self._handshaking: dict[asyncio.Task[Any], None] = {}     # oldest first
         self.dialer.on_policy_change.append(self._drop_engine_plans)
 
     @classmethod
@@ -270,6 +299,9 @@ class ProxyServer:
                 except OSError as e:
                     if self._closed:
                         break
+                    if e.errno in (errno.EMFILE, errno.ENFILE) and self._shed_oldest():
+                        await asyncio.sleep(0)      # let the shed connection close, then retry
+                        continue
                     if e.errno not in _ACCEPT_RETRYABLE:
                         log.error("accept on port %d failed: %s", self._port, e)
                     self._log_accept_error(e)
@@ -310,12 +342,13 @@ class ProxyServer:
             self.emit(Event(time.time(), "refuse", proto, "", parsed.host, parsed.port, parsed.client,
                             parsed.reason, None, "default"))
 
-    def _ended(self, ticket: Ticket | None, moved: tuple[int, int] | None, reason: str | None = None) -> None:
+    def _ended(self, ticket: Ticket | None, moved: tuple[int, int] | None, reason: str | None = None,
+               detail: str | None = None) -> None:
         if ticket is None or self._events is None:
             return
         up, down = moved if moved is not None else (None, None)
         self.emit(Event(time.time(), "end", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
-                        reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start))
+                        reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start, detail))
 
     def _unreachable(self, proto: str, target: Target, plan: Plan, r: Refusal, ticket: Ticket | None) -> None:
         """An allowed target that could not be reached (or an upstream that said no)."""
@@ -323,7 +356,7 @@ class ProxyServer:
             self.record(proto, plan.host, plan.port, r.reason, target.client, str(r))
         else:
             log.info("%s tunnel to %s:%d failed: %s", proto, plan.host, plan.port, r)
-        self._ended(ticket, (0, 0), r.reason or "unreachable")
+        self._ended(ticket, (0, 0), r.reason or "unreachable", str(r))
 
     def emit(self, event: Event) -> None:
         if self._events is not None:
@@ -373,6 +406,9 @@ class ProxyServer:
             if parsed.reply is not None:
                 await self.send_quietly(conn, parsed.reply)
             return None
+        if isinstance(parsed, Handover):
+            self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            return await self.handover(conn, parsed)
         plan = await self._plan(proto.name, parsed)
         ticket = self._judged(proto.name, parsed, plan)
         if ticket is None:
@@ -407,11 +443,33 @@ class ProxyServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        self._track(self._loop.create_task(self._run(conn)))
+        while len(self._handshaking) >= self.max_handshakes:
+            self._shed_oldest()
+        task = self._loop.create_task(self._run(conn))
+        self._handshaking[task] = None
+        self._track(task)
 
-    async def _run(self, conn: socket.socket) -> None:
+    def _shed_oldest(self) -> bool:
+        """End the oldest handshake still in progress (haproxy-style); False when none is."""
+        for task in self._handshaking:
+            del self._handshaking[task]
+            task.cancel()
+            log.debug("shed the oldest handshake (%d in progress)", len(self._handshaking) + 1)
+            return True
+        return False
+
+    async def handover(self, conn: socket.socket, parsed: Handover) -> Handoff | None:
+        """Serve a connection handed over by its protocol (``Server`` forwards plain HTTP)."""
+        raise NotImplementedError
+
+    async def _run(self, conn: socket.socket,
+                   session: Callable[[socket.socket], Awaitable[Handoff | None]] | None = None) -> None:
+        """Serve ``conn``: its session (``_session`` unless given), then the relay of its handoff."""
         with _connection_ends(conn):
-            handoff = await self._session(conn)
+            try:
+                handoff = await (session or self._session)(conn)
+            finally:
+                self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if handoff is not None:
                 upstream, to_upstream, to_client, ticket = handoff
                 del handoff
@@ -442,7 +500,7 @@ class ProxyServer:
     def _start_front(self) -> None:
         self._front = relay.impl.native_listen(  # type: ignore[attr-defined]
             self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct,
-            self._engine_refused, self.dialer.connect_timeout, self.idle_timeout, self.total_timeout,
+            self._engine_refused, self.dialer.connect_timeout, self.idle_timeout, self.total_timeout, self.max_handshakes,
         )
 
     # The engine keeps its own copy of the plans Python decided, per (protocol, host as the
@@ -559,6 +617,16 @@ class ProxyServer:
             else:
                 h.close()
             return
+        if isinstance(parsed, Handover):
+            conn = socket.socket(fileno=h.detach())
+            conn.setblocking(False)
+            handed = parsed
+
+            async def session(c: socket.socket) -> Handoff | None:
+                return await self.handover(c, handed)
+
+            self._track(self._loop.create_task(self._run(conn, session)))
+            return
         gen = self._engine_generation()
         plan = self._plan_now(parsed)
         if plan is None:
@@ -599,16 +667,34 @@ class ProxyServer:
         ticket = Ticket(proto.name, target.method, plan.host, plan.port, target.client)
         native = self._native
 
-        def done(e: BaseException | None) -> None:
-            native.discard(tunnel)
-            moved = getattr(tunnel, "moved", None)
+        announced: list[bool] = []
+
+        def announce() -> None:
+            # the allow event goes out before the end event, whichever thread gets here first
+            with self._announce_lock:
+                if not announced:
+                    announced.append(True)
+                    self.emit(Event(time.time(), "allow", proto.name, target.method, plan.host, plan.port,
+                                    target.client, "allowed", plan.rule, plan.source, ticket.id))
+
+        reported: list[bool] = []
+
+        def done(e: BaseException | None, tunnel: Any) -> None:
+            # Called once by the engine (on its completer thread, possibly before ``h.dial``
+            # has returned) or by ``close()`` for an aborted tunnel; whichever comes first.
+            with self._announce_lock:
+                if reported:
+                    return
+                reported.append(True)
+            native.pop(tunnel, None)
+            announce()
             if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
                 log.info("%s tunnel to %s:%d failed: %s", proto.name, plan.host, plan.port, e)
                 self._ended(ticket, (0, 0), "unreachable")
                 return
             if e is not None and not (isinstance(e, OSError) and e.errno in _NORMAL_ENDS):
                 log.debug("tunnel ended: %s", e)
-            self._ended(ticket, moved() if callable(moved) else moved)
+            self._ended(ticket, getattr(tunnel, "moved", None))
 
         try:
             tunnel = h.dial(list(plan.addresses), plan.port, proto.ok_reply, target.early,
@@ -616,12 +702,13 @@ class ProxyServer:
                             proto.name == "socks5", self._loop, done)
         except ValueError:
             return False
-        self.emit(Event(time.time(), "allow", proto.name, target.method, plan.host, plan.port, target.client,
-                        "allowed", plan.rule, plan.source, ticket.id))
-        native.add(tunnel)
+        announce()
+        with self._announce_lock:
+            if not reported:
+                native[tunnel] = done
         if self._closed:                # close() ran meanwhile (on the loop thread)
             tunnel.abort()
-            native.discard(tunnel)
+            done(None, tunnel)
         return True
 
     async def _run_detached(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
@@ -700,9 +787,9 @@ class ProxyServer:
             self._serve_task.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for tunnel in list(self._native):
+        for tunnel, done in list(self._native.items()):
             tunnel.abort()              # the engine closes both fds on its next iteration
-            self._native.discard(tunnel)
+            done(None, tunnel)          # (an aborted tunnel's own callback never runs)
 
     def _release_listener(self) -> None:
         """Close the listening socket now, the engine's copy of it included."""
@@ -724,8 +811,11 @@ class ProxyServer:
             await asyncio.wait(tasks)
 
     async def aclose(self) -> None:
+        """Close, wait for every tunnel, and deliver the events still queued."""
         self.close()
         await self.wait_closed()
+        if self._events is not None:
+            await self._loop.run_in_executor(None, self._events.close)
 
     async def __aenter__(self: S) -> S:
         return self
@@ -734,4 +824,4 @@ class ProxyServer:
         await self.aclose()
 
 
-__all__ = ["ProxyServer", "Protocol", "Target", "Reject", "Ticket", "Handoff", "HandshakeTimeout", "Refusal"]
+__all__ = ["ProxyServer", "Protocol", "Target", "Reject", "Handover", "Ticket", "Handoff", "HandshakeTimeout", "Refusal"]

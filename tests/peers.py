@@ -271,3 +271,42 @@ def tinyproxy(tmp: Path, basic_auth: tuple[str, str] | None = None) -> Iterator[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class CannedProxy:
+    """An upstream HTTP proxy on loopback that answers every CONNECT with ``reply`` (a head,
+    maybe with bytes after it), then echoes; ``requests`` holds each request head it read,
+    ``accepted`` counts connections. One thread per connection."""
+
+    def __init__(self, reply: bytes = b"HTTP/1.1 200 Connection established\r\n\r\n") -> None:
+        self.reply = reply
+        self.requests: list[bytes] = []
+        self.accepted = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(DEADLINE)
+                self.requests.append(recv_until(conn, b"\r\n\r\n"))
+                conn.sendall(self.reply)
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()

@@ -30,8 +30,27 @@ CHILD = textwrap.dedent(
 )
 
 
+def _open(port: int, protocol: str, echo_port: int):  # type: ignore[no-untyped-def]
+    """A tunnel through the proxy, or None when it could not be made (the proxy is out of fds)."""
+    try:
+        if protocol == "http":
+            s, head = http_connect(port, f"localhost:{echo_port}")
+            ok = status_of(head) == 200
+        else:
+            s, rep = socks5_connect(port, b"localhost", echo_port)
+            ok = rep[:2] == b"\x05\x00"
+    except (OSError, AssertionError):
+        return None
+    if not ok:
+        s.close()
+        return None
+    return s
+
+
 @pytest.mark.parametrize("protocol", ["http", "socks5"])
 def test_fd_exhaustion_does_not_stop_the_proxy(protocol):
+    """Tunnels hold every fd: new clients wait or are refused (accept backs off, logging at
+    most once a second, or an old handshake is shed), and service resumes once fds come back."""
     echo = EchoServer()
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, protocol], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -49,19 +68,22 @@ def test_fd_exhaustion_does_not_stop_the_proxy(protocol):
 
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
-        hoard = [connect(port) for _ in range(80)]  # idle handshakes pin the proxy's fds
-        # Wait until the proxy says it ran out of fds (a client that left before being
-        # accepted would pin nothing, so the hoard stays open until then).
-        assert exhausted.wait(20), "".join(lines)
         started = time.monotonic()
-        for s in hoard:
+        hoard = []
+        for _ in range(40):                 # fill the proxy's fds with live tunnels
+            s = _open(port, protocol, echo.port) if not exhausted.is_set() else None
+            if s is None:
+                break
+            hoard.append(s)
+        assert len(hoard) < 40, "the proxy never ran out of fds"
+        waiting = [connect(port) for _ in range(8)]     # accepted and shed, or not accepted yet
+        for s in hoard + waiting:
             s.close()
-        if protocol == "http":
-            s, head = http_connect(port, f"localhost:{echo.port}")
-            assert status_of(head) == 200
-        else:
-            s, rep = socks5_connect(port, b"localhost", echo.port)
-            assert rep[:2] == b"\x05\x00"
+        deadline = time.monotonic() + 20
+        s = None
+        while s is None and time.monotonic() < deadline:
+            s = _open(port, protocol, echo.port)
+        assert s is not None, "".join(lines)
         s.sendall(b"alive")
         assert recv_exact(s, 5) == b"alive"
         s.close()
@@ -72,8 +94,8 @@ def test_fd_exhaustion_does_not_stop_the_proxy(protocol):
         reader.join(10)
         err = "".join(lines)
         warnings = err.count("backing off")
-        assert warnings >= 1, err  # the exhaustion really happened
         assert warnings <= elapsed + 2, err  # at most about once a second
+        assert "Traceback" not in err, err
     finally:
         if child.poll() is None:
             child.kill()

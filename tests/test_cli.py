@@ -192,6 +192,59 @@ def test_check_bad_host_exits_2():
     assert_one_line_error(out.stderr, "'a..b'")
 
 
+@pytest.mark.parametrize(
+    ("target", "suggestion"),
+    [("https://pypi.org", "pypi.org"), ("https://pypi.org:8443/simple", "pypi.org:8443"), ("pypi.org/simple", "pypi.org")],
+)
+def test_check_url_target_suggests_the_host(target, suggestion):
+    out = kr("check", target, "--allow", "pypi.org")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert_one_line_error(out.stderr, repr(target), "HOST[:PORT]", f"(did you mean {suggestion!r}?)")
+    assert "invalid port" not in out.stderr and "CIDR" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "code", "reason"),
+    [
+        # private ranges: refused by default, --allow-private or a rule naming them admits them
+        ("10.1.2.3:443", ["--allow", "0.0.0.0/0"], 1, "resolved_address"),
+        ("10.1.2.3:443", ["--allow", "0.0.0.0/0", "--allow-private"], 0, "allowed"),
+        ("10.1.2.3:443", ["--allow", "10.0.0.0/8"], 0, "allowed"),
+        ("192.168.1.1:443", ["--allow", "192.168.1.1"], 0, "allowed"),
+        ("[fd12::1]:443", ["--allow", "::/0"], 1, "resolved_address"),
+        ("100.64.0.1:443", ["--allow", "0.0.0.0/0"], 1, "resolved_address"),
+        # always guarded: documentation, benchmarking, reserved, loopback
+        ("192.0.2.1:443", ["--allow", "0.0.0.0/0", "--allow-private"], 1, "resolved_address"),
+        ("198.18.0.1:443", ["--allow", "0.0.0.0/0", "--allow-private"], 1, "resolved_address"),
+        ("[2001:db8::1]:443", ["--allow", "::/0", "--allow-private"], 1, "resolved_address"),
+        ("240.0.0.1:443", ["--allow", "0.0.0.0/0"], 1, "resolved_address"),
+        ("127.0.0.1:8080", ["--allow", "0.0.0.0/0"], 1, "resolved_address"),
+        ("127.0.0.1:8080", ["--allow", "127.0.0.1"], 0, "allowed"),
+        ("192.0.2.1:443", ["--allow", "192.0.2.0/24"], 0, "allowed"),
+        ("93.184.216.34:443", ["--allow", "0.0.0.0/0"], 0, "allowed"),
+    ],
+)
+def test_check_ip_literal_is_judged_like_the_proxy(target, args, code, reason):
+    out = kr("check", target, *args)
+    assert out.returncode == code, out.stdout + out.stderr
+    first, *rest = out.stdout.splitlines()
+    assert first.startswith(("allowed " if code == 0 else "denied ") + target)
+    assert first.endswith(f"reason={reason}")
+    if reason == "resolved_address":
+        assert rest and rest[0].startswith("note: "), out.stdout
+        assert ("--allow-private" in rest[0]) == ("--allow-private" not in args and "private" in rest[0])
+    assert out.stderr == ""
+
+
+def test_check_says_a_name_is_judged_without_dns():
+    out = kr("check", "pypi.org:443", "--allow", "pypi.org")
+    assert out.returncode == 0
+    assert out.stdout == "allowed pypi.org:443 rule=pypi.org reason=allowed\n"
+    assert "judged by name only (no DNS)" in out.stderr and "private" in out.stderr
+    assert "private" not in kr("check", "pypi.org:443", "--allow", "pypi.org", "--allow-private").stderr
+
+
 def test_check_bad_pattern_exits_2():
     out = kr("check", "github.com", "--allow", "foo.*.com")
     assert out.returncode == 2
@@ -203,6 +256,7 @@ def test_check_bad_pattern_exits_2():
 
 def test_env_sh_round_trips_through_a_shell(tmp_path):
     bundle = str(tmp_path / "it's a $bundle.pem")
+    Path(bundle).write_text("")
     out = kr("env", "--port", "3128", "--socks5-port", "1080", "--ca-bundle", bundle)
     assert out.returncode == 0
     assert all(line.startswith("export ") for line in out.stdout.splitlines())
@@ -214,11 +268,13 @@ def test_env_sh_round_trips_through_a_shell(tmp_path):
     assert shell.stdout.splitlines() == [bundle, "socks5h://127.0.0.1:1080", "[]"]
 
 
-def test_env_json_and_tools():
-    out = kr("env", "--port", "3128", "--format", "json", "--tools", "--ca-bundle", "/etc/ca.pem")
+def test_env_json_and_tools(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    out = kr("env", "--port", "3128", "--format", "json", "--tools", "--ca-bundle", str(bundle))
     data = json.loads(out.stdout)
     assert data["HTTPS_PROXY"] == data["npm_config_proxy"] == data["GRPC_PROXY"] == "http://127.0.0.1:3128"
-    assert data["PIP_CERT"] == data["CURL_CA_BUNDLE"] == "/etc/ca.pem"
+    assert data["PIP_CERT"] == data["CURL_CA_BUNDLE"] == str(bundle)
     assert data["NO_PROXY"] == ""
     assert "ALL_PROXY" not in data  # no --socks5-port
     assert list(data) == sorted(data)
@@ -229,6 +285,19 @@ def test_env_dotenv_quotes_only_when_needed():
     lines = out.stdout.splitlines()
     assert "HTTPS_PROXY=http://127.0.0.1:3128" in lines
     assert 'NO_PROXY="localhost, 10.0.0.0/8"' in lines
+
+
+def test_env_ca_bundle_is_checked_like_runs(tmp_path):
+    """Issue 13: env accepted a missing bundle and printed a relative path as given; run refused it."""
+    out = kr("env", "--port", "3128", "--ca-bundle", "missing.pem", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert_one_line_error(out.stderr, "--ca-bundle", "'missing.pem'")
+    (tmp_path / "ca.pem").write_text("")
+    out = kr("env", "--port", "3128", "--ca-bundle", "ca.pem", "--format", "json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["SSL_CERT_FILE"] == data["CURL_CA_BUNDLE"] == str(tmp_path / "ca.pem")
 
 
 @pytest.mark.parametrize("bad", [["--port", "0"], ["--port", "70000"], ["--port", "x"], [], ["--port", "1", "--format", "xml"]])
@@ -258,13 +327,84 @@ def test_run_curl_to_local_https_and_http(https_site, http_site, ca):
 
 
 def test_run_socks5_through_all_proxy(https_site, ca):
+    """--all-proxy-scheme socks5h (SOCKS-only setups): ALL_PROXY names the same port as socks5h://."""
     curl = require_tool("curl")
     out = kr(
-        "run", "--allow", "localhost", "--upstream", "direct", "--ca-bundle", str(ca[0]), "--",
-        "sh", "-c", f'exec {curl} -sS --max-time 20 --proxy "$ALL_PROXY" {https_site.url("/socks")}',
+        "run", "--allow", "localhost", "--upstream", "direct", "--ca-bundle", str(ca[0]), "--all-proxy-scheme", "socks5h",
+        "--", "sh", "-c",
+        f'case "$ALL_PROXY" in socks5h://127.0.0.1:*) ;; *) exit 99;; esac; '
+        f'exec {curl} -sS --max-time 20 --proxy "$ALL_PROXY" {https_site.url("/socks")}',
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "hello from /socks\n"
+
+
+def test_run_httpx_works_with_the_default_bouquet(https_site, ca):
+    """Issue 13: ALL_PROXY=socks5h:// made every httpx request fail (socksio not installed).
+
+    The port speaks both protocols, so ALL_PROXY is http:// and httpx needs no extra.
+    """
+    pytest.importorskip("httpx")
+    code = (
+        "import os, ssl, sys, httpx\n"
+        "ctx = ssl.create_default_context(cafile=os.environ['SSL_CERT_FILE'])\n"
+        "with httpx.Client(verify=ctx, timeout=20) as c:\n"
+        "    print(c.get(sys.argv[1]).text, end='')\n"
+        "    try:\n"
+        "        c.get('https://blocked.invalid/')\n"
+        "    except httpx.ProxyError as e:\n"
+        "        print('refused:', e)\n"
+    )
+    out = kr(
+        "run", "--allow", "localhost", "--upstream", "direct", "--ca-bundle", str(ca[0]), "--",
+        sys.executable, "-c", code, https_site.url("/httpx"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "hello from /httpx"
+    assert out.stdout.splitlines()[1].startswith("refused:") and "403" in out.stdout
+    assert "1x blocked.invalid:443  not_allowed" in out.stderr
+
+
+def test_run_verbose_says_nothing_twice_and_no_normal_ending_as_an_error(https_site, ca):
+    """Issue 13: -v printed "tunnel ended: [Errno 32] Broken pipe" after a good fetch."""
+    curl = require_tool("curl")
+    urls = [https_site.url(f"/{i}") for i in range(4)]
+    out = kr("run", "-v", "--allow", "localhost", "--upstream", "direct", "--ca-bundle", str(ca[0]), "--", curl, "-sS", *urls)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "".join(f"hello from /{i}\n" for i in range(4))
+    lines = out.stderr.splitlines()
+    assert lines, "-v says where the proxy listens"
+    assert len(lines) == len(set(lines)), out.stderr
+    for noise in ("Errno", "Broken pipe", "reset by peer", "Traceback", "error"):
+        assert noise not in out.stderr, out.stderr
+
+
+def test_run_summary_never_prints_a_path_or_query():
+    """A refused plain-HTTP request is recorded with its absolute-form target; the summary shows host[:port] only."""
+    curl = require_tool("curl")
+    out = kr("run", "--upstream", "direct", "--", curl, "-sS", "--max-time", "20", "http://blocked.invalid:8080/secret/path?token=abc")
+    assert "1x blocked.invalid:8080  " in out.stderr, out.stderr
+    assert "secret" not in out.stderr and "token" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("level", ["-v", "-vv"])
+def test_run_verbose_says_each_allowed_tunnel_once(https_site, ca, level):
+    """Issue 13: -v showed refusals but not what was admitted, and -vv said lines twice."""
+    curl = require_tool("curl")
+    out = kr(
+        "run", level, "--allow", "localhost", "--upstream", "direct", "--ca-bundle", str(ca[0]), "--",
+        "sh", "-c", f"{curl} -sS {https_site.url('/a')}; {curl} -sS --max-time 20 https://blocked.invalid/; exit 0",
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == len(set(lines)), out.stderr
+    where = f"localhost:{https_site.port}"
+    assert [line for line in lines if line.startswith("kodarelay: allowed http ")] == [f"kodarelay: allowed http {where} (rule localhost)"]
+    assert [line for line in lines if "blocked.invalid" in line and "refused http" in line] == [
+        "kodarelay: refused http blocked.invalid:443 (not_allowed)"
+    ]
+    ended = [line for line in lines if line.startswith(f"kodarelay: ended http {where}: ")]
+    assert len(ended) == (1 if level == "-vv" else 0), out.stderr
 
 
 def test_run_localhost_goes_through_the_policy(http_site):
@@ -306,7 +446,7 @@ def test_run_environment_replaces_inherited_proxies(tmp_path):
     seen = json.loads(dump.read_text())
     port = int(seen["HTTPS_PROXY"].rsplit(":", 1)[1])
     assert seen["HTTPS_PROXY"] == seen["http_proxy"] == seen["npm_config_proxy"] == f"http://127.0.0.1:{port}"
-    assert seen["ALL_PROXY"] == f"socks5h://127.0.0.1:{port}"
+    assert seen["ALL_PROXY"] == seen["all_proxy"] == f"http://127.0.0.1:{port}"  # the port speaks both
     assert seen["NO_PROXY"] == seen["no_proxy"] == ""
     assert "FTP_PROXY" not in seen and "npm_config_noproxy" not in seen
     assert seen["PATH"] == env["PATH"]
@@ -369,6 +509,10 @@ def test_run_command_not_executable_is_126(tmp_path):
         (["--allow", "a.com,"], "''"),
         (["--upstream", "ftp://proxy"], "ftp://proxy"),
         (["--ca-bundle", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
+        # issue 13: a URL said "invalid port '//pypi.org'", a path "invalid CIDR prefix length"
+        (["--allow", "https://pypi.org"], "is a URL; patterns are host[:port], e.g. 'pypi.org' or '*.npmjs.org:443' (did you mean 'pypi.org'?)"),
+        (["--allow", "pypi.org/simple"], "has a path; patterns are host[:port], e.g. 'pypi.org' or '*.npmjs.org:443' (did you mean 'pypi.org'?)"),
+        (["--deny", "https://evil.example:8443/x"], "(did you mean 'evil.example:8443'?)"),
     ],
 )
 def test_run_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
@@ -421,7 +565,7 @@ def test_run_forwards_signals_and_leaves_nothing_behind(tmp_path, sig, isolated,
         request.getfixturevalue("netns")
     script = write_script(tmp_path / "sleeper.py", SIGNAL_SCRIPT)
     ready, marker = tmp_path / "ready", tmp_path / "got-signal"
-    args = [*KR, "run", "--upstream", "direct", *(["--isolate"] if isolated else []), "--", sys.executable, script, str(ready), str(marker)]
+    args = [*KR, "run", "--upstream", "direct", *(["--isolate"] if isolated else ["--no-isolate"]), "--", sys.executable, script, str(ready), str(marker)]
     proc = subprocess.Popen(args, env=clean_env(), stderr=subprocess.PIPE)
     try:
         proxy_url, parent = _wait_file(ready, proc).split("\n")
@@ -599,13 +743,13 @@ def test_serve_prints_exports_serves_and_stops_on_sigterm(https_site, ca):
     proc, exports, err = _start_serve("--allow", "localhost", "--upstream", "direct")
     try:
         port = int(exports["HTTPS_PROXY"].rsplit(":", 1)[1])
-        assert exports["ALL_PROXY"] == f"socks5h://127.0.0.1:{port}"
+        assert exports["ALL_PROXY"] == f"http://127.0.0.1:{port}"
         assert exports["NO_PROXY"] == ""
         env = clean_env(**exports, CURL_CA_BUNDLE=str(ca[0]))
         ok = subprocess.run([curl, "-sS", "--max-time", "20", https_site.url("/served")], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
         assert ok.stdout == "hello from /served\n", ok.stderr
         socks = subprocess.run(
-            [curl, "-sS", "--max-time", "20", "--proxy", exports["ALL_PROXY"], https_site.url("/socks")],
+            [curl, "-sS", "--max-time", "20", "--proxy", f"socks5h://127.0.0.1:{port}", https_site.url("/socks")],
             env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
         )
         assert socks.stdout == "hello from /socks\n", socks.stderr

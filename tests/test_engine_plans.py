@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from kodarelay import _relay_py, relay
 from kodarelay._errors import HeadError, Socks5Error
 
-from peers import EchoServer, connect, dead_port, fd_count, recv_exact, recv_until, wait_until
+from peers import CannedProxy, EchoServer, connect, dead_port, fd_count, recv_exact, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(relay.impl, "native_listen"), reason="needs the compiled engine")
 
@@ -74,7 +74,7 @@ class Front:
         else:
             end = _relay_py.parse_socks5_request(h.data)[0]
         self.tunnels.append(h.dial(addresses, port, ok, h.data[end:], 5.0, 60.0, 60.0, h.proto == 1,
-                                   self.loop, lambda e: None))
+                                   self.loop, lambda e, h: None))
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.nl.close)
@@ -265,43 +265,9 @@ def test_refusal_flood_is_bounded_and_in_order(front, echo: EchoServer) -> None:
     assert f.dropped >= n - 1024 - 64      # (the first batch went out before the gate closed)
 
 
-class FakeUpstream:
-    """An HTTP proxy on loopback that answers every CONNECT with ``reply`` then echoes."""
-
-    def __init__(self, reply: bytes) -> None:
-        self.reply = reply
-        self.requests: list[bytes] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                self.requests.append(recv_until(conn, b"\r\n\r\n"))
-                conn.sendall(self.reply)
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.mark.parametrize("proto", [0, 1], ids=["http", "socks5"])
 def test_chain_plan_goes_through_the_upstream(front, proto: int) -> None:
-    up = FakeUpstream(b"HTTP/1.1 200 Connection established\r\nVia: fake\r\n\r\nHELLO")
+    up = CannedProxy(b"HTTP/1.1 200 Connection established\r\nVia: fake\r\n\r\nHELLO")
     try:
         f = front("mux")
         request = b"CONNECT far.test:443 HTTP/1.1\r\nHost: far.test:443\r\nProxy-Authorization: Basic dTpw\r\n\r\n"
@@ -323,7 +289,7 @@ def test_chain_plan_goes_through_the_upstream(front, proto: int) -> None:
 @pytest.mark.parametrize("reply", [b"HTTP/1.1 403 Forbidden\r\n\r\n", b"HTTP/1.1 407 Auth\n\n", b"garbage\r\n\r\n", b""])
 @pytest.mark.parametrize("proto", [0, 1], ids=["http", "socks5"])
 def test_chain_plan_upstream_refusal_is_502_or_rep_5(front, proto: int, reply: bytes) -> None:
-    up = FakeUpstream(reply)
+    up = CannedProxy(reply)
     try:
         f = front("mux")
         ok = OK if proto == 0 else SOCKS_OK

@@ -17,7 +17,8 @@ import pytest
 from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig
 
 from peers import (
-    DEADLINE, EchoServer, http_connect, recv_exact, recv_until, require_tool, socks5_connect, status_of, tinyproxy,
+    CannedProxy,
+    EchoServer, http_connect, recv_exact, recv_until, require_tool, socks5_connect, status_of, tinyproxy,
     wait_until,
 )
 from test_policy import CountingResolver
@@ -87,7 +88,7 @@ def test_refusals_served_by_the_engine_are_violations(start_proxy, proto: str) -
         assert not ok
         if proto == "http":
             assert status_of(reply) == 403 and b"X-Proxy-Error: not_allowed" in reply
-            assert b"kodarelay refused evil.test:443: not_allowed" in recv_until(s, b"\n")
+            assert b"kodarelay: CONNECT to evil.test:443 refused (not_allowed)" in recv_until(s, b"\n")
         else:
             assert reply[:2] == b"\x05\x02"
         s.close()
@@ -115,38 +116,12 @@ def test_with_on_event_every_request_stays_in_python(start_proxy, echo: EchoServ
         assert stats["hits"] == 0 and stats["plans"] == 0
 
 
-class RefusingUpstream:
-    """An upstream proxy on loopback that answers every CONNECT with 403."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            with c:
-                try:
-                    recv_until(c, b"\r\n\r\n")
-                    c.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\n")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.parametrize("proto", ["http", "socks5"])
 def test_an_upstream_refusal_is_502_or_rep_5_every_time(start_proxy, proto: str) -> None:
-    up = RefusingUpstream()
+    up = CannedProxy(b"HTTP/1.1 403 Forbidden\r\n\r\n")
     try:
         h = start_proxy(["far.test"], cls=PROXIES[proto], upstream=UpstreamConfig.http_proxy("127.0.0.1", up.port))
         for _ in range(3):
@@ -186,27 +161,10 @@ def test_chaining_through_tinyproxy_from_cached_plans(tmp_path, start_proxy, ech
         assert h.violations() == []
 
 
-class OkUpstream(RefusingUpstream):
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            with c:
-                try:
-                    recv_until(c, b"\r\n\r\n")
-                    c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
-                    recv_until(c, b"never")
-                except OSError:
-                    pass
-
-
 @pytest.mark.parametrize("way", ["filter", "upstream", "guard", "decider"])
 def test_every_policy_change_empties_the_engine_cache(start_proxy, echo: EchoServer, way: str) -> None:
     """A plan the engine holds is never used after the policy it came from is replaced."""
-    up = OkUpstream()
+    up = CannedProxy(b"HTTP/1.1 200 OK\r\n\r\n")
     try:
         h = start_proxy(["localhost"])
         server = h._servers[0]

@@ -148,6 +148,69 @@ def test_other_bad_patterns_raise(pattern: str) -> None:
     assert repr(pattern) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("pattern", "what", "suggestion"),
+    [
+        ("https://pypi.org", "is a URL", "pypi.org"),
+        ("https://pypi.org/simple/requests/", "is a URL", "pypi.org"),
+        ("HTTPS://PyPI.org:8443/simple", "is a URL", "pypi.org:8443"),  # the port the URL writes is kept
+        ("http://user:secret@github.com/x", "is a URL", "github.com"),  # userinfo dropped
+        ("http://[::1]:8080/", "is a URL", "[::1]:8080"),
+        ("https://*.npmjs.org/", "is a URL", "*.npmjs.org"),
+        ("socks5h://10.0.0.1:1080", "is a URL", "10.0.0.1:1080"),
+        ("pypi.org/simple", "has a path", "pypi.org"),
+        ("pypi.org:443/simple", "has a path", "pypi.org:443"),
+        ("pypi.org?x=1", "has a path", "pypi.org"),
+        ("1.2.3.4/index.html", "has a path", "1.2.3.4"),
+        ("[::1]/x", "has a path", "[::1]"),
+        ("git@github.com:psf/requests.git", "has a path", "github.com"),
+        ("file:///etc/passwd", "is a URL", None),
+        ("http://", "is a URL", None),
+    ],
+)
+def test_url_given_as_pattern_says_what_a_pattern_is(pattern: str, what: str, suggestion: str | None) -> None:
+    """Issue 13: ``--allow https://pypi.org`` said ``invalid port '//pypi.org'``."""
+    with pytest.raises(PatternError) as info:
+        Filter([pattern])
+    message = str(info.value)
+    assert repr(pattern) in message
+    assert what in message and "host[:port]" in message, message
+    assert "invalid port" not in message and "CIDR" not in message, message
+    if suggestion is None:
+        assert "did you mean" not in message
+    else:
+        assert message.endswith(f"(did you mean {suggestion!r}?)"), message
+        Filter([suggestion])  # the suggestion is itself a valid pattern
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("htps:/[]@?#*.0123456789abfpypi-_ ") + ["\u0456", "\x00"]), max_size=40))
+def test_url_hint_never_raises_and_suggests_only_valid_patterns(text: str) -> None:
+    from kodarelay.filter import url_hint
+
+    hint = url_hint(text)
+    if hint is not None and hint[1] is not None:
+        Filter([hint[1]])
+
+
+@pytest.mark.parametrize(
+    ("pattern", "inside", "outside"),
+    [
+        ("10.0.0.0/8", "10.9.8.7", "11.0.0.1"),
+        ("10.0.0.0/8:443", "10.9.8.7:443", "10.9.8.7:80"),
+        ("[::1]/128", "[::1]:80", "[::2]:80"),
+        ("[fd00::]/8:443", "[fd12::1]:443", "[fd12::1]:80"),
+        ("[fd00::/8]:443", "[fd12::1]:443", "[fd12::1]:80"),
+        ("fd00::/8", "fd12::1", "fe80::1"),
+        ("::ffff:10.0.0.0/104", "10.1.2.3", "11.1.2.3"),
+    ],
+)
+def test_cidr_patterns_are_not_mistaken_for_urls(pattern: str, inside: str, outside: str) -> None:
+    f = Filter([pattern])
+    assert f.allows(inside)
+    assert not f.allows(outside)
+
+
 def test_patterns_must_be_an_iterable_of_str() -> None:
     with pytest.raises(TypeError):
         Filter("github.com")  # type: ignore[arg-type]
@@ -621,6 +684,25 @@ GUARD: list[tuple[list[str], bool, str]] = [
     (["240.0.0.1"], False, "resolved_address"),
     (["192.0.0.8"], False, "resolved_address"),
     (["100::1"], False, "resolved_address"),
+    # documentation, benchmarking and reserved ranges (issue 10): refused whatever deny_private says
+    (["192.0.2.1"], False, "resolved_address"),
+    (["198.51.100.7"], False, "resolved_address"),
+    (["203.0.113.255"], False, "resolved_address"),
+    (["2001:db8::1"], False, "resolved_address"),
+    (["2001:db8:ffff::1"], False, "resolved_address"),
+    (["3fff::1"], False, "resolved_address"),
+    (["198.18.0.1"], False, "resolved_address"),
+    (["198.19.255.254"], False, "resolved_address"),
+    (["2001:2::1"], False, "resolved_address"),
+    (["255.255.255.254"], False, "resolved_address"),
+    (["0.255.255.255"], False, "resolved_address"),
+    (["::ffff:192.0.2.1"], False, "resolved_address"),
+    (["64:ff9b::c612:1"], False, "resolved_address"),  # NAT64 of 198.18.0.1
+    (["2002:cb00:7101::"], False, "resolved_address"),  # 6to4 of 203.0.113.1
+    (["198.17.255.255"], True, "allowed"),  # just outside benchmarking
+    (["198.20.0.1"], True, "allowed"),
+    (["192.0.3.1"], True, "allowed"),
+    (["2001:db9::1"], True, "allowed"),
     (["10.0.0.1"], False, "allowed"),
     (["10.0.0.1"], True, "resolved_address"),
     (["172.16.5.4"], True, "resolved_address"),
@@ -681,6 +763,56 @@ def test_guard_localhost_exemption_is_for_the_name_localhost_only() -> None:
     g = Filter(["localhost:8080"])
     assert g.check_resolved("localhost", 8080, ["127.0.0.1"]).allowed
     assert g.check_resolved("localhost", 9090, ["127.0.0.1"]).reason == "not_allowed"
+
+
+# Every range SPEC's "Resolved-address guard" lists, with one address inside it.
+SPEC_GUARDED = [
+    ("127.0.0.0/8", "127.3.2.1"),
+    ("::1/128", "::1"),
+    ("169.254.0.0/16", "169.254.7.7"),
+    ("fe80::/10", "fe80::7"),
+    ("169.254.169.254/32", "169.254.169.254"),
+    ("100.100.100.200/32", "100.100.100.200"),
+    ("fd00:ec2::254/128", "fd00:ec2::254"),
+    ("::/128", "::"),
+    ("224.0.0.0/4", "233.1.2.3"),
+    ("ff00::/8", "ff0e::1"),
+    ("255.255.255.255/32", "255.255.255.255"),
+    ("0.0.0.0/8", "0.1.2.3"),
+    ("240.0.0.0/4", "250.1.2.3"),
+    ("198.18.0.0/15", "198.19.1.2"),
+    ("192.0.2.0/24", "192.0.2.99"),
+    ("198.51.100.0/24", "198.51.100.99"),
+    ("203.0.113.0/24", "203.0.113.99"),
+    ("2001:db8::/32", "2001:db8:1::99"),
+]
+
+
+@pytest.mark.parametrize(("net", "addr"), SPEC_GUARDED, ids=[n for n, _ in SPEC_GUARDED])
+def test_guard_refuses_every_range_spec_lists(net: str, addr: str) -> None:
+    f = Filter(["pinned.test", "0.0.0.0/0", "::/0"])
+    for deny_private in (False, True):
+        d = f.check_resolved("pinned.test", 443, [addr], deny_private=deny_private)
+        assert d.reason == "resolved_address" and addr in d.detail, d
+        # the literal itself, admitted by a rule that covers everything, is still refused
+        assert f.check_resolved(addr, 443, [addr], deny_private=deny_private).reason == "resolved_address"
+    # an IP / CIDR rule that names the range (or the address) unlocks it
+    rule = f"[{net}]" if ":" in net else net
+    for unlock in (rule, f"[{addr}]" if ":" in addr else addr):
+        assert Filter(["pinned.test", unlock]).check_resolved("pinned.test", 443, [addr], deny_private=True).allowed, unlock
+
+
+@pytest.mark.parametrize(
+    "addr", ["10.1.2.3", "172.20.0.1", "192.168.9.9", "100.64.0.1", "fd12:3456::1", "::ffff:10.1.2.3"]
+)
+def test_guard_private_ranges_are_opt_in_and_named_rules_override(addr: str) -> None:
+    f = Filter(["pinned.test"])
+    assert f.check_resolved("pinned.test", 443, [addr]).allowed  # the library's default: deny_private=False
+    assert f.check_resolved("pinned.test", 443, [addr], deny_private=True).reason == "resolved_address"
+    inner = ipaddress.ip_address(addr)
+    inner = getattr(inner, "ipv4_mapped", None) or inner
+    named = Filter(["pinned.test", f"[{inner}]" if inner.version == 6 else str(inner)])
+    assert named.check_resolved("pinned.test", 443, [addr], deny_private=True).allowed
 
 
 def test_guard_ip_allow_rule_exempts_the_address() -> None:

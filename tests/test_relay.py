@@ -698,3 +698,32 @@ async def test_engine_releases_the_gil(engine) -> None:  # type: ignore[no-untyp
     # compiled: ~0 (nothing else wants the GIL mid-transfer); the twin: hundreds per second
     assert int(switches) <= 5 or int(switches) / float(window) < 10, (switches, window)
     assert info["iterations"] > 0
+
+
+async def test_both_directions_failing_at_once_leave_no_unretrieved_error(impl):
+    """Both peers reset before the relay starts: one error is raised, and the other is not
+    left behind as "Task exception was never retrieved" (pure-Python relay, seen with -v)."""
+    import gc
+    import struct
+
+    loop = asyncio.get_running_loop()
+    complaints: list[dict] = []
+    loop.set_exception_handler(lambda _loop, ctx: complaints.append(ctx))
+    pairs = []
+    for _ in range(2):
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        peer = socket.create_connection(lsock.getsockname())
+        mine, _ = lsock.accept()
+        lsock.close()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.sendall(b"x")
+        peer.close()                                    # RST
+        pairs.append(mine)
+    with pytest.raises(OSError):
+        await impl.relay_with_timeouts(pairs[0], pairs[1], 5, 5)
+    await asyncio.sleep(0)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not [c for c in complaints if "never retrieved" in str(c.get("message", ""))], complaints

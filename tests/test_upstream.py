@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 
 import pytest
 
 from kodarelay import BuiltInProxy, BuiltInSocks5Proxy, Filter, UpstreamConfig
 from kodarelay.upstream import bypasses_proxy, connect_request, parse_no_proxy, parse_proxy_url
 
-from peers import dead_port, http_connect, require_tool, recv_exact, recv_until, socks5_connect, status_of, tinyproxy
+from peers import CannedProxy, dead_port, http_connect, require_tool, recv_exact, socks5_connect, status_of, tinyproxy
 
 
 @pytest.mark.parametrize(
@@ -133,37 +131,9 @@ def test_tinyproxy_basic_auth(tmp_path, echo):
             assert status_of(head) == 502
 
 
-class FakeUpstream:
-    """An upstream proxy that answers CONNECT with a canned head (plus extra bytes) and echoes."""
-
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
-        self.requests: list[bytes] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                self.requests.append(recv_until(conn, b"\r\n\r\n"))
-                conn.sendall(self.answer)
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.mark.parametrize("sep", [b"\r\n\r\n", b"\n\n"])
 def test_bytes_after_upstream_head_reach_the_client(sep):
-    up = FakeUpstream(b"HTTP/1.1 200 Connection established" + sep + b"SERVER-FIRST")
+    up = CannedProxy(b"HTTP/1.1 200 Connection established" + sep + b"SERVER-FIRST")
     try:
         cfg = UpstreamConfig.http_proxy("127.0.0.1", up.port)
         with BuiltInProxy(Filter(["banner.test"]), upstream=cfg).start() as h:
@@ -179,7 +149,7 @@ def test_bytes_after_upstream_head_reach_the_client(sep):
 
 @pytest.mark.parametrize("answer", [b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n", b"HTTP/1.1 403 Forbidden\r\n\r\n", b"garbage\r\n\r\n"])
 def test_upstream_refusal_is_502_and_socks_05(answer):
-    up = FakeUpstream(answer)
+    up = CannedProxy(answer)
     try:
         cfg = UpstreamConfig.http_proxy("127.0.0.1", up.port)
         with BuiltInProxy(Filter(["x.test"]), upstream=cfg).start() as h:
@@ -193,7 +163,7 @@ def test_upstream_refusal_is_502_and_socks_05(answer):
 
 
 def test_credentials_never_reach_the_logs(caplog, monkeypatch):
-    up = FakeUpstream(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+    up = CannedProxy(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
     try:
         caplog.set_level("DEBUG", logger="kodarelay")
         monkeypatch.setenv("HTTPS_PROXY", f"http://alice:hunter2-secret@127.0.0.1:{up.port}")

@@ -1,0 +1,431 @@
+"""What makes ``kodarelay run``'s fence hold against a hostile CMD: no privilege, no Unix socket.
+
+The network namespace takes the routes away; this module takes away what would let CMD
+leave it or reach around it. It is applied in the child of the namespace helper, right
+before CMD is executed (see ``kodarelay.isolate``):
+
+* **No capability, no way to gain one.** The bounding set, the ambient set and the
+  effective / permitted / inheritable sets are emptied, ``no_new_privs`` is set, and the
+  securebits ``NOROOT`` / ``NO_SETUID_FIXUP`` are set and locked, so neither a set-uid
+  binary nor CMD being uid 0 of its user namespace gives anything back. Without
+  ``CAP_SYS_ADMIN`` in the host's user namespace, ``setns`` (``nsenter``) into the host's
+  network namespace is refused, whoever started kodarelay.
+* **No Unix socket to the outside.** Unix sockets are files and cross network namespaces,
+  so a seccomp filter (classic BPF, installed with ``no_new_privs``; no new dependency)
+  refuses ``socket(AF_UNIX, ...)`` with ``EPERM``. ``socketpair(AF_UNIX, SOCK_STREAM |
+  SOCK_SEQPACKET)`` stays allowed (pipes to one's own children; such a socket cannot be
+  connected anywhere); ``SOCK_DGRAM`` pairs are refused, since a datagram socket can be
+  re-pointed at any path with ``connect`` / ``sendto``. CMD's own way out is TCP to the
+  helper's loopback forwarder, so it needs no ``AF_UNIX`` itself.
+* **Socket families are allowlisted**: ``AF_INET``, ``AF_INET6`` (in the namespace: loopback
+  only), ``AF_NETLINK`` and ``AF_PACKET`` (per namespace); every other family (``AF_VSOCK``
+  reaches a hypervisor, Bluetooth, ...) fails with ``EAFNOSUPPORT``. ``io_uring`` (which
+  can create and connect sockets behind seccomp's back) fails with ``ENOSYS``, which its
+  users treat as "not available".
+* **``--allow-unix PATH``** switches ``AF_UNIX`` from "refused" to "mediated":
+  ``socket(AF_UNIX, SOCK_STREAM | SOCK_SEQPACKET)`` is allowed and every ``connect`` of CMD
+  is handed to the helper (seccomp user notification, ``UnixGate``), which takes the socket
+  with ``pidfd_getfd`` and connects it itself: to a named path (compared after making it
+  absolute against CMD's working directory and resolving symlinks), to an abstract address
+  (per network namespace: only the fence's own), or, for any other family, to the address
+  CMD gave. Any other pathname gets ``EACCES``. The helper connects with the address it
+  checked, never re-reading CMD's memory, so a second thread of CMD cannot swap it.
+* **Architectures**: x86_64 and aarch64, 64-bit processes. The filter checks
+  ``AUDIT_ARCH`` and kills a process of any other ABI (a 32-bit binary, x32); on another
+  machine the fence is refused (``FenceError``) rather than run without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import platform
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class FenceError(OSError):
+    """The fence cannot be applied here (CMD must then not run fenced-or-not silently)."""
+
+
+@dataclass(frozen=True)
+class _Arch:
+    name: str
+    audit: int
+    socket: int
+    socketpair: int
+    connect: int
+    seccomp: int
+    x32_bit: int  # syscall numbers at or above this belong to another ABI (0: none)
+
+
+_IO_URING = (425, 426, 427)  # setup, enter, register: the same numbers on both
+_PIDFD_GETFD = 438
+_ARCHES = {
+    "x86_64": _Arch("x86_64", 0xC000003E, socket=41, socketpair=53, connect=42, seccomp=317, x32_bit=0x40000000),
+    "aarch64": _Arch("aarch64", 0xC00000B7, socket=198, socketpair=199, connect=203, seccomp=277, x32_bit=0),
+}
+_ARCHES["amd64"] = _ARCHES["x86_64"]
+_ARCHES["arm64"] = _ARCHES["aarch64"]
+
+
+def current_arch() -> _Arch:
+    """The syscall table of this process; ``FenceError`` where the fence has no filter for it."""
+    if not sys.platform.startswith("linux"):
+        raise FenceError(f"the fence needs Linux (this is {sys.platform})")
+    machine = platform.machine().lower()
+    arch = _ARCHES.get(machine)
+    if arch is None or struct.calcsize("P") != 8 or sys.byteorder != "little":
+        raise FenceError(f"no seccomp filter for this architecture ({machine}, {struct.calcsize('P') * 8}-bit)")
+    return arch
+
+
+# ── the seccomp filter (classic BPF) ─────────────────────────────────────────
+
+_LD_ABS_W = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_AND_K = 0x54  # BPF_ALU | BPF_AND | BPF_K
+_RET_K = 0x06  # BPF_RET | BPF_K
+
+_RET_KILL_PROCESS = 0x80000000
+_RET_USER_NOTIF = 0x7FC00000
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+
+_OFF_NR, _OFF_ARCH = 0, 4
+
+
+def _off_arg(i: int) -> int:
+    return 16 + 8 * i  # the low 32 bits of args[i] (little-endian); socket args are ints
+
+
+_SOCK_TYPE_MASK = 0xF
+_ALLOWED_FAMILIES = (socket.AF_INET, socket.AF_INET6, 16, 17)  # AF_NETLINK, AF_PACKET
+_PAIRABLE = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+
+
+class _Asm:
+    """A few classic-BPF instructions with forward jumps to named labels."""
+
+    def __init__(self) -> None:
+        self.code: list[tuple[int, object, object, int]] = []
+        self.labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
+
+    def load(self, offset: int) -> None:
+        self.code.append((_LD_ABS_W, 0, 0, offset))
+
+    def and_(self, k: int) -> None:
+        self.code.append((_AND_K, 0, 0, k))
+
+    def jeq(self, k: int, then: str | int = 0, otherwise: str | int = 0) -> None:
+        self.code.append((_JEQ_K, then, otherwise, k))
+
+    def jge(self, k: int, then: str | int = 0, otherwise: str | int = 0) -> None:
+        self.code.append((_JGE_K, then, otherwise, k))
+
+    def ret(self, k: int) -> None:
+        self.code.append((_RET_K, 0, 0, k))
+
+    def assemble(self) -> bytes:
+        out = bytearray()
+        for pc, (op, jt, jf, k) in enumerate(self.code):
+            offs = []
+            for target in (jt, jf):
+                if isinstance(target, str):
+                    delta = self.labels[target] - pc - 1
+                    if not 0 <= delta <= 255:
+                        raise ValueError(f"jump to {target} out of range")
+                    offs.append(delta)
+                else:
+                    offs.append(int(target))  # type: ignore[call-overload]
+            out += struct.pack("=HBBI", op, offs[0], offs[1], k)
+        return bytes(out)
+
+
+def filter_program(arch: _Arch, *, mediate_unix: bool) -> bytes:
+    """The BPF program, as ``struct sock_filter`` bytes (see the module docstring)."""
+    a = _Asm()
+    a.load(_OFF_ARCH)
+    a.jeq(arch.audit, 0, "kill")
+    a.load(_OFF_NR)
+    if arch.x32_bit:
+        a.jge(arch.x32_bit, "kill", 0)
+    a.jeq(arch.socket, "socket", 0)
+    a.jeq(arch.socketpair, "socketpair", 0)
+    for nr in _IO_URING:
+        a.jeq(nr, "enosys", 0)
+    if mediate_unix:
+        a.jeq(arch.connect, "notify", 0)
+    a.ret(_RET_ALLOW)
+
+    a.label("socket")
+    a.load(_off_arg(0))
+    a.jeq(socket.AF_UNIX, "unix_socket", 0)
+    for family in _ALLOWED_FAMILIES:
+        a.jeq(family, "allow", 0)
+    a.ret(_RET_ERRNO | errno.EAFNOSUPPORT)
+    a.label("unix_socket")
+    if mediate_unix:
+        a.load(_off_arg(1))
+        a.and_(_SOCK_TYPE_MASK)
+        for kind in _PAIRABLE:
+            a.jeq(kind, "allow", 0)
+    a.ret(_RET_ERRNO | errno.EPERM)
+
+    a.label("socketpair")
+    a.load(_off_arg(0))
+    a.jeq(socket.AF_UNIX, 0, "allow")  # other families have no socketpair: the kernel refuses
+    a.load(_off_arg(1))
+    a.and_(_SOCK_TYPE_MASK)
+    for kind in _PAIRABLE:
+        a.jeq(kind, "allow", 0)
+    a.ret(_RET_ERRNO | errno.EPERM)
+
+    a.label("enosys")
+    a.ret(_RET_ERRNO | errno.ENOSYS)
+    a.label("allow")
+    a.ret(_RET_ALLOW)
+    a.label("kill")
+    a.ret(_RET_KILL_PROCESS)
+    if mediate_unix:
+        a.label("notify")
+        a.ret(_RET_USER_NOTIF)
+    return a.assemble()
+
+
+# ── dropping privileges and installing the filter ────────────────────────────
+
+_PR_CAPBSET_DROP = 24
+_PR_SET_SECUREBITS = 28
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+# NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE, each with its lock; KEEP_CAPS locked off.
+_SECUREBITS = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+_CAP_VERSION_3 = 0x20080522
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_libc_handle: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _libc_handle
+    if _libc_handle is None:
+        _libc_handle = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _libc_handle.syscall.restype = ctypes.c_long
+    return _libc_handle
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise FenceError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def _prctl(option: int, arg: int, what: str) -> None:
+    _check(_libc().prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), what)
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 63  # PR_CAPBSET_DROP of an unknown capability fails with EINVAL, skipped below
+
+
+def drop_privileges() -> None:
+    """Empty every capability set of this process for good, and set ``no_new_privs``."""
+    libc = _libc()
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+    _prctl(_PR_SET_SECUREBITS, _SECUREBITS, "prctl(PR_SET_SECUREBITS)")  # needs CAP_SETPCAP: before the drop
+    for cap in range(_last_cap() + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) < 0:
+            if ctypes.get_errno() == errno.EINVAL:
+                break
+            raise FenceError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(ctypes.get_errno())}")
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    header = struct.pack("=Ii", _CAP_VERSION_3, 0)
+    data = bytes(24)  # two struct __user_cap_data_struct {effective, permitted, inheritable}, all zero
+    _check(libc.capset(ctypes.c_char_p(header), ctypes.c_char_p(data)), "capset")
+    _verify_dropped()
+
+
+def _verify_dropped() -> None:
+    """Read back what the kernel says, rather than trust the calls above."""
+    try:
+        with open("/proc/self/status") as f:
+            status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError as e:
+        raise FenceError(e.errno or errno.EIO, f"cannot verify the privilege drop: {e}") from None
+    left = [k for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb") if int(status.get(k, "1"), 16)]
+    if left or status.get("NoNewPrivs", "0").strip() != "1":
+        raise FenceError(errno.EPERM, f"privileges left after the drop: {', '.join(left) or 'no_new_privs unset'}")
+
+
+def install_filter(arch: _Arch, *, mediate_unix: bool) -> int | None:
+    """Install the seccomp filter on this thread; with ``mediate_unix`` returns the notification fd."""
+    program = filter_program(arch, mediate_unix=mediate_unix)
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
+    flags = _SECCOMP_FILTER_FLAG_NEW_LISTENER if mediate_unix else 0
+    fd = _check(
+        _libc().syscall(ctypes.c_long(arch.seccomp), ctypes.c_long(_SECCOMP_SET_MODE_FILTER), ctypes.c_long(flags), ctypes.byref(prog)),
+        "seccomp(SECCOMP_SET_MODE_FILTER)",
+    )
+    return fd if mediate_unix else None
+
+
+def apply(arch: _Arch, *, mediate_unix: bool) -> int | None:
+    """Drop every privilege, then install the filter; what CMD's process does right before exec."""
+    drop_privileges()
+    return install_filter(arch, mediate_unix=mediate_unix)
+
+
+# ── --allow-unix: connecting on CMD's behalf ─────────────────────────────────
+
+# struct seccomp_notif: id u64, pid u32, flags u32, seccomp_data {nr i32, arch u32, ip u64, args[6] u64}
+_NOTIF = struct.Struct("=QIIiIQ6Q")
+_NOTIF_RESP = struct.Struct("=QqiI")  # id, val, error, flags
+_IOC_RECV = 0xC0000000 | (_NOTIF.size << 16) | (0x21 << 8) | 0
+_IOC_SEND = 0xC0000000 | (_NOTIF_RESP.size << 16) | (0x21 << 8) | 1
+_IOC_ID_VALID = 0x40000000 | (8 << 16) | (0x21 << 8) | 2
+_SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage)
+_SUN_PATH_MAX = 108
+
+
+def canonical_unix_path(path: str) -> str:
+    """The form ``--allow-unix`` paths are kept and compared in: absolute, symlinks resolved."""
+    return os.path.realpath(os.path.abspath(path))
+
+
+class UnixGate:
+    """Answers CMD's ``connect`` calls (seccomp user notifications) on a thread of its own."""
+
+    def __init__(self, listener: int, allowed: Iterable[str]) -> None:
+        self.listener = listener
+        self.allowed = {canonical_unix_path(p) for p in allowed}
+        self._thread = threading.Thread(target=self._run, name="kodarelay-unix-gate", daemon=True)
+
+    def start(self) -> UnixGate:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        libc = _libc()
+        buf = ctypes.create_string_buffer(_NOTIF.size)
+        while True:
+            ctypes.memset(buf, 0, _NOTIF.size)
+            if libc.ioctl(self.listener, ctypes.c_ulong(_IOC_RECV), buf) < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINTR, errno.ENOENT):  # ENOENT: the caller died meanwhile
+                    continue
+                log.debug("unix gate: stops: %s", os.strerror(err))
+                return
+            notif = _NOTIF.unpack(buf.raw)
+            try:  # a thread each: one blocking connect must not hold up the others
+                threading.Thread(target=self._answer, args=(notif,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: answer here rather than never
+                self._answer(notif)
+
+    def _answer(self, notif: tuple[int, ...]) -> None:
+        ident, tid = notif[0], notif[1]
+        fd, addr_ptr, addr_len = notif[6], notif[7], notif[8] & 0xFFFFFFFF
+        try:
+            error = self._connect(ident, tid, ctypes.c_int(fd & 0xFFFFFFFF).value, addr_ptr, ctypes.c_int(addr_len).value)
+        except Exception:  # never leave CMD hanging in connect()
+            log.exception("unix gate: unexpected error")
+            error = errno.EACCES
+        resp = ctypes.create_string_buffer(_NOTIF_RESP.pack(ident, 0, -error, 0), _NOTIF_RESP.size)
+        _libc().ioctl(self.listener, ctypes.c_ulong(_IOC_SEND), resp)  # ENOENT if CMD gave up: fine
+
+    def _valid(self, ident: int) -> bool:
+        return _libc().ioctl(self.listener, ctypes.c_ulong(_IOC_ID_VALID), ctypes.byref(ctypes.c_uint64(ident))) == 0
+
+    def _connect(self, ident: int, tid: int, fd: int, addr_ptr: int, addr_len: int) -> int:
+        """Do CMD's ``connect(fd, addr, addr_len)`` here if allowed; returns an errno (0: done)."""
+        if not 0 <= addr_len <= _SOCKADDR_MAX:
+            return errno.EINVAL
+        try:
+            with open(f"/proc/{tid}/status") as f:
+                tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
+            mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                addr = os.pread(mem, addr_len, addr_ptr) if addr_len else b""
+            finally:
+                os.close(mem)
+            cwd = os.readlink(f"/proc/{tid}/cwd")
+            pidfd = os.pidfd_open(tgid)
+        except (OSError, StopIteration, ValueError, OverflowError):
+            return errno.EFAULT if self._valid(ident) else errno.ESRCH
+        try:
+            if not self._valid(ident):  # the pid was reused: the numbers above are not CMD's
+                return errno.ESRCH
+            dup = _libc().syscall(ctypes.c_long(_PIDFD_GETFD), pidfd, fd, 0)
+            if dup < 0:
+                return ctypes.get_errno()
+        finally:
+            os.close(pidfd)
+        try:
+            if len(addr) < addr_len:
+                return errno.EFAULT
+            try:
+                family = _domain(dup)
+            except OSError as e:
+                return e.errno or errno.ENOTSOCK
+            if family == socket.AF_UNIX:
+                verdict = self._judge_unix(addr, cwd)
+                if isinstance(verdict, int):
+                    return verdict
+                addr = verdict
+            if _libc().connect(dup, ctypes.c_char_p(addr), len(addr)) < 0:
+                return ctypes.get_errno()
+            return 0
+        finally:
+            os.close(dup)
+
+    def _judge_unix(self, addr: bytes, cwd: str) -> bytes | int:
+        """The address to connect to for an allowed AF_UNIX ``addr``, or the errno refusing it."""
+        if len(addr) <= 2 or struct.unpack_from("=H", addr)[0] != socket.AF_UNIX:
+            return errno.EINVAL
+        raw = addr[2:]
+        if raw[:1] == b"\0":
+            return addr  # abstract: per network namespace, so only the fence's own
+        name = os.fsdecode(raw.split(b"\0", 1)[0])
+        path = canonical_unix_path(os.path.join(cwd, name))
+        if path not in self.allowed:
+            log.info("refused a Unix socket connection (not named by --allow-unix)")
+            return errno.EACCES
+        encoded = os.fsencode(path)
+        if len(encoded) >= _SUN_PATH_MAX:
+            return errno.ENAMETOOLONG
+        return struct.pack("=H", socket.AF_UNIX) + encoded + b"\0"
+
+
+def _domain(fd: int) -> int:
+    """SO_DOMAIN of ``fd`` (the family the socket really has, not the one CMD claims)."""
+    value = ctypes.c_int(0)
+    size = ctypes.c_uint32(ctypes.sizeof(value))
+    if _libc().getsockopt(fd, socket.SOL_SOCKET, 39, ctypes.byref(value), ctypes.byref(size)) < 0:  # SO_DOMAIN
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return value.value

@@ -1,0 +1,79 @@
+"""issue 10.5: dripping clients cannot hold the door shut. Handshakes in progress are bounded
+(``max_handshakes``) and, at the bound or out of fds, the oldest are shed first."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import subprocess
+import time
+
+from peers import DEADLINE, connect, http_connect, recv_exact, status_of, wait_until
+from test_cli import _start_serve, clean_env, KR
+
+
+def _drip(port: int, n: int) -> list[socket.socket]:
+    """``n`` clients that start a request head and never finish it."""
+    out = []
+    for _ in range(n):
+        s = connect(port)
+        s.sendall(b"CONNECT localhost:1 HTTP/1.1\r\n")
+        out.append(s)
+    return out
+
+
+def _closed_by_proxy(s: socket.socket) -> bool:
+    s.settimeout(0.05)
+    try:
+        data = s.recv(64)
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+    return data == b"" or data.startswith(b"HTTP/1.1 408")
+
+
+def test_at_the_bound_the_oldest_handshakes_are_shed(start_proxy, echo):
+    h = start_proxy(["localhost"], max_handshakes=8)
+    drippers = _drip(h.port, 40)
+    t0 = time.monotonic()
+    s, head = http_connect(h.port, f"localhost:{echo.port}")
+    assert status_of(head) == 200
+    s.sendall(b"hi")
+    assert recv_exact(s, 2) == b"hi"
+    assert time.monotonic() - t0 < 5
+    # the oldest were shed, the newest (up to the bound) are still waiting
+    wait_until(lambda: all(_closed_by_proxy(d) for d in drippers[:30]), what="the oldest drippers to be shed")
+    for d in drippers:
+        d.close()
+
+
+def test_a_dripping_flood_against_a_small_fd_limit_does_not_starve_clients(echo):
+    """The proxy runs with RLIMIT_NOFILE 128 and 300 clients dripping: a real client still gets in."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    proc = subprocess.Popen([*KR, "serve", "--allow", "localhost", "--upstream", "direct"], env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit)
+    try:
+        from test_cli import Lines
+
+        err = Lines(proc.stderr)
+        status = err.readline()
+        assert status.startswith("kodarelay: serving on 127.0.0.1:"), status
+        port = int(status.split("127.0.0.1:", 1)[1].split()[0])
+        drippers = _drip(port, 300)
+        for _ in range(3):
+            t0 = time.monotonic()
+            s, head = http_connect(port, f"localhost:{echo.port}")
+            assert status_of(head) == 200
+            s.sendall(b"ok")
+            assert recv_exact(s, 2) == b"ok"
+            s.close()
+            assert time.monotonic() - t0 < 5
+        for d in drippers:
+            d.close()
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE)
