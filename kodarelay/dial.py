@@ -208,6 +208,9 @@ class Dialer:
         self._remembered: dict[tuple[str, int], bool] = {}
         self._asking: dict[tuple[int, str, int], asyncio.Future[Any]] = {}
         self._lookups: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
+        #: answers of finished lookups, for ``dns_ttl``: a request arriving between a lookup's
+        #: end and its plan being stored reuses the answer instead of resolving again
+        self._answers: dict[tuple[str, int], tuple[float, int, list[str]]] = {}
         #: called (on the changing thread) after every policy change, e.g. to empty the
         #: engine's own plan cache
         self.on_policy_change: list[Callable[[], None]] = []
@@ -252,6 +255,7 @@ class Dialer:
             generation = self.policy.generation + 1
             self._plans = {}
             self._remembered = {}
+            self._answers = {}
             self.policy = replace(self.policy, generation=generation, **changes)
         for callback in list(self.on_policy_change):
             try:
@@ -372,10 +376,15 @@ class Dialer:
             return Plan(CHAIN, text, port, upstream=upstream, rule=rule, source=source, ttl=ttl)
         if _is_ip(canon):
             return Plan(DIRECT, text, port, addresses=(text,), rule=rule, source=source, ttl=ttl)
-        if addresses is None:
-            return _Need("lookup", text)
-        guarded = flt.guard_addresses(decision, canon, addresses, deny_private=policy.deny_private)
         name_ttl = self.dns_ttl if ttl is None else 0
+        if addresses is None:
+            known = self._answers.get((text, port))
+            left = known[0] - time.monotonic() if known is not None and known[1] == policy.generation else 0.0
+            if left <= 0:
+                return _Need("lookup", text)
+            addresses = known[2]          # type: ignore[index]
+            name_ttl = min(name_ttl, left)
+        guarded = flt.guard_addresses(decision, canon, addresses, deny_private=policy.deny_private)
         if not guarded.allowed:
             r = Refusal(f"{text} resolves to a refused address", http_status=403, socks_rep=REP_NOT_ALLOWED,
                         reason=guarded.reason, rule=guarded.rule, source="guard")
@@ -434,7 +443,13 @@ class Dialer:
         return await asyncio.shield(pending)
 
     async def _resolve_once(self, name: str, port: int) -> list[str]:
-        return await self.resolve(name, port)
+        addresses = await self.resolve(name, port)
+        if self.dns_ttl > 0:
+            with self._lock:
+                if len(self._answers) >= PLAN_CACHE_MAX:
+                    self._answers = {}
+                self._answers[(name, port)] = (time.monotonic() + self.dns_ttl, self.policy.generation, addresses)
+        return addresses
 
     async def resolve(self, name: str, port: int) -> list[str]:
         try:

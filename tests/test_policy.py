@@ -280,3 +280,20 @@ def test_an_address_spelled_oddly_by_the_resolver_is_still_served(start_proxy, e
     s = _tunnel_ok(h.port, f"app.test:{echo.port}")
     s.sendall(b"odd")
     assert recv_exact(s, 3) == b"odd"
+
+
+async def test_a_request_between_a_lookup_and_its_plan_reuses_the_answer():
+    """A lookup has finished but its plan is not stored yet (its waiter has not resumed): a
+    request arriving now reuses the answer instead of resolving again."""
+    from kodarelay.dial import Dialer
+    from kodarelay.events import Request
+
+    r = CountingResolver({"app.test": ["93.184.216.34"]})
+    d = Dialer(Filter(["app.test"]), UpstreamConfig.direct(), r, 5.0, False)
+    assert await d._lookup("app.test", 443) == ["93.184.216.34"]      # the first request's lookup
+    plan = await d.plan(Request("http", "CONNECT", "app.test", 443))  # the second request
+    assert (plan.kind, plan.addresses) == ("direct", ("93.184.216.34",))
+    assert r.calls == {"app.test": 1}
+    d.filter = Filter(["app.test"])                                   # a policy change forgets it
+    await d.plan(Request("http", "CONNECT", "app.test", 443))
+    assert r.calls == {"app.test": 2}
