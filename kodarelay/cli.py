@@ -71,7 +71,7 @@ REASON_TEXT = {
     "resolve_failed": "the name does not resolve",
     "bad_request": "malformed proxy request",
     "method_not_allowed": "not a CONNECT request, and plain-HTTP forwarding is off (--no-forward-http; or tunnel, e.g. curl -p)",
-    "address_type": "SOCKS5 request for an IP literal (use socks5h:// so the name is sent)",
+    "address_type": "SOCKS5 request for an IP literal no IP rule names (use socks5h:// so the name is sent)",
     "command": "SOCKS5 command other than CONNECT",
     "decider_denied": "the decider said no",
     "decider_timeout": "the decider did not answer in time",
