@@ -209,13 +209,25 @@ def test_non_root_user_is_fenced_too(fence, echo_host):
         pytest.skip(f"unprivileged user namespaces are not available: {probe.stderr.decode().strip()}")
     script = ESCAPE.format(nsenter=require_tool("nsenter"), curl=require_tool("curl"), port=echo_host.port)
     script += "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status\n"
-    env = clean_env(PYTHONPATH=str(REPO), KODARELAY_NO_EXTENSIONS="1", HOME="/tmp", TMPDIR="/tmp")
+    # The user runs kodarelay from a copy it can read (the checkout or a wheel's venv may be
+    # private to root); the pure-Python modules suffice, since the system Python is another build.
+    import kodarelay
+
+    readable = Path(tempfile.mkdtemp(prefix="kr-pkg-"))
+    shutil.copytree(Path(kodarelay.__file__).parent, readable / "kodarelay",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+    for dirpath, _dirs, files in os.walk(readable):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    env = clean_env(PYTHONPATH=str(readable), KODARELAY_NO_EXTENSIONS="1", HOME="/tmp", TMPDIR="/tmp")
     env.pop("KODARELAY_REQUIRE_EXTENSION", None)
     out = subprocess.run(
         [setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-m", "kodarelay",
          "run", "--isolate", "--upstream", "direct", "--", "sh", "-c", textwrap.dedent(script)],
         env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd="/",
     )
+    shutil.rmtree(readable, ignore_errors=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert [line.rsplit("=", 1)[1] != "0" for line in lines[:2]] == [True, True], out.stdout
