@@ -46,18 +46,34 @@ cdef class _Engine:
                 raise OSError(errno, _os.strerror(errno))
 
     def start(self):
+        """Start the completer and the workers. A start that fails partway (RLIMIT_NPROC, a
+        pids cgroup) stops the threads it started and raises one ``RuntimeError``; the
+        engine is then unusable and ``_get_engine`` retries with a fresh one next time."""
         cdef int i
+        cdef int k = 0
         self.started = True
-        self.completer_thread = _threading.Thread(
-            target=_completer_main, args=(self,), name="kodarelay-engine-completer", daemon=True
-        )
-        self.completer_thread.start()
-        for i in range(self.nworkers):
+        try:
             th = _threading.Thread(
-                target=_worker_main, args=(self, i), name=f"kodarelay-engine-{i}", daemon=True
+                target=_completer_main, args=(self,), name="kodarelay-engine-completer", daemon=True
             )
+            _thread_start_check(k)
             th.start()
-            self.threads.append(th)
+            k += 1
+            self.completer_thread = th
+            for i in range(self.nworkers):
+                th = _threading.Thread(
+                    target=_worker_main, args=(self, i), name=f"kodarelay-engine-{i}", daemon=True
+                )
+                _thread_start_check(k)
+                th.start()
+                k += 1
+                self.threads.append(th)
+        except BaseException as exc:
+            self.stop()
+            raise RuntimeError(
+                f"kodarelay engine could not start its threads ({k} of {self.nworkers + 1} started, "
+                f"stopped again): {exc}"
+            ) from exc
 
     def stop(self):
         """Wake every worker, let it fail its tunnels and close its fds, and join it."""
@@ -142,6 +158,8 @@ cdef class _Engine:
             "pipes_created": pipes,
             "splice_calls": sc,
             "copy_calls": cc,
+            "splice_enabled": bool(kr_load_int(&g_splice_enabled)),
+            "pipe_size": kr_load_int(&g_pipe_size),
         }
 
 
@@ -210,7 +228,7 @@ cdef class _TunnelHandle:
         cdef Worker *w = t.w
         cdef PyObject *wp = NULL
         pthread_mutex_lock(&w.mu)
-        if not t.finished and not t.cancel_req:
+        if not t.finished and not t.cancel_req and not w.exited:
             t.cancel_req = True
             wp = t.waiter
             t.waiter = NULL
@@ -239,6 +257,22 @@ cdef int _env_threads():
     return min(max(n, 1), MAX_THREADS)
 
 
+cdef int _fail_thread_start = -1     # test hook: the k-th thread start of an engine fails
+
+
+cdef int _thread_start_check(int k) except -1:
+    if _fail_thread_start >= 0 and k >= _fail_thread_start:
+        raise RuntimeError("can't start new thread (test hook)")
+    return 0
+
+
+def _test_fail_thread_start(int k):
+    """Test hook: starting an engine's ``k``-th thread (0: the completer, then the workers)
+    fails as if the thread limit were reached; ``-1`` restores normal starts."""
+    global _fail_thread_start
+    _fail_thread_start = k
+
+
 cdef _Engine _get_engine():
     global _engine
     if _engine is not None:
@@ -246,7 +280,7 @@ cdef _Engine _get_engine():
     with _engine_lock:
         if _engine is None:
             e = _Engine(_engine_threads if _engine_threads > 0 else _env_threads())
-            e.start()
+            e.start()                 # raises after stopping what it started; retried next call
             _engine = e
         return _engine
 
@@ -266,24 +300,23 @@ def set_engine_threads(n):
 
 def set_splice_enabled(enabled):
     """Global switch: ``False`` makes new tunnels copy with recv/send instead of splice(2)."""
-    global g_splice_enabled
-    g_splice_enabled = 1 if enabled else 0
+    kr_store_int(&g_splice_enabled, 1 if enabled else 0)
 
 
 def set_pipe_size(nbytes):
     """Pipe capacity requested (F_SETPIPE_SZ) for pipes created from now on; 0: kernel default."""
-    global g_pipe_size
     nbytes = int(nbytes)
     if nbytes < 0 or nbytes > (1 << 30):
         raise ValueError(f"pipe size out of range: {nbytes}")
-    g_pipe_size = nbytes
+    kr_store_int(&g_pipe_size, <int>nbytes)
 
 
 def engine_stats():
     """A snapshot of the engine's counters (``{"running": False}`` when it is not started)."""
     e = _engine
     if e is None:
-        return {"running": False, "threads": 0, "tunnels": 0, "pooled_pipes": 0}
+        return {"running": False, "threads": 0, "tunnels": 0, "pooled_pipes": 0,
+                "splice_enabled": bool(kr_load_int(&g_splice_enabled)), "pipe_size": kr_load_int(&g_pipe_size)}
     return (<_Engine>e).stats()
 
 
@@ -316,10 +349,26 @@ _atexit.register(shutdown_engine)
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_after_fork_in_child)
 
+def _pipe_size_from_env():
+    """``KODARELAY_PIPE_SIZE``: bytes (ASCII digits, 0-2**30) through ``set_pipe_size``; any other
+    value is ignored with a ``RuntimeWarning`` (the default stays): a bad variable never fails
+    ``import kodarelay``."""
+    raw = _os.environ.get("KODARELAY_PIPE_SIZE", "").strip()
+    if not raw:
+        return
+    try:
+        if not (raw.isascii() and raw.isdigit()):
+            raise ValueError(raw)
+        set_pipe_size(int(raw))
+    except (ValueError, OverflowError):
+        import warnings
+        warnings.warn(f"KODARELAY_PIPE_SIZE={raw!r} ignored: expected bytes from 0 to {1 << 30}",
+                      RuntimeWarning, stacklevel=2)
+
+
 if _os.environ.get("KODARELAY_NO_SPLICE", "").strip().lower() in {"1", "true", "yes", "on"}:
-    g_splice_enabled = 0
-if _os.environ.get("KODARELAY_PIPE_SIZE", "").strip().isdigit():
-    g_pipe_size = int(_os.environ["KODARELAY_PIPE_SIZE"].strip())
+    set_splice_enabled(False)
+_pipe_size_from_env()
 
 
 cdef Tunnel *_tunnel_new(double idle, double total) noexcept nogil:

@@ -51,6 +51,8 @@ cdef class _NativeListener:
                 e = _get_engine()
             except BaseException:
                 close(fd)
+                pthread_mutex_destroy(&l.plans.mu)
+                free(l.plans)
                 free(l)
                 raise
             w = e.pick()

@@ -6,6 +6,7 @@
 cdef int _pipe_get(Worker *w, Dir *d) noexcept nogil:
     cdef int p[2]
     cdef int sz
+    cdef int want = kr_load_int(&g_pipe_size)
     if w.pool_n > 0:
         w.pool_n -= 1
         d.pr = w.pool_r[w.pool_n]
@@ -14,8 +15,8 @@ cdef int _pipe_get(Worker *w, Dir *d) noexcept nogil:
         return 0
     if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
         return -1
-    if g_pipe_size > 0:
-        fcntl(p[1], F_SETPIPE_SZ, <int>g_pipe_size)   # may fail (pipe-user-pages); keep default
+    if want > 0:
+        fcntl(p[1], F_SETPIPE_SZ, want)   # may fail (pipe-user-pages); keep default
     sz = fcntl(p[1], F_GETPIPE_SZ)
     d.pr = p[0]
     d.pw = p[1]

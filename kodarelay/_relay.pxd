@@ -117,6 +117,8 @@ cdef extern from "_engine.h" nogil:
     int kr_connect(const kr_addr *a, int *err)
     int kr_accept(int lfd)
     int kr_has_crlfcrlf(const char *buf, size_t frm, size_t len)
+    int kr_load_int(const int *p)
+    void kr_store_int(int *p, int v)
 
 
 # ── constants ────────────────────────────────────────────────────────────────
@@ -270,6 +272,7 @@ cdef struct Worker:
     bint lclose            # some listener asked to close
     bint wake_pending
     bint stopping
+    bint exited            # the loop ended: cancel() queues nothing more
     # worker thread only
     Tunnel **heap
     Py_ssize_t hlen

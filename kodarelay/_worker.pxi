@@ -5,18 +5,22 @@
 cdef void _register(Worker *w, Tunnel *t) noexcept nogil:
     cdef epoll_event ev
     cdef int i
+    cdef bint cancelled
     w.ntunnels += 1
     w.total_tunnels += 1
-    if t.cancel_req:
+    pthread_mutex_lock(&w.mu)
+    cancelled = t.cancel_req          # written under w.mu by _TunnelHandle.cancel
+    pthread_mutex_unlock(&w.mu)
+    if cancelled:
         _finish(w, t, RES_CANCELLED, 0)
         return
-    if not g_splice_enabled:
+    if not kr_load_int(&g_splice_enabled):
         t.d[0].copy = True
         t.d[1].copy = True
     if t.phase == PH_CONNECT:
         t.key = t.cdeadline
         if _heap_push(w, t) < 0:
-            _finish_errno(w, t, ENOMEM)
+            _dial_fail(w, t, ENOMEM)      # the client gets the protocol's failure reply
             return
         _connect_next(w, t, _mono())
         return
@@ -112,6 +116,7 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
     cdef uint64_t u, tag
     cdef Tunnel *t
     cdef Tunnel *nxt
+    cdef Tunnel *cans
     cdef bint stop = False
     cdef Listener *lp
     cdef Hs *hp
@@ -177,6 +182,19 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
     _listeners_service(w, now)      # (w.stopping: closes them all)
     while w.hlen > 0:
         _finish(w, w.heap[0], RES_SHUTDOWN, 0)
+    # a cancel queued after the last wake: its tunnel is finished by now, drop the cancel
+    # list's reference; from here on cancel() queues nothing (w.exited)
+    pthread_mutex_lock(&w.mu)
+    w.exited = True
+    cans = w.cancel_head
+    w.cancel_head = NULL
+    pthread_mutex_unlock(&w.mu)
+    while cans != NULL:
+        nxt = cans.xnext
+        cans.xnext = NULL
+        _finish(w, cans, RES_CANCELLED, 0)
+        _drop_ref(cans)
+        cans = nxt
     _flush_done(w)
     while w.pool_n > 0:
         w.pool_n -= 1
