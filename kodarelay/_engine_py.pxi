@@ -140,11 +140,15 @@ cdef class _Engine:
         cdef int i
         cdef Worker *w
         cdef Py_ssize_t live = 0, pooled = 0
-        cdef uint64_t total = 0, pipes = 0, sc = 0, cc = 0
+        cdef uint64_t total = 0, pipes = 0, sc = 0, cc = 0, fb = 0
+        cdef Py_ssize_t bufs = 0, inuse = 0
         for i in range(self.nworkers):
             w = self.workers[i]
             live += w.ntunnels
             pooled += w.pool_n
+            bufs += w.buf_n
+            inuse += w.pipes_out
+            fb += w.pipe_fallbacks
             total += w.total_tunnels
             pipes += w.pipes_created
             sc += w.splice_calls
@@ -155,6 +159,9 @@ cdef class _Engine:
             "tunnels": live,
             "tunnels_total": total,
             "pooled_pipes": pooled,
+            "pooled_buffers": bufs,
+            "pipes_in_use": inuse,
+            "pipe_fallbacks": fb,
             "pipes_created": pipes,
             "splice_calls": sc,
             "copy_calls": cc,

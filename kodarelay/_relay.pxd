@@ -129,7 +129,7 @@ cdef enum:
     BUDGET = 16                  # drain/pump rounds per direction before yielding to others
     COPY_BUF = 128 * 1024        # copy-mode buffer
     POOL_MAX = 1024              # pooled pipes / buffers kept per worker, at most ...
-    POOL_SPARE = 8               # ... and at most this many more than live tunnels
+    POOL_SPARE = 8               # ... and at most this many more than in use (see _pools.pxi)
     MAX_THREADS = 64
     HS_BUF = 8192                # a native HTTP head must end within this many bytes (else 431)
     ACCEPT_BATCH = 64            # accepts per listener wakeup
@@ -288,12 +288,18 @@ cdef struct Worker:
     int pool_n
     char *bufs[POOL_MAX]
     int buf_n
+    int pipes_out          # pipes held by directions moving bytes
+    int pipes_peak         # ... at most, since the last trim
+    int bufs_out           # copy buffers held by directions
+    int bufs_peak
+    double trim_at         # next pool trim (monotonic)
     # statistics (read racily)
     Py_ssize_t ntunnels
     uint64_t total_tunnels
     uint64_t pipes_created
     uint64_t splice_calls
     uint64_t copy_calls
+    uint64_t pipe_fallbacks   # directions that copied because no pipe could be made (fds, memory)
 
 
 cdef struct Hs:

@@ -128,6 +128,8 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
             nxt_t = _listeners_next(w) if w.listeners != NULL else 1e300
             if w.hlen > 0 and w.heap[0].key < nxt_t:
                 nxt_t = w.heap[0].key
+            if w.trim_at < nxt_t and _pools_trimmable(w):
+                nxt_t = w.trim_at
             if nxt_t >= 1e300:
                 timeout = -1
             else:
@@ -174,7 +176,8 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
             _listeners_service(w, now)
         if w.done_head != NULL:
             _flush_done(w)
-            _trim_pools(w)
+        if now >= w.trim_at:
+            _trim_pools(w, now)
         if stop:
             break
     # shutting down: close the listeners, fail every live tunnel, then release the pools

@@ -165,3 +165,273 @@ def test_completer_is_silent_for_a_closed_loop(engine, caplog):
     engine.shutdown_engine()                        # joins the completer: the delivery is done
     assert not [r for r in caplog.records if r.name == "kodarelay._relay"]
     del task
+
+
+# ── RLIMIT_NOFILE ────────────────────────────────────────────────────────────
+
+
+def test_command_raises_the_open_files_limit_and_the_library_does_not():
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "import kodarelay, kodarelay.relay, kodarelay.server\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "from kodarelay.cli import main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.split("\n")
+    assert lines[0] == "256"                      # importing the library changes nothing
+    soft, hard = lines[-2].split()
+    assert soft == hard
+
+
+def test_raise_open_files_limit_is_offered():
+    from kodarelay import raise_open_files_limit
+
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (300, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "from kodarelay import raise_open_files_limit\n"
+        "print(*raise_open_files_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE)
+    assert p.returncode == 0, p.stderr
+    a, b, c, d = p.stdout.split()
+    assert a == b == c == d
+    assert callable(raise_open_files_limit)
+
+
+# ── fd pressure ──────────────────────────────────────────────────────────────
+
+PROXY_CHILD = r"""
+import json, sys
+from kodarelay import BuiltInProxy, Filter, UpstreamConfig
+from kodarelay import _relay
+handle = BuiltInProxy(Filter(["127.0.0.1"]), upstream=UpstreamConfig.direct()).start()
+print(handle.port, flush=True)
+for line in sys.stdin:
+    if line.strip() == "stats":
+        print(json.dumps(_relay.engine_stats()), flush=True)
+    else:
+        break
+handle.shutdown()
+"""
+
+
+def pump_all(socks: list[socket.socket], payload: bytes, sent: list[int] | None = None,
+             timeout: float = DEADLINE * 2) -> list[str]:
+    """Send ``payload`` through every tunnel at once (to an echo server; ``sent``: bytes of it
+    already sent) and read it back; returns what went wrong per tunnel ("" when the echo
+    came back whole)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    n = len(payload)
+    view = memoryview(payload)
+    sent = list(sent) if sent is not None else [0] * len(socks)
+    got = [0] * len(socks)
+    errors = [""] * len(socks)
+    for i, s in enumerate(socks):
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ | (selectors.EVENT_WRITE if sent[i] < n else 0), i)
+    left = len(socks)
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        for key, ev in sel.select(0.5):
+            i = key.data
+            s = socks[i]
+            try:
+                if ev & selectors.EVENT_WRITE and sent[i] < n:
+                    sent[i] += s.send(view[sent[i]:sent[i] + 65536])
+                    if sent[i] == n:
+                        sel.modify(s, selectors.EVENT_READ, i)
+                if ev & selectors.EVENT_READ:
+                    data = s.recv(65536)
+                    if not data:
+                        raise ConnectionError("EOF")
+                    if data != view[got[i]:got[i] + len(data)]:
+                        raise AssertionError("corrupted")
+                    got[i] += len(data)
+            except BlockingIOError:
+                continue
+            except (OSError, AssertionError) as e:
+                errors[i] = repr(e)
+                sel.unregister(s)
+                left -= 1
+                continue
+            if got[i] == n:
+                sel.unregister(s)
+                left -= 1
+    for i in range(len(socks)):
+        if not errors[i] and got[i] != n:
+            errors[i] = f"timed out at {got[i]}/{n}"
+        socks[i].setblocking(True)
+    sel.close()
+    return errors
+
+
+def fill(s: socket.socket) -> int:
+    """Send zeros through ``s`` until nothing more goes for 0.5 s (the path is full); how many."""
+    import select
+
+    s.setblocking(False)
+    chunk = bytes(65536)
+    total = 0
+    while True:
+        try:
+            total += s.send(chunk)
+        except BlockingIOError:
+            if not select.select([], [s], [], 0.5)[1]:
+                return total
+
+
+def open_tunnel(port: int, target: str) -> socket.socket:
+    """A CONNECT tunnel through the proxy whose client reads slowly (a small receive buffer)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(DEADLINE)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return s
+
+
+TUNNELS = 200      # the issue asks for 500: 200 keep this 2-core test within seconds
+
+
+def test_fd_pressure_never_kills_a_live_tunnel():
+    """fix: when pipe creation failed with EMFILE for an established tunnel the engine ended
+    it. Now: RLIMIT_NOFILE lowered (to no new fd at all) in a running proxy while TUNNELS
+    tunnels move bytes at once: every one of them keeps going (copying with recv/send), a new
+    client waits (or gets a clean refusal), and everything recovers when fds come back."""
+    import json
+    import resource
+
+    from peers import EchoServer, http_connect, status_of
+
+    echo = EchoServer()
+    echo.sock.listen(1024)
+    child = subprocess.Popen([sys.executable, "-c", PROXY_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    tunnels: list[socket.socket] = []
+    try:
+        port = int(child.stdout.readline())
+        target = f"127.0.0.1:{echo.port}"
+        for _ in range(TUNNELS):
+            tunnels.append(open_tunnel(port, target))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # no new fd at all from here on (fds 0-2 are taken): no pipe, no accept, no dial
+        resource.prlimit(child.pid, resource.RLIMIT_NOFILE, (3, hard))
+        try:
+            # a client that does not read: its whole path fills up and the engine holds its
+            # pipe with bytes in flight, so every other direction needs a pipe of its own
+            hog = tunnels[0]
+            hogged = fill(hog)
+            payload = os.urandom(256 * 1024)
+            sent = []
+            for s in tunnels:
+                s.setblocking(False)
+                try:
+                    sent.append(s.send(payload[:128 * 1024]))
+                except BlockingIOError:
+                    sent.append(0)
+
+            def stats() -> dict[str, int]:
+                child.stdin.write("stats\n")
+                child.stdin.flush()
+                return json.loads(child.stdout.readline())   # type: ignore[no-any-return]
+
+            wait_for(lambda: stats()["pipe_fallbacks"] > 0, "the engine to run out of fds for pipes")
+            errors = pump_all(tunnels[1:], payload, sent[1:])
+            assert [e for e in errors if e] == [], errors[:5]
+            hog.settimeout(DEADLINE)
+            left = hogged
+            while left:
+                data = hog.recv(min(left, 1 << 20))
+                assert data and data.count(0) == len(data)
+                left -= len(data)
+            errors = pump_all(tunnels[:1], payload, sent[:1])   # (what it sent of payload comes after)
+            late = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)   # the kernel's backlog takes it
+            late.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+        finally:
+            resource.prlimit(child.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        # fds are back: the client that waited is served, new ones too, old ones still move
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = late.recv(1)
+            assert chunk, head
+            head += chunk
+        assert status_of(head) in (200, 502, 503), head
+        late.close()
+        s, head = http_connect(port, target)
+        assert status_of(head) == 200
+        tunnels.append(s)
+        assert [e for e in pump_all(tunnels, payload[:65536]) if e] == []
+    finally:
+        for s in tunnels:
+            s.close()
+        if child.poll() is None:
+            child.stdin.write("quit\n")
+            child.stdin.flush()
+        try:
+            child.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        echo.close()
+    err = child.stderr.read()
+    assert child.returncode == 0, err
+    assert "Traceback" not in err, err
+
+
+async def test_pipe_pool_is_trimmed_while_tunnels_live(engine):
+    """fix: the pool kept a pipe (2 fds, 256 KiB of pipe pages) per live tunnel, idle ones
+    included, and shrank only when a tunnel finished. Now it is bounded by the pipes in use
+    and trimmed on a timer: once the burst is over the idle tunnels leave POOL_SPARE (8)."""
+    engine.shutdown_engine()
+    n = 40
+    pairs = []
+    tasks = []
+    for _ in range(n):
+        c, a = socket.socketpair()
+        s, b = socket.socketpair()
+        pairs.append((c, s))
+        tasks.append(asyncio.ensure_future(engine.relay_with_timeouts(a, b, 60.0, 60.0)))
+    try:
+        chunk = os.urandom(512 * 1024)       # more than the server's socket holds: the rest waits in a pipe
+        await asyncio.to_thread(lambda: [c.sendall(chunk) for c, _ in pairs])
+        await asyncio.to_thread(wait_for, lambda: engine.engine_stats()["pipes_in_use"] == n, "a pipe per tunnel")
+
+        def drain() -> None:
+            for _, s in pairs:
+                s.settimeout(DEADLINE)
+                got = 0
+                while got < len(chunk):
+                    got += len(s.recv(1 << 20))
+
+        await asyncio.to_thread(drain)
+        stats = engine.engine_stats()
+        assert stats["pipes_in_use"] == 0 and stats["tunnels"] == n
+        await asyncio.to_thread(wait_for, lambda: engine.engine_stats()["pooled_pipes"] <= 8, "the pool trim",
+                                5.0)
+        # and the tunnels still work
+        c, s = pairs[0]
+        c.sendall(b"still")
+        assert s.recv(5) == b"still"
+    finally:
+        for c, s in pairs:
+            c.close()
+            s.close()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), DEADLINE)
+        engine.shutdown_engine()
