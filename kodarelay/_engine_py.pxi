@@ -9,6 +9,7 @@ cdef class _Engine:
     cdef object threads
     cdef bint stopped
     cdef bint started
+    cdef bint forked         # inherited by a forked child: never touched again (see _after_fork_in_child)
 
     def __cinit__(self, int nthreads):
         cdef int i
@@ -31,6 +32,7 @@ cdef class _Engine:
             w.epfd = -1
             w.evfd = -1
             pthread_mutex_init(&w.mu, NULL)
+            pthread_cond_init(&w.pcond, NULL)
             w.completer = self.completer
             self.workers[i] = w
             self.nworkers += 1
@@ -126,6 +128,7 @@ cdef class _Engine:
                 _close_fd(&w.evfd)
                 _close_fd(&w.epfd)
             pthread_mutex_destroy(&w.mu)
+            pthread_cond_destroy(&w.pcond)
             free(w.heap)
             free(w)
         free(self.workers)
@@ -182,7 +185,8 @@ cdef class _TunnelHandle:
 
     def __dealloc__(self):
         if self.t != NULL:
-            _drop_ref(self.t)
+            if self.engine is None or not self.engine.forked:
+                _drop_ref(self.t)     # (in a forked child the worker's mutex may be held: leave it)
             self.t = NULL
 
     def outcome(self):
@@ -232,8 +236,11 @@ cdef class _TunnelHandle:
 
     cdef void cancel(self):
         cdef Tunnel *t = self.t
-        cdef Worker *w = t.w
+        cdef Worker *w
         cdef PyObject *wp = NULL
+        if t == NULL or (self.engine is not None and self.engine.forked):
+            return                    # a forked child's copy: the tunnel is not ours
+        w = t.w
         pthread_mutex_lock(&w.mu)
         if not t.finished and not t.cancel_req and not w.exited:
             t.cancel_req = True
@@ -341,12 +348,104 @@ def shutdown_engine():
 _forked_engines = []
 
 
+def _before_fork():
+    """Park every worker of the running engine at a safe point (no lock held, no list half
+    changed) so that a forked child inherits consistent structures; released right after."""
+    cdef _Engine e = _engine
+    cdef Worker *w
+    cdef int i
+    if e is None or e.stopped or not e.started:
+        return
+    for i in range(e.nworkers):
+        w = e.workers[i]
+        with nogil:
+            pthread_mutex_lock(&w.mu)
+            kr_store_int(&w.park, 1)
+            if not w.exited:
+                _wake_locked(w)
+            while not w.parked and not w.exited:
+                pthread_cond_wait(&w.pcond, &w.mu)
+            pthread_mutex_unlock(&w.mu)
+
+
+def _after_fork_in_parent():
+    cdef _Engine e = _engine
+    cdef Worker *w
+    cdef int i
+    if e is None or not e.started:
+        return
+    for i in range(e.nworkers):
+        w = e.workers[i]
+        pthread_mutex_lock(&w.mu)
+        kr_store_int(&w.park, 0)
+        pthread_cond_broadcast(&w.pcond)
+        pthread_mutex_unlock(&w.mu)
+
+
+cdef void _close_hs_list(Hs *h) noexcept nogil:
+    while h != NULL:
+        _close_fd(&h.fd)
+        h = h.next
+
+
+cdef void _close_tunnel_fds(Tunnel *t) noexcept nogil:
+    cdef int i
+    for i in range(2):
+        _close_fd(&t.fd[i])
+        _close_fd(&t.d[i].pr)
+        _close_fd(&t.d[i].pw)
+
+
+cdef void _close_listener_fds(Listener *l) noexcept nogil:
+    _close_fd(&l.fd)
+    _close_hs_list(l.head)
+    _close_hs_list(l.ready_head)
+    _close_hs_list(l.pend_head)
+
+
+cdef void _abandon_in_child(_Engine e) noexcept nogil:
+    """In a forked child: close every fd the parent's engine owned (its workers parked at
+    fork, see _before_fork, so their lists are consistent), lock nothing, free nothing.
+    Otherwise the child would keep the parent's tunnels open: no FIN when the parent closes."""
+    cdef int i, k
+    cdef Worker *w
+    cdef Tunnel *t
+    cdef Listener *l
+    for i in range(e.nworkers):
+        w = e.workers[i]
+        for k in range(<int>w.hlen):
+            _close_tunnel_fds(w.heap[k])
+        t = w.sub_head
+        while t != NULL:
+            _close_tunnel_fds(t)
+            t = t.snext
+        l = w.listeners
+        while l != NULL:
+            _close_listener_fds(l)
+            l = l.next
+        l = w.lsub
+        while l != NULL:
+            _close_listener_fds(l)
+            l = l.snext
+        while w.pool_n > 0:
+            w.pool_n -= 1
+            close(w.pool_r[w.pool_n])
+            close(w.pool_w[w.pool_n])
+        _close_fd(&w.epfd)
+        _close_fd(&w.evfd)
+
+
 def _after_fork_in_child():
-    # The worker threads do not exist in the child and their locks may be held: abandon the
-    # parent's engine without touching it (its fds are close-on-exec). A new one starts lazily.
+    """The worker threads do not exist in the child and a lock may have been held at fork:
+    close what the parent's engine owned and abandon it (it is never deallocated, handles and
+    listeners inherited from the parent do nothing on dealloc). A new engine starts lazily."""
     global _engine
-    if _engine is not None:
-        _forked_engines.append(_engine)
+    cdef _Engine e = _engine
+    if e is not None:
+        e.forked = True
+        if e.started and not e.stopped:
+            _abandon_in_child(e)
+        _forked_engines.append(e)
         _engine = None
     global _engine_lock
     _engine_lock = _threading.Lock()
@@ -354,7 +453,8 @@ def _after_fork_in_child():
 
 _atexit.register(shutdown_engine)
 if hasattr(_os, "register_at_fork"):
-    _os.register_at_fork(after_in_child=_after_fork_in_child)
+    _os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                         after_in_child=_after_fork_in_child)
 
 def _pipe_size_from_env():
     """``KODARELAY_PIPE_SIZE``: bytes (ASCII digits, 0-2**30) through ``set_pipe_size``; any other

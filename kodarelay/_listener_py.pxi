@@ -178,8 +178,8 @@ cdef class _NativeListener:
     def close(self):
         """Stop accepting (the engine closes its copy of the listener and open handshakes)."""
         cdef Listener *l = self.l
-        if l == NULL:
-            return
+        if l == NULL or (self.e is not None and self.e.forked):
+            return                    # (a forked child's copy: the engine closed its fd)
         pthread_mutex_lock(&l.w.mu)
         l.closing = True
         _wake_locked(l.w)
@@ -187,8 +187,8 @@ cdef class _NativeListener:
 
     def __dealloc__(self):
         cdef Listener *l = self.l
-        if l == NULL:
-            return
+        if l == NULL or (self.e is not None and self.e.forked):
+            return                    # a forked child's copy: lock nothing
         self.close()
         pthread_mutex_lock(&l.w.completer.mu)
         l.owner = NULL

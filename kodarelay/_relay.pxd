@@ -99,6 +99,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_destroy(pthread_cond_t *c)
     int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
     int pthread_cond_signal(pthread_cond_t *c)
+    int pthread_cond_broadcast(pthread_cond_t *c)
     int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
@@ -273,6 +274,9 @@ cdef struct Worker:
     bint wake_pending
     bint stopping
     bint exited            # the loop ended: cancel() queues nothing more
+    pthread_cond_t pcond   # fork: the forking thread waits for ``parked``, the worker for ``park`` to clear
+    int park               # (atomic, also read without mu) a fork is coming: stop at a safe point
+    bint parked            # the worker waits at the top of its loop, touching nothing
     # worker thread only
     Tunnel **heap
     Py_ssize_t hlen

@@ -109,6 +109,18 @@ cdef void _expire(Worker *w, double now) noexcept nogil:
             _heap_down(w, 0)
 
 
+cdef void _park(Worker *w) noexcept nogil:
+    """A fork is coming (``_before_fork``): wait, holding no lock and between iterations, so
+    the child inherits consistent lists (it closes every fd they name)."""
+    pthread_mutex_lock(&w.mu)
+    w.parked = True
+    pthread_cond_broadcast(&w.pcond)
+    while kr_load_int(&w.park):
+        pthread_cond_wait(&w.pcond, &w.mu)
+    w.parked = False
+    pthread_mutex_unlock(&w.mu)
+
+
 cdef void _worker_loop(Worker *w) noexcept nogil:
     cdef epoll_event evs[MAX_EVENTS]
     cdef int n, i, timeout, k
@@ -180,6 +192,8 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
             _trim_pools(w, now)
         if stop:
             break
+        if kr_load_int(&w.park):
+            _park(w)
     # shutting down: close the listeners, fail every live tunnel, then release the pools
     _on_wake(w)
     _listeners_service(w, now)      # (w.stopping: closes them all)
@@ -189,6 +203,7 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
     # list's reference; from here on cancel() queues nothing (w.exited)
     pthread_mutex_lock(&w.mu)
     w.exited = True
+    pthread_cond_broadcast(&w.pcond)      # (a fork waiting for this worker to park)
     cans = w.cancel_head
     w.cancel_head = NULL
     pthread_mutex_unlock(&w.mu)

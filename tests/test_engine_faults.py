@@ -18,11 +18,13 @@ from kodarelay.relay import env_flag
 
 DEADLINE = 20.0
 
-pytestmark = pytest.mark.skipif(env_flag("KODARELAY_NO_EXTENSIONS"), reason="compiled engine only")
+compiled = pytest.mark.skipif(env_flag("KODARELAY_NO_EXTENSIONS"), reason="compiled engine only")
 
 
 @pytest.fixture
 def engine():  # type: ignore[no-untyped-def]
+    if env_flag("KODARELAY_NO_EXTENSIONS"):
+        pytest.skip("compiled engine only (KODARELAY_NO_EXTENSIONS is set)")
     from kodarelay import _relay
 
     yield _relay
@@ -48,6 +50,7 @@ def wait_for(pred, what: str, timeout: float = DEADLINE) -> None:  # type: ignor
 # ── KODARELAY_PIPE_SIZE ──────────────────────────────────────────────────────
 
 
+@compiled
 @pytest.mark.parametrize("raw", ["\u00b2", "99999999999999999999", "2147483648", "-5", "64k", "1_024"])
 def test_bad_pipe_size_never_breaks_the_import(raw):
     """fix: a value over INT_MAX raised OverflowError at import, "²" passed isdigit()."""
@@ -60,6 +63,7 @@ def test_bad_pipe_size_never_breaks_the_import(raw):
     assert "KODARELAY_PIPE_SIZE" in p.stderr and "RuntimeWarning" in p.stderr
 
 
+@compiled
 def test_good_pipe_size_is_used():
     code = "import kodarelay._relay as r; print(r.engine_stats()['pipe_size'])"
     env = dict(os.environ, KODARELAY_PIPE_SIZE=" 65536 ")
@@ -310,6 +314,7 @@ def open_tunnel(port: int, target: str) -> socket.socket:
 TUNNELS = 200      # the issue asks for 500: 200 keep this 2-core test within seconds
 
 
+@compiled
 def test_fd_pressure_never_kills_a_live_tunnel():
     """fix: when pipe creation failed with EMFILE for an established tunnel the engine ended
     it. Now: RLIMIT_NOFILE lowered (to no new fd at all) in a running proxy while TUNNELS
@@ -410,8 +415,10 @@ async def test_pipe_pool_is_trimmed_while_tunnels_live(engine):
         tasks.append(asyncio.ensure_future(engine.relay_with_timeouts(a, b, 60.0, 60.0)))
     try:
         chunk = os.urandom(512 * 1024)       # more than the server's socket holds: the rest waits in a pipe
-        await asyncio.to_thread(lambda: [c.sendall(chunk) for c, _ in pairs])
-        await asyncio.to_thread(wait_for, lambda: engine.engine_stats()["pipes_in_use"] == n, "a pipe per tunnel")
+        senders = [threading.Thread(target=c.sendall, args=(chunk,), daemon=True) for c, _ in pairs]
+        for th in senders:
+            th.start()
+        await asyncio.to_thread(wait_for, lambda: engine.engine_stats().get("pipes_in_use") == n, "a pipe per tunnel")
 
         def drain() -> None:
             for _, s in pairs:
@@ -421,6 +428,8 @@ async def test_pipe_pool_is_trimmed_while_tunnels_live(engine):
                     got += len(s.recv(1 << 20))
 
         await asyncio.to_thread(drain)
+        for th in senders:
+            th.join(DEADLINE)
         stats = engine.engine_stats()
         assert stats["pipes_in_use"] == 0 and stats["tunnels"] == n
         await asyncio.to_thread(wait_for, lambda: engine.engine_stats()["pooled_pipes"] <= 8, "the pool trim",
@@ -435,3 +444,94 @@ async def test_pipe_pool_is_trimmed_while_tunnels_live(engine):
             s.close()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), DEADLINE)
         engine.shutdown_engine()
+
+
+# ── fork without exec ────────────────────────────────────────────────────────
+
+
+async def test_forked_child_does_not_hold_the_parents_tunnels(engine):
+    """fix: a child forked without exec kept every tunnel socket (and the listener, pooled
+    pipes, the epoll fd): while it lived, the parent's close sent no FIN. Now the child
+    closes what the engine owned, and the parent's clients see EOF when the parent ends
+    their tunnels, with the child still alive."""
+    engine.shutdown_engine()
+    peers_ = []
+    tasks = []
+    for _ in range(8):
+        c, a = socket.socketpair()
+        s, b = socket.socketpair()
+        peers_ += [c, s]
+        tasks.append(asyncio.ensure_future(engine.relay_with_timeouts(a, b, 60.0, 60.0)))
+    c0, s0 = peers_[0], peers_[1]
+    c0.sendall(b"live")                           # the tunnels are up and moving bytes
+    s0.settimeout(DEADLINE)
+    assert await asyncio.to_thread(s0.recv, 4) == b"live"
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: report, then wait for the parent's word
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        assert await asyncio.to_thread(os.read, ready_r, 1) == b"1"
+        c0.sendall(b"more")                       # the parent's engine still runs after the fork
+        assert await asyncio.to_thread(s0.recv, 4) == b"more"
+        for t in tasks:
+            t.cancel()                            # the parent ends its tunnels: the engine closes a and b
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+        def eof_everywhere() -> None:
+            for p in peers_:
+                p.settimeout(5.0)
+                assert p.recv(16) == b""          # a timeout here: someone still holds the far end
+
+        await asyncio.to_thread(eof_everywhere)
+    finally:
+        os.write(go_w, b"1")
+        os.close(go_w)
+        os.close(ready_r)
+        _, status = os.waitpid(pid, 0)
+        for p in peers_:
+            p.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+async def test_engine_works_in_parent_and_child_after_many_forks(engine):
+    """Parking the workers for each fork costs the parent nothing it can see: its tunnels keep
+    moving through 20 forks, and each child can start an engine of its own."""
+    c, a = socket.socketpair()
+    s, b = socket.socketpair()
+    task = asyncio.ensure_future(engine.relay_with_timeouts(a, b, 60.0, 60.0))
+    s.settimeout(DEADLINE)
+    try:
+        for i in range(20):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                code = 1
+                try:
+                    async def child() -> tuple[int, int]:
+                        x, y = socket.socketpair()
+                        u, v = socket.socketpair()
+                        x.sendall(b"abc")
+                        x.shutdown(socket.SHUT_WR)
+                        u.shutdown(socket.SHUT_WR)
+                        return await asyncio.wait_for(engine.relay_with_timeouts(y, v), 10)
+
+                    code = 0 if asyncio.run(child()) == (3, 0) else 2
+                finally:
+                    os._exit(code)
+            c.sendall(b"%02d" % i)
+            assert await asyncio.to_thread(s.recv, 2) == b"%02d" % i
+            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        c.close()
+        s.close()
+        await asyncio.wait_for(task, DEADLINE)
