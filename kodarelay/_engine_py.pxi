@@ -511,23 +511,26 @@ cdef void _tunnel_free(Tunnel *t) noexcept nogil:
     free(t)
 
 
-cdef _TunnelHandle _tunnel_submit(Tunnel *t, loop, idle, total, on_done):
-    """Give ``t`` a Python handle and hand it to a worker (of a fresh engine if the current one
+cdef _TunnelHandle _handle_new(loop, idle, total, on_done):
+    """The Python half of a tunnel, made before any fd is taken: when the engine cannot start
+    or ``create_future`` raises, the caller still owns its sockets (and can still answer)."""
+    cdef _TunnelHandle h
+    e = _get_engine()
+    h = _TunnelHandle.__new__(_TunnelHandle)
+    h.engine = e
+    h.loop = loop
+    h.on_done = on_done
+    h.fut = loop.create_future() if on_done is None else None
+    h.idle_o = idle
+    h.total_o = total
+    return h
+
+
+cdef _TunnelHandle _tunnel_submit(Tunnel *t, _TunnelHandle h):
+    """Bind ``t`` to ``h`` and hand it to a worker (of a fresh engine if the current one
     stopped meanwhile). On failure ``t`` is freed, its fds closed, and the error raised."""
     cdef Worker *w
-    cdef _TunnelHandle h
-    cdef _Engine e
-    try:
-        e = _get_engine()
-        h = _TunnelHandle.__new__(_TunnelHandle)
-        h.loop = loop
-        h.on_done = on_done
-        h.fut = loop.create_future() if on_done is None else None
-        h.idle_o = idle
-        h.total_o = total
-    except BaseException:
-        _tunnel_free(t)
-        raise
+    cdef _Engine e = h.engine
     h.t = t
     t.refs = 2                # the engine's and the handle's
     Py_INCREF(h)
@@ -559,7 +562,9 @@ cdef _TunnelHandle _submit(a, b, idle, total, loop):
     """Detach the sockets, build the tunnel and hand it to a worker. Closes both on failure."""
     cdef int fa = -1, fb = -1
     cdef Tunnel *t
+    cdef _TunnelHandle h
     try:
+        h = _handle_new(loop, idle, total, None)     # before the fds leave their sockets
         a.setblocking(False)
         b.setblocking(False)
         nd = [s.family in (_AF_INET, _AF_INET6) and s.type == _SOCK_STREAM for s in (a, b)]
@@ -581,7 +586,7 @@ cdef _TunnelHandle _submit(a, b, idle, total, loop):
         _nodelay(fa)
     if nd[1]:
         _nodelay(fb)
-    return _tunnel_submit(t, loop, idle, total, None)
+    return _tunnel_submit(t, h)
 
 
 from socket import AF_INET as _AF_INET, AF_INET6 as _AF_INET6, SOCK_STREAM as _SOCK_STREAM

@@ -245,6 +245,7 @@ cdef class _Handshake:
         dial raises ``DialError`` after the protocol's failure reply went to the client)."""
         cdef Py_ssize_t n = len(addresses), i
         cdef Tunnel *t
+        cdef _TunnelHandle h
         if self.hs == NULL:
             raise ValueError("handshake already answered")
         if n == 0:
@@ -271,14 +272,15 @@ cdef class _Handshake:
         t.socks = socks
         t.phase = PH_CONNECT
         t.cdeadline = t.start + <double>connect_timeout
-        if loop is None:
-            try:
+        try:
+            if loop is None:
                 loop = _asyncio.get_running_loop()
-            except BaseException:
-                _tunnel_free(t)
-                raise
+            h = _handle_new(loop, idle, total, on_done)     # (raises with the handshake still ours)
+        except BaseException:
+            _tunnel_free(t)
+            raise
         t.fd[0] = self.take()
-        return _tunnel_submit(t, loop, idle, total, on_done)
+        return _tunnel_submit(t, h)
 
 
 def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None, on_refused=None,
