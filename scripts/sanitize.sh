@@ -36,10 +36,10 @@ logdir=$(mktemp -d)
 trap 'rm -rf "$src" "$logdir"' EXIT
 tar --exclude='./.venv*' --exclude=./build --exclude='./kodarelay/_relay*.so' --exclude=./kodarelay/_relay.c \
     --exclude='*.egg-info' -cf - . | tar -xf - -C "$src"
+KODARELAY_SANITIZE=$MODE "$VENV/bin/python" -m pip install -q "$src[test]"     # the test extras
 KODARELAY_SANITIZE=$MODE "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$src"
-"$VENV/bin/python" -m pip install -q "$src[test]"
-so=$(cd / && "$VENV/bin/python" -c 'import kodarelay._relay as r; print(r.__file__)')
-case "$so" in "$PWD"/*) echo "sanitize.sh: imported the tree's build ($so), not $VENV's" >&2; exit 2 ;; esac
+so=$(cd / && "$VENV/bin/python" -c 'import importlib.util as u; print(u.find_spec("kodarelay._relay").origin)')
+case "$so" in "$VENV"/*) ;; *) echo "sanitize.sh: imported $so, not $VENV's build" >&2; exit 2 ;; esac
 if [ "$MODE" = thread ]; then
     nm -D "$so" | grep -q __tsan_init || { echo "sanitize.sh: $so is not instrumented" >&2; exit 2; }
 else
