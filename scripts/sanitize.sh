@@ -16,7 +16,8 @@ MODE=${KODARELAY_SANITIZE:-1}
 if [ "$MODE" = thread ]; then
     VENV=$PWD/.venv-tsan
     RUNTIME=$(gcc -print-file-name=libtsan.so)
-    TESTS=(tests/test_relay.py tests/test_engine_faults.py)
+    # fork tests deselected: TSan cannot start threads in a child forked from a threaded process
+    TESTS=(tests/test_relay.py tests/test_engine_faults.py -k "not fork")
 else
     VENV=$PWD/.venv-asan
     RUNTIME=$(gcc -print-file-name=libasan.so)
@@ -50,7 +51,7 @@ status=0
 LD_PRELOAD=$RUNTIME \
 ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:log_path=$logdir/asan" \
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$logdir/ubsan" \
-TSAN_OPTIONS="halt_on_error=0:log_path=$logdir/tsan:second_deadlock_stack=1" \
+TSAN_OPTIONS="halt_on_error=0:log_path=$logdir/tsan:second_deadlock_stack=1:suppressions=$PWD/scripts/tsan.supp" \
 KODARELAY_REQUIRE_EXTENSION=1 KODARELAY_REQUIRE_PEERS=${KODARELAY_REQUIRE_PEERS:-0} \
     "$VENV/bin/pytest" -q -p no:cacheprovider "$@" "${TESTS[@]}" || status=$?
 if compgen -G "$logdir/*" >/dev/null; then
