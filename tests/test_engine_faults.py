@@ -622,3 +622,48 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
         c = socket.create_connection(lst.getsockname())
         s, _ = lst.accept()
     return c, s
+
+
+async def test_early_bytes_are_counted(engine):
+    """Nit of the issue: the bytes a client sent after its head reach the target and count in
+    the tunnel's byte count (a -> b), as on the asyncio path."""
+    from peers import EchoServer
+
+    echo = EchoServer()
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[list[object]] = loop.create_future()
+    ended: asyncio.Future[tuple[int, int]] = loop.create_future()
+
+    def cb(items, err):  # type: ignore[no-untyped-def]
+        if not got.done():
+            got.set_result(items)
+
+    def done(exc, tunnel):  # type: ignore[no-untyped-def]
+        loop.call_soon_threadsafe(ended.set_result, tunnel.moved)
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    front = engine.native_listen(lsock, "http", 5.0, loop, cb)
+    c = socket.create_connection(lsock.getsockname())
+    try:
+        head = f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\n\r\n".encode()
+        c.sendall(head + b"early!")
+        [h] = await asyncio.wait_for(got, DEADLINE)
+        h.dial(["127.0.0.1"], echo.port, b"HTTP/1.1 200 OK\r\n\r\n", h.data[len(head):], 5.0, 60.0, 60.0, False,
+               loop, done)
+        c.settimeout(DEADLINE)
+        reply = b""
+        while not reply.endswith(b"early!"):
+            chunk = await asyncio.to_thread(c.recv, 100)
+            assert chunk, reply
+            reply += chunk
+        assert reply == b"HTTP/1.1 200 OK\r\n\r\nearly!"
+        c.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(ended, DEADLINE) == (6, 6)
+    finally:
+        c.close()
+        front.close()
+        lsock.close()
+        echo.close()
