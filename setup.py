@@ -2,6 +2,11 @@
 
 ``KODARELAY_DEBUG_BUILD=1`` builds it without optimisation, with debug symbols and Cython
 line tracing, for contributors chasing a crash or profiling the engine.
+
+``KODARELAY_SANITIZE=1`` (or ``address``) builds it with AddressSanitizer and
+UndefinedBehaviorSanitizer, ``KODARELAY_SANITIZE=thread`` with ThreadSanitizer: load the
+runtime first (``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``); ``scripts/sanitize.sh``
+does it all in a venv of its own.
 """
 
 import os
@@ -21,6 +26,16 @@ else:
     macros = []
     directives = {"language_level": "3", "boundscheck": False, "wraparound": False}
 
+SANITIZE = os.environ.get("KODARELAY_SANITIZE", "").strip().lower()
+ldflags: list[str] = []
+if SANITIZE in {"1", "true", "yes", "on", "address"}:
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    cflags = [*san, "-O1", "-g"]
+    ldflags = list(san)
+elif SANITIZE == "thread":
+    cflags = ["-fsanitize=thread", "-fno-omit-frame-pointer", "-O1", "-g"]
+    ldflags = ["-fsanitize=thread"]
+
 extensions = [
     Extension(
         "kodarelay._relay",
@@ -29,6 +44,7 @@ extensions = [
         + ["kodarelay/_relay.pxd", "kodarelay/_engine.h"],
         include_dirs=["kodarelay"],
         extra_compile_args=cflags,
+        extra_link_args=ldflags,
         define_macros=macros,
     )
 ]

@@ -50,6 +50,7 @@ _EXPORTS = {
     "DEFAULT_IDLE_TIMEOUT": "relay",
     "DEFAULT_TOTAL_TIMEOUT": "relay",
     "IMPLEMENTATION": "relay",
+    "raise_open_files_limit": "limits",
     # bridge
     "spawn_uds_bridge": "bridge",
     "proxy_uds_path": "bridge",
@@ -90,7 +91,13 @@ if TYPE_CHECKING:
     from .filter import DEFAULT_DEV_ALLOWLIST, Decision, Filter, PatternError
     from .handle import ProxyHandle
     from .ports import pick_ephemeral_port, wait_for_bind
-    from .relay import DEFAULT_IDLE_TIMEOUT, DEFAULT_TOTAL_TIMEOUT, IMPLEMENTATION, relay_with_timeouts
+    from .relay import (
+        DEFAULT_IDLE_TIMEOUT,
+        DEFAULT_TOTAL_TIMEOUT,
+        IMPLEMENTATION,
+        relay_with_timeouts,
+    )
+    from .limits import raise_open_files_limit
     from .server import Server
     from .socks5 import Socks5Server
     from .upstream import UpstreamConfig, bypasses_proxy, connect_upstream, parse_no_proxy, parse_proxy_url

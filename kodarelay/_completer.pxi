@@ -1,5 +1,20 @@
 # Delivery to Python: the only place that takes the GIL, on the completer thread.
 
+import logging as _logging
+
+_log = _logging.getLogger("kodarelay._relay")
+
+
+cdef void _report(exc, loop, str what) noexcept:
+    """An exception on the completer thread: silent only when ``loop`` is closed (nobody is
+    waiting any more); anything else is logged with its traceback, never lost."""
+    try:
+        if loop is not None and isinstance(exc, RuntimeError) and loop.is_closed():
+            return
+        _log.error("kodarelay engine: %s raised %s", what, type(exc).__name__, exc_info=exc)
+    except BaseException:
+        pass              # (logging itself failed: nothing better to do on this thread)
+
 cdef void _deliver_batch(Tunnel *head) noexcept with gil:
     cdef Tunnel *t = head
     cdef PyObject *wp
@@ -20,8 +35,8 @@ cdef void _deliver_batch(Tunnel *head) noexcept with gil:
                                                # callback may run before h.dial has returned it
                 else:
                     h.loop.call_soon_threadsafe(h._deliver)
-            except BaseException:
-                pass          # the loop is closed: nobody is waiting any more
+            except BaseException as exc:
+                _report(exc, h.loop, "a tunnel's completion callback")
             h = None
         t = t.dnext
 
@@ -60,6 +75,7 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
     cdef Listener *nxt
     cdef Hs *h
     cdef Hs *hn
+    cdef Hs *hs
     cdef int err
     cdef PyObject *owner
     cdef _Handshake hd
@@ -106,24 +122,27 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
                 if sink is not None:
                     try:
                         sink(recs, dropped)
-                    except BaseException:
-                        pass
+                    except BaseException as exc:
+                        _report(exc, None, "the listener's on_refused")
                 recs = None
+        except BaseException as exc:
+            _report(exc, None, "refusal delivery")
         finally:
             free(refs)
+        nl = None
         try:
             items = []
             while h != NULL:
-                hn = h.next
-                h.next = NULL
-                hd = _Handshake.__new__(_Handshake)
-                hd.hs = h
-                hd.proto = h.proto
-                hd.overflow = h.flags & 1
-                hd.data = h.buf[h.off:h.len] if h.proto == 1 else h.buf[:h.len]
-                hd.user = h.buf[h.uoff:h.uoff + <size_t>h.ulen] if h.proto == 1 and h.ulen >= 0 else None
+                hd = _Handshake.__new__(_Handshake)   # (may raise: h still on the list)
+                hs = h
+                h = h.next                            # from here on hd alone owns hs
+                hs.next = NULL
+                hd.hs = hs
+                hd.proto = hs.proto
+                hd.overflow = hs.flags & 1
+                hd.data = hs.buf[hs.off:hs.len] if hs.proto == 1 else hs.buf[:hs.len]
+                hd.user = hs.buf[hs.uoff:hs.uoff + <size_t>hs.ulen] if hs.proto == 1 and hs.ulen >= 0 else None
                 items.append(hd)
-                h = hn
             hd = None
             if owner != NULL:
                 nl = <_NativeListener>owner
@@ -131,12 +150,13 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
                     # the common case is decided right here, in this one GIL acquisition
                     try:
                         items = nl.direct(items)
-                    except BaseException:
-                        pass
+                    except BaseException as exc:
+                        _report(exc, None, "the listener's direct hook")
                 if items or err:
                     nl.loop.call_soon_threadsafe(nl.cb, items, err)
-        except BaseException:
-            pass              # the loop is closed: the handles close their connections
+        except BaseException as exc:
+            # the handles already made close their connections as they are released
+            _report(exc, nl.loop if nl is not None else None, "handshake delivery")
         finally:
             if owner != NULL:
                 Py_DECREF(<object>owner)

@@ -44,4 +44,8 @@ static int kr_has_crlfcrlf(const char *buf, size_t from, size_t len) {
     return memmem(buf + from, len - from, "\r\n\r\n", 4) != NULL;
 }
 
+/* the engine's global switches are written by Python threads and read by workers */
+static inline int kr_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void kr_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+
 #endif

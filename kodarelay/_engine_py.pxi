@@ -9,6 +9,7 @@ cdef class _Engine:
     cdef object threads
     cdef bint stopped
     cdef bint started
+    cdef bint forked         # inherited by a forked child: never touched again (see _after_fork_in_child)
 
     def __cinit__(self, int nthreads):
         cdef int i
@@ -31,6 +32,7 @@ cdef class _Engine:
             w.epfd = -1
             w.evfd = -1
             pthread_mutex_init(&w.mu, NULL)
+            pthread_cond_init(&w.pcond, NULL)
             w.completer = self.completer
             self.workers[i] = w
             self.nworkers += 1
@@ -46,18 +48,34 @@ cdef class _Engine:
                 raise OSError(errno, _os.strerror(errno))
 
     def start(self):
+        """Start the completer and the workers. A start that fails partway (RLIMIT_NPROC, a
+        pids cgroup) stops the threads it started and raises one ``RuntimeError``; the
+        engine is then unusable and ``_get_engine`` retries with a fresh one next time."""
         cdef int i
+        cdef int k = 0
         self.started = True
-        self.completer_thread = _threading.Thread(
-            target=_completer_main, args=(self,), name="kodarelay-engine-completer", daemon=True
-        )
-        self.completer_thread.start()
-        for i in range(self.nworkers):
+        try:
             th = _threading.Thread(
-                target=_worker_main, args=(self, i), name=f"kodarelay-engine-{i}", daemon=True
+                target=_completer_main, args=(self,), name="kodarelay-engine-completer", daemon=True
             )
+            _thread_start_check(k)
             th.start()
-            self.threads.append(th)
+            k += 1
+            self.completer_thread = th
+            for i in range(self.nworkers):
+                th = _threading.Thread(
+                    target=_worker_main, args=(self, i), name=f"kodarelay-engine-{i}", daemon=True
+                )
+                _thread_start_check(k)
+                th.start()
+                k += 1
+                self.threads.append(th)
+        except BaseException as exc:
+            self.stop()
+            raise RuntimeError(
+                f"kodarelay engine could not start its threads ({k} of {self.nworkers + 1} started, "
+                f"stopped again): {exc}"
+            ) from exc
 
     def stop(self):
         """Wake every worker, let it fail its tunnels and close its fds, and join it."""
@@ -110,6 +128,7 @@ cdef class _Engine:
                 _close_fd(&w.evfd)
                 _close_fd(&w.epfd)
             pthread_mutex_destroy(&w.mu)
+            pthread_cond_destroy(&w.pcond)
             free(w.heap)
             free(w)
         free(self.workers)
@@ -124,11 +143,15 @@ cdef class _Engine:
         cdef int i
         cdef Worker *w
         cdef Py_ssize_t live = 0, pooled = 0
-        cdef uint64_t total = 0, pipes = 0, sc = 0, cc = 0
+        cdef uint64_t total = 0, pipes = 0, sc = 0, cc = 0, fb = 0
+        cdef Py_ssize_t bufs = 0, inuse = 0
         for i in range(self.nworkers):
             w = self.workers[i]
             live += w.ntunnels
             pooled += w.pool_n
+            bufs += w.buf_n
+            inuse += w.pipes_out
+            fb += w.pipe_fallbacks
             total += w.total_tunnels
             pipes += w.pipes_created
             sc += w.splice_calls
@@ -139,9 +162,14 @@ cdef class _Engine:
             "tunnels": live,
             "tunnels_total": total,
             "pooled_pipes": pooled,
+            "pooled_buffers": bufs,
+            "pipes_in_use": inuse,
+            "pipe_fallbacks": fb,
             "pipes_created": pipes,
             "splice_calls": sc,
             "copy_calls": cc,
+            "splice_enabled": bool(kr_load_int(&g_splice_enabled)),
+            "pipe_size": kr_load_int(&g_pipe_size),
         }
 
 
@@ -157,7 +185,8 @@ cdef class _TunnelHandle:
 
     def __dealloc__(self):
         if self.t != NULL:
-            _drop_ref(self.t)
+            if self.engine is None or not self.engine.forked:
+                _drop_ref(self.t)     # (in a forked child the worker's mutex may be held: leave it)
             self.t = NULL
 
     def outcome(self):
@@ -207,10 +236,13 @@ cdef class _TunnelHandle:
 
     cdef void cancel(self):
         cdef Tunnel *t = self.t
-        cdef Worker *w = t.w
+        cdef Worker *w
         cdef PyObject *wp = NULL
+        if t == NULL or (self.engine is not None and self.engine.forked):
+            return                    # a forked child's copy: the tunnel is not ours
+        w = t.w
         pthread_mutex_lock(&w.mu)
-        if not t.finished and not t.cancel_req:
+        if not t.finished and not t.cancel_req and not w.exited:
             t.cancel_req = True
             wp = t.waiter
             t.waiter = NULL
@@ -239,6 +271,22 @@ cdef int _env_threads():
     return min(max(n, 1), MAX_THREADS)
 
 
+cdef int _fail_thread_start = -1     # test hook: the k-th thread start of an engine fails
+
+
+cdef int _thread_start_check(int k) except -1:
+    if _fail_thread_start >= 0 and k >= _fail_thread_start:
+        raise RuntimeError("can't start new thread (test hook)")
+    return 0
+
+
+def _test_fail_thread_start(int k):
+    """Test hook: starting an engine's ``k``-th thread (0: the completer, then the workers)
+    fails as if the thread limit were reached; ``-1`` restores normal starts."""
+    global _fail_thread_start
+    _fail_thread_start = k
+
+
 cdef _Engine _get_engine():
     global _engine
     if _engine is not None:
@@ -246,7 +294,7 @@ cdef _Engine _get_engine():
     with _engine_lock:
         if _engine is None:
             e = _Engine(_engine_threads if _engine_threads > 0 else _env_threads())
-            e.start()
+            e.start()                 # raises after stopping what it started; retried next call
             _engine = e
         return _engine
 
@@ -266,24 +314,23 @@ def set_engine_threads(n):
 
 def set_splice_enabled(enabled):
     """Global switch: ``False`` makes new tunnels copy with recv/send instead of splice(2)."""
-    global g_splice_enabled
-    g_splice_enabled = 1 if enabled else 0
+    kr_store_int(&g_splice_enabled, 1 if enabled else 0)
 
 
 def set_pipe_size(nbytes):
     """Pipe capacity requested (F_SETPIPE_SZ) for pipes created from now on; 0: kernel default."""
-    global g_pipe_size
     nbytes = int(nbytes)
     if nbytes < 0 or nbytes > (1 << 30):
         raise ValueError(f"pipe size out of range: {nbytes}")
-    g_pipe_size = nbytes
+    kr_store_int(&g_pipe_size, <int>nbytes)
 
 
 def engine_stats():
     """A snapshot of the engine's counters (``{"running": False}`` when it is not started)."""
     e = _engine
     if e is None:
-        return {"running": False, "threads": 0, "tunnels": 0, "pooled_pipes": 0}
+        return {"running": False, "threads": 0, "tunnels": 0, "pooled_pipes": 0,
+                "splice_enabled": bool(kr_load_int(&g_splice_enabled)), "pipe_size": kr_load_int(&g_pipe_size)}
     return (<_Engine>e).stats()
 
 
@@ -301,12 +348,104 @@ def shutdown_engine():
 _forked_engines = []
 
 
+def _before_fork():
+    """Park every worker of the running engine at a safe point (no lock held, no list half
+    changed) so that a forked child inherits consistent structures; released right after."""
+    cdef _Engine e = _engine
+    cdef Worker *w
+    cdef int i
+    if e is None or e.stopped or not e.started:
+        return
+    for i in range(e.nworkers):
+        w = e.workers[i]
+        with nogil:
+            pthread_mutex_lock(&w.mu)
+            kr_store_int(&w.park, 1)
+            if not w.exited:
+                _wake_locked(w)
+            while not w.parked and not w.exited:
+                pthread_cond_wait(&w.pcond, &w.mu)
+            pthread_mutex_unlock(&w.mu)
+
+
+def _after_fork_in_parent():
+    cdef _Engine e = _engine
+    cdef Worker *w
+    cdef int i
+    if e is None or not e.started:
+        return
+    for i in range(e.nworkers):
+        w = e.workers[i]
+        pthread_mutex_lock(&w.mu)
+        kr_store_int(&w.park, 0)
+        pthread_cond_broadcast(&w.pcond)
+        pthread_mutex_unlock(&w.mu)
+
+
+cdef void _close_hs_list(Hs *h) noexcept nogil:
+    while h != NULL:
+        _close_fd(&h.fd)
+        h = h.next
+
+
+cdef void _close_tunnel_fds(Tunnel *t) noexcept nogil:
+    cdef int i
+    for i in range(2):
+        _close_fd(&t.fd[i])
+        _close_fd(&t.d[i].pr)
+        _close_fd(&t.d[i].pw)
+
+
+cdef void _close_listener_fds(Listener *l) noexcept nogil:
+    _close_fd(&l.fd)
+    _close_hs_list(l.head)
+    _close_hs_list(l.ready_head)
+    _close_hs_list(l.pend_head)
+
+
+cdef void _abandon_in_child(_Engine e) noexcept nogil:
+    """In a forked child: close every fd the parent's engine owned (its workers parked at
+    fork, see _before_fork, so their lists are consistent), lock nothing, free nothing.
+    Otherwise the child would keep the parent's tunnels open: no FIN when the parent closes."""
+    cdef int i, k
+    cdef Worker *w
+    cdef Tunnel *t
+    cdef Listener *l
+    for i in range(e.nworkers):
+        w = e.workers[i]
+        for k in range(<int>w.hlen):
+            _close_tunnel_fds(w.heap[k])
+        t = w.sub_head
+        while t != NULL:
+            _close_tunnel_fds(t)
+            t = t.snext
+        l = w.listeners
+        while l != NULL:
+            _close_listener_fds(l)
+            l = l.next
+        l = w.lsub
+        while l != NULL:
+            _close_listener_fds(l)
+            l = l.snext
+        while w.pool_n > 0:
+            w.pool_n -= 1
+            close(w.pool_r[w.pool_n])
+            close(w.pool_w[w.pool_n])
+        _close_fd(&w.epfd)
+        _close_fd(&w.evfd)
+
+
 def _after_fork_in_child():
-    # The worker threads do not exist in the child and their locks may be held: abandon the
-    # parent's engine without touching it (its fds are close-on-exec). A new one starts lazily.
+    """The worker threads do not exist in the child and a lock may have been held at fork:
+    close what the parent's engine owned and abandon it (it is never deallocated, handles and
+    listeners inherited from the parent do nothing on dealloc). A new engine starts lazily."""
     global _engine
-    if _engine is not None:
-        _forked_engines.append(_engine)
+    cdef _Engine e = _engine
+    if e is not None:
+        e.forked = True
+        if e.started and not e.stopped:
+            _abandon_in_child(e)
+        _forked_engines.append(e)
         _engine = None
     global _engine_lock
     _engine_lock = _threading.Lock()
@@ -314,12 +453,29 @@ def _after_fork_in_child():
 
 _atexit.register(shutdown_engine)
 if hasattr(_os, "register_at_fork"):
-    _os.register_at_fork(after_in_child=_after_fork_in_child)
+    _os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                         after_in_child=_after_fork_in_child)
+
+def _pipe_size_from_env():
+    """``KODARELAY_PIPE_SIZE``: bytes (ASCII digits, 0-2**30) through ``set_pipe_size``; any other
+    value is ignored with a ``RuntimeWarning`` (the default stays): a bad variable never fails
+    ``import kodarelay``."""
+    raw = _os.environ.get("KODARELAY_PIPE_SIZE", "").strip()
+    if not raw:
+        return
+    try:
+        if not (raw.isascii() and raw.isdigit()):
+            raise ValueError(raw)
+        set_pipe_size(int(raw))
+    except (ValueError, OverflowError):
+        import warnings
+        warnings.warn(f"KODARELAY_PIPE_SIZE={raw!r} ignored: expected bytes from 0 to {1 << 30}",
+                      RuntimeWarning, stacklevel=2)
+
 
 if _os.environ.get("KODARELAY_NO_SPLICE", "").strip().lower() in {"1", "true", "yes", "on"}:
-    g_splice_enabled = 0
-if _os.environ.get("KODARELAY_PIPE_SIZE", "").strip().isdigit():
-    g_pipe_size = int(_os.environ["KODARELAY_PIPE_SIZE"].strip())
+    set_splice_enabled(False)
+_pipe_size_from_env()
 
 
 cdef Tunnel *_tunnel_new(double idle, double total) noexcept nogil:
@@ -355,23 +511,26 @@ cdef void _tunnel_free(Tunnel *t) noexcept nogil:
     free(t)
 
 
-cdef _TunnelHandle _tunnel_submit(Tunnel *t, loop, idle, total, on_done):
-    """Give ``t`` a Python handle and hand it to a worker (of a fresh engine if the current one
+cdef _TunnelHandle _handle_new(loop, idle, total, on_done):
+    """The Python half of a tunnel, made before any fd is taken: when the engine cannot start
+    or ``create_future`` raises, the caller still owns its sockets (and can still answer)."""
+    cdef _TunnelHandle h
+    e = _get_engine()
+    h = _TunnelHandle.__new__(_TunnelHandle)
+    h.engine = e
+    h.loop = loop
+    h.on_done = on_done
+    h.fut = loop.create_future() if on_done is None else None
+    h.idle_o = idle
+    h.total_o = total
+    return h
+
+
+cdef _TunnelHandle _tunnel_submit(Tunnel *t, _TunnelHandle h):
+    """Bind ``t`` to ``h`` and hand it to a worker (of a fresh engine if the current one
     stopped meanwhile). On failure ``t`` is freed, its fds closed, and the error raised."""
     cdef Worker *w
-    cdef _TunnelHandle h
-    cdef _Engine e
-    try:
-        e = _get_engine()
-        h = _TunnelHandle.__new__(_TunnelHandle)
-        h.loop = loop
-        h.on_done = on_done
-        h.fut = loop.create_future() if on_done is None else None
-        h.idle_o = idle
-        h.total_o = total
-    except BaseException:
-        _tunnel_free(t)
-        raise
+    cdef _Engine e = h.engine
     h.t = t
     t.refs = 2                # the engine's and the handle's
     Py_INCREF(h)
@@ -403,7 +562,9 @@ cdef _TunnelHandle _submit(a, b, idle, total, loop):
     """Detach the sockets, build the tunnel and hand it to a worker. Closes both on failure."""
     cdef int fa = -1, fb = -1
     cdef Tunnel *t
+    cdef _TunnelHandle h
     try:
+        h = _handle_new(loop, idle, total, None)     # before the fds leave their sockets
         a.setblocking(False)
         b.setblocking(False)
         nd = [s.family in (_AF_INET, _AF_INET6) and s.type == _SOCK_STREAM for s in (a, b)]
@@ -425,7 +586,7 @@ cdef _TunnelHandle _submit(a, b, idle, total, loop):
         _nodelay(fa)
     if nd[1]:
         _nodelay(fb)
-    return _tunnel_submit(t, loop, idle, total, None)
+    return _tunnel_submit(t, h)
 
 
 from socket import AF_INET as _AF_INET, AF_INET6 as _AF_INET6, SOCK_STREAM as _SOCK_STREAM

@@ -1,8 +1,11 @@
 # Small helpers and global switches shared by the engine's parts (no GIL).
 
-cdef int g_splice_enabled = 1     # global switch: 0 forces the recv/send copy path
+# Global switches, written from Python threads and read by workers: only through
+# kr_load_int / kr_store_int (atomic).
+cdef int g_splice_enabled = 1     # 0 forces the recv/send copy path
 cdef int g_pipe_size = 256 * 1024  # F_SETPIPE_SZ request for new pipes (0: kernel default)
 cdef double ACCEPT_BACKOFF = 0.05  # seconds before a listener is re-armed after an accept error
+cdef double TRIM_EVERY = 1.0       # seconds between trims of a worker's pipe and buffer pools
 
 
 cdef inline double _mono() noexcept nogil:

@@ -51,6 +51,8 @@ cdef class _NativeListener:
                 e = _get_engine()
             except BaseException:
                 close(fd)
+                pthread_mutex_destroy(&l.plans.mu)
+                free(l.plans)
                 free(l)
                 raise
             w = e.pick()
@@ -176,8 +178,8 @@ cdef class _NativeListener:
     def close(self):
         """Stop accepting (the engine closes its copy of the listener and open handshakes)."""
         cdef Listener *l = self.l
-        if l == NULL:
-            return
+        if l == NULL or (self.e is not None and self.e.forked):
+            return                    # (a forked child's copy: the engine closed its fd)
         pthread_mutex_lock(&l.w.mu)
         l.closing = True
         _wake_locked(l.w)
@@ -185,8 +187,8 @@ cdef class _NativeListener:
 
     def __dealloc__(self):
         cdef Listener *l = self.l
-        if l == NULL:
-            return
+        if l == NULL or (self.e is not None and self.e.forked):
+            return                    # a forked child's copy: lock nothing
         self.close()
         pthread_mutex_lock(&l.w.completer.mu)
         l.owner = NULL
@@ -243,6 +245,7 @@ cdef class _Handshake:
         dial raises ``DialError`` after the protocol's failure reply went to the client)."""
         cdef Py_ssize_t n = len(addresses), i
         cdef Tunnel *t
+        cdef _TunnelHandle h
         if self.hs == NULL:
             raise ValueError("handshake already answered")
         if n == 0:
@@ -269,14 +272,15 @@ cdef class _Handshake:
         t.socks = socks
         t.phase = PH_CONNECT
         t.cdeadline = t.start + <double>connect_timeout
-        if loop is None:
-            try:
+        try:
+            if loop is None:
                 loop = _asyncio.get_running_loop()
-            except BaseException:
-                _tunnel_free(t)
-                raise
+            h = _handle_new(loop, idle, total, on_done)     # (raises with the handshake still ours)
+        except BaseException:
+            _tunnel_free(t)
+            raise
         t.fd[0] = self.take()
-        return _tunnel_submit(t, loop, idle, total, on_done)
+        return _tunnel_submit(t, h)
 
 
 def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None, on_refused=None,

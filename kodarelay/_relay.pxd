@@ -99,6 +99,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_destroy(pthread_cond_t *c)
     int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
     int pthread_cond_signal(pthread_cond_t *c)
+    int pthread_cond_broadcast(pthread_cond_t *c)
     int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
@@ -117,6 +118,8 @@ cdef extern from "_engine.h" nogil:
     int kr_connect(const kr_addr *a, int *err)
     int kr_accept(int lfd)
     int kr_has_crlfcrlf(const char *buf, size_t frm, size_t len)
+    int kr_load_int(const int *p)
+    void kr_store_int(int *p, int v)
 
 
 # ── constants ────────────────────────────────────────────────────────────────
@@ -127,7 +130,7 @@ cdef enum:
     BUDGET = 16                  # drain/pump rounds per direction before yielding to others
     COPY_BUF = 128 * 1024        # copy-mode buffer
     POOL_MAX = 1024              # pooled pipes / buffers kept per worker, at most ...
-    POOL_SPARE = 8               # ... and at most this many more than live tunnels
+    POOL_SPARE = 8               # ... and at most this many more than in use (see _pools.pxi)
     MAX_THREADS = 64
     HS_BUF = 8192                # a native HTTP head must end within this many bytes (else 431)
     ACCEPT_BATCH = 64            # accepts per listener wakeup
@@ -270,6 +273,10 @@ cdef struct Worker:
     bint lclose            # some listener asked to close
     bint wake_pending
     bint stopping
+    bint exited            # the loop ended: cancel() queues nothing more
+    pthread_cond_t pcond   # fork: the forking thread waits for ``parked``, the worker for ``park`` to clear
+    int park               # (atomic, also read without mu) a fork is coming: stop at a safe point
+    bint parked            # the worker waits at the top of its loop, touching nothing
     # worker thread only
     Tunnel **heap
     Py_ssize_t hlen
@@ -285,12 +292,18 @@ cdef struct Worker:
     int pool_n
     char *bufs[POOL_MAX]
     int buf_n
+    int pipes_out          # pipes held by directions moving bytes
+    int pipes_peak         # ... at most, since the last trim
+    int bufs_out           # copy buffers held by directions
+    int bufs_peak
+    double trim_at         # next pool trim (monotonic)
     # statistics (read racily)
     Py_ssize_t ntunnels
     uint64_t total_tunnels
     uint64_t pipes_created
     uint64_t splice_calls
     uint64_t copy_calls
+    uint64_t pipe_fallbacks   # directions that copied because no pipe could be made (fds, memory)
 
 
 cdef struct Hs:

@@ -144,8 +144,11 @@ cdef int _service_dir(Worker *w, Tunnel *t, int di, double now) noexcept nogil:
             # drain: socket -> pipe, only into an empty pipe
             if d.pending == 0 and not d.eof:
                 if d.pr < 0 and _pipe_get(w, d) < 0:
-                    _finish_errno(w, t, errno)
-                    return -1
+                    # no pipe (EMFILE / ENFILE / ENOMEM): this direction copies with recv/send
+                    # from now on; the tunnel's sockets are fine, it must not die for it
+                    w.pipe_fallbacks += 1
+                    d.copy = True
+                    continue
                 w.splice_calls += 1
                 n = splice(src, NULL, d.pw, NULL, d.pcap, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
                 if n > 0:

@@ -5,18 +5,22 @@
 cdef void _register(Worker *w, Tunnel *t) noexcept nogil:
     cdef epoll_event ev
     cdef int i
+    cdef bint cancelled
     w.ntunnels += 1
     w.total_tunnels += 1
-    if t.cancel_req:
+    pthread_mutex_lock(&w.mu)
+    cancelled = t.cancel_req          # written under w.mu by _TunnelHandle.cancel
+    pthread_mutex_unlock(&w.mu)
+    if cancelled:
         _finish(w, t, RES_CANCELLED, 0)
         return
-    if not g_splice_enabled:
+    if not kr_load_int(&g_splice_enabled):
         t.d[0].copy = True
         t.d[1].copy = True
     if t.phase == PH_CONNECT:
         t.key = t.cdeadline
         if _heap_push(w, t) < 0:
-            _finish_errno(w, t, ENOMEM)
+            _dial_fail(w, t, ENOMEM)      # the client gets the protocol's failure reply
             return
         _connect_next(w, t, _mono())
         return
@@ -105,6 +109,18 @@ cdef void _expire(Worker *w, double now) noexcept nogil:
             _heap_down(w, 0)
 
 
+cdef void _park(Worker *w) noexcept nogil:
+    """A fork is coming (``_before_fork``): wait, holding no lock and between iterations, so
+    the child inherits consistent lists (it closes every fd they name)."""
+    pthread_mutex_lock(&w.mu)
+    w.parked = True
+    pthread_cond_broadcast(&w.pcond)
+    while kr_load_int(&w.park):
+        pthread_cond_wait(&w.pcond, &w.mu)
+    w.parked = False
+    pthread_mutex_unlock(&w.mu)
+
+
 cdef void _worker_loop(Worker *w) noexcept nogil:
     cdef epoll_event evs[MAX_EVENTS]
     cdef int n, i, timeout, k
@@ -112,6 +128,7 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
     cdef uint64_t u, tag
     cdef Tunnel *t
     cdef Tunnel *nxt
+    cdef Tunnel *cans
     cdef bint stop = False
     cdef Listener *lp
     cdef Hs *hp
@@ -123,6 +140,8 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
             nxt_t = _listeners_next(w) if w.listeners != NULL else 1e300
             if w.hlen > 0 and w.heap[0].key < nxt_t:
                 nxt_t = w.heap[0].key
+            if w.trim_at < nxt_t and _pools_trimmable(w):
+                nxt_t = w.trim_at
             if nxt_t >= 1e300:
                 timeout = -1
             else:
@@ -169,14 +188,31 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
             _listeners_service(w, now)
         if w.done_head != NULL:
             _flush_done(w)
-            _trim_pools(w)
+        if now >= w.trim_at:
+            _trim_pools(w, now)
         if stop:
             break
+        if kr_load_int(&w.park):
+            _park(w)
     # shutting down: close the listeners, fail every live tunnel, then release the pools
     _on_wake(w)
     _listeners_service(w, now)      # (w.stopping: closes them all)
     while w.hlen > 0:
         _finish(w, w.heap[0], RES_SHUTDOWN, 0)
+    # a cancel queued after the last wake: its tunnel is finished by now, drop the cancel
+    # list's reference; from here on cancel() queues nothing (w.exited)
+    pthread_mutex_lock(&w.mu)
+    w.exited = True
+    pthread_cond_broadcast(&w.pcond)      # (a fork waiting for this worker to park)
+    cans = w.cancel_head
+    w.cancel_head = NULL
+    pthread_mutex_unlock(&w.mu)
+    while cans != NULL:
+        nxt = cans.xnext
+        cans.xnext = NULL
+        _finish(w, cans, RES_CANCELLED, 0)
+        _drop_ref(cans)
+        cans = nxt
     _flush_done(w)
     while w.pool_n > 0:
         w.pool_n -= 1

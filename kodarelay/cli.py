@@ -820,7 +820,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status."""
+    """Console entry point; returns the exit status.
+
+    The command raises its RLIMIT_NOFILE soft limit to the hard limit first (the library
+    offers ``raise_open_files_limit`` but never does it on its own)."""
+    from .limits import raise_open_files_limit
+
+    raise_open_files_limit()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import _relay_py
+from .limits import raise_open_files_limit
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ relay_with_timeouts = impl.relay_with_timeouts
 
 __all__ = [
     "relay_with_timeouts",
+    "raise_open_files_limit",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_TOTAL_TIMEOUT",
     "IMPLEMENTATION",
