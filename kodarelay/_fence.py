@@ -177,21 +177,22 @@ def filter_program(arch: _Arch, *, mediate_unix: bool) -> bytes:
     for family in _ALLOWED_FAMILIES:
         a.jeq(family, "allow", 0)
     a.ret(_RET_ERRNO | errno.EAFNOSUPPORT)
-    a.label("unix_socket")
-    if mediate_unix:
+    def allow_pairable_types() -> None:
+        """Allow a stream / seqpacket type (argument 1); fall through for any other."""
         a.load(_off_arg(1))
         a.and_(_SOCK_TYPE_MASK)
         for kind in _PAIRABLE:
             a.jeq(kind, "allow", 0)
+
+    a.label("unix_socket")
+    if mediate_unix:
+        allow_pairable_types()
     a.ret(_RET_ERRNO | errno.EPERM)
 
     a.label("socketpair")
     a.load(_off_arg(0))
     a.jeq(socket.AF_UNIX, 0, "allow")  # other families have no socketpair: the kernel refuses
-    a.load(_off_arg(1))
-    a.and_(_SOCK_TYPE_MASK)
-    for kind in _PAIRABLE:
-        a.jeq(kind, "allow", 0)
+    allow_pairable_types()
     a.ret(_RET_ERRNO | errno.EPERM)
 
     a.label("enosys")

@@ -15,7 +15,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal, Optional, Union
 
@@ -120,10 +119,6 @@ class EventStream:
             return
         if thread is not threading.current_thread():
             thread.join(timeout)
-
-
-def now() -> float:
-    return time.time()
 
 
 __all__ = ["Request", "Event", "EventStream", "Decider", "OnEvent", "Answer", "next_tunnel_id"]

@@ -29,10 +29,8 @@ Choices where the SPEC is silent (a user of such a proxy would expect these):
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import fcntl
-import ipaddress
 import logging
 import os
 import socket
@@ -43,7 +41,7 @@ from . import relay
 from ._aio import wait_ready
 from .dial import CHAIN, REP_CONNECTION_REFUSED, Plan, Refusal
 from .serving import HandshakeTimeout, Target, Ticket
-from .upstream import UpstreamConfig, _open_proxy
+from .upstream import UpstreamConfig, _open_proxy, proxy_authorization
 
 if TYPE_CHECKING:
     from .serving import Handoff, ProxyServer
@@ -519,11 +517,9 @@ class _Exchange:
                 out += [name, b": ", value, b"\r\n"]
         if upgrade:
             out.append(b"Connection: Upgrade\r\n")
-        if self.via_proxy is not None:
-            cfg = self.via_proxy
-            if cfg.username is not None:
-                token = base64.b64encode(f"{cfg.username}:{cfg.password or ''}".encode()).decode("ascii")
-                out.append(f"Proxy-Authorization: Basic {token}\r\n".encode("ascii"))
+        auth = proxy_authorization(self.via_proxy) if self.via_proxy is not None else None
+        if auth is not None:
+            out.append(f"{auth}\r\n".encode("ascii"))
         out.append(b"\r\n")
         return b"".join(out)
 

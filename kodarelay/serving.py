@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Iterator, NamedTuple, Optional, Tup
 
 from . import relay
 from ._aio import recv_within
-from .dial import CHAIN, DIRECT, REFUSE, Dialer, Plan, Refusal, Resolver
+from .dial import DIRECT, REFUSE, Dialer, Plan, Refusal, Resolver
 from .events import Decider, Event, EventStream, OnEvent, Request, next_tunnel_id
 from .filter import Filter
 from .upstream import UpstreamConfig, connect_request
@@ -331,9 +331,13 @@ class ProxyServer:
                             r.reason, r.rule, r.source))
             return None
         ticket = Ticket(proto, target.method, plan.host, plan.port, target.client)
-        self.emit(Event(time.time(), "allow", proto, target.method, plan.host, plan.port, target.client,
-                        "allowed", plan.rule, plan.source, ticket.id))
+        self._allowed(ticket, plan)
         return ticket
+
+    def _allowed(self, ticket: Ticket, plan: Plan) -> None:
+        """The allow event of ``ticket``'s tunnel."""
+        self.emit(Event(time.time(), "allow", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
+                        "allowed", plan.rule, plan.source, ticket.id))
 
     def _reject(self, proto: str, parsed: Reject) -> None:
         """Record a handshake refused before any policy."""
@@ -674,8 +678,7 @@ class ProxyServer:
             with self._announce_lock:
                 if not announced:
                     announced.append(True)
-                    self.emit(Event(time.time(), "allow", proto.name, target.method, plan.host, plan.port,
-                                    target.client, "allowed", plan.rule, plan.source, ticket.id))
+                    self._allowed(ticket, plan)
 
         reported: list[bool] = []
 

@@ -264,13 +264,21 @@ async def _open_proxy(cfg: UpstreamConfig, timeout: float) -> socket.socket:
     raise last or OSError(f"no address for upstream proxy {cfg.host}")
 
 
+def proxy_authorization(cfg: UpstreamConfig) -> str | None:
+    """The ``Proxy-Authorization`` header line (no CRLF) for ``cfg``'s credentials, if any."""
+    if cfg.username is None:
+        return None
+    token = base64.b64encode(f"{cfg.username}:{cfg.password or ''}".encode()).decode("ascii")
+    return f"Proxy-Authorization: Basic {token}"
+
+
 def connect_request(cfg: UpstreamConfig, host: str, port: int) -> bytes:
     """The CONNECT request sent to the upstream for ``host:port``."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}", "Proxy-Connection: keep-alive"]
-    if cfg.username is not None:
-        token = base64.b64encode(f"{cfg.username}:{cfg.password or ''}".encode()).decode("ascii")
-        lines.append(f"Proxy-Authorization: Basic {token}")
+    auth = proxy_authorization(cfg)
+    if auth is not None:
+        lines.append(auth)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from kodarelay.relay import env_flag
 
+from test_relay import tcp_pair
+
 DEADLINE = 20.0
 
 compiled = pytest.mark.skipif(env_flag("KODARELAY_NO_EXTENSIONS"), reason="compiled engine only")
@@ -590,7 +592,7 @@ async def test_many_tunnels_leave_no_fd(engine):
         ends = []
         for i in range(500):
             c, a = socket.socketpair()
-            s, b = socket.socketpair() if i % 3 else _tcp_pair()
+            s, b = socket.socketpair() if i % 3 else tcp_pair()
             ends.append((i, c, s))
             tasks.append(asyncio.ensure_future(engine.relay_with_timeouts(a, b, 30.0, 30.0)))
         await asyncio.sleep(0)
@@ -615,13 +617,6 @@ async def test_many_tunnels_leave_no_fd(engine):
     assert fds() == start
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        c = socket.create_connection(lst.getsockname())
-        s, _ = lst.accept()
-    return c, s
 
 
 async def test_early_bytes_are_counted(engine):
