@@ -535,8 +535,9 @@ SIGNAL_SCRIPT = """
 import os, signal, sys
 ready, marker = sys.argv[1], sys.argv[2]
 def on_signal(signum, frame):
-    with open(marker, "w") as f:
+    with open(marker + ".tmp", "w") as f:
         f.write(signal.Signals(signum).name)
+    os.rename(marker + ".tmp", marker)
     os._exit(3)
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
@@ -601,8 +602,9 @@ def test_run_tty_interrupt_reaches_cmd_once(tmp_path):
         def on_int(signum, frame):
             global count
             count += 1
-            with open(marker, "w") as f:
+            with open(marker + ".tmp", "w") as f:
                 f.write(str(count))
+            os.rename(marker + ".tmp", marker)
         signal.signal(signal.SIGINT, on_int)
         signal.signal(signal.SIGUSR1, lambda s, f: os._exit(10 + count))
         open(ready, "w").close()
