@@ -124,12 +124,29 @@ def require_tool(name: str) -> str:
     return path
 
 
+_HELD: list[socket.socket] = []
+
+
 def dead_port() -> int:
-    """A loopback port with nothing listening on it (bound, then released)."""
+    """A loopback port with nothing listening on it. It stays bound (never listening) on
+    127.0.0.1 and, where it can be, on ::1 for the rest of the run: nobody else takes it
+    meanwhile, and no connect can pick it as its own source port (a TCP self-connect would
+    make the "dead" port answer)."""
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
-    probe.close()
+    _HELD.append(probe)
+    try:
+        v6 = socket.socket(socket.AF_INET6)
+    except OSError:
+        return port
+    try:
+        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        v6.bind(("::1", port))
+    except OSError:
+        v6.close()
+        return port
+    _HELD.append(v6)
     return port
 
 
