@@ -54,6 +54,16 @@ def _stop_on_loop(
             _close_without_loop(server, bridge)
 
 
+def _cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel and finish what is still pending (a decider's call, say) before the loop closes,
+    as ``asyncio.run`` does: no "Task was destroyed but it is pending"."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+
 class _BuiltIn:
     _server_cls: type[ProxyServer] = Server
     _bridge = False
@@ -122,6 +132,7 @@ class _BuiltIn:
                     if bridge is not None:
                         bridge.close()
                     loop.run_until_complete(server.aclose())
+                    _cancel_leftover_tasks(loop)
                     loop.run_until_complete(loop.shutdown_asyncgens())
                 finally:
                     loop.close()

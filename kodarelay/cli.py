@@ -26,8 +26,8 @@ Decisions worth knowing (the README repeats them):
   but the proxy, no capability, no Unix socket but ``--allow-unix`` paths. Where the fence
   cannot be made it says so in one line and runs CMD unfenced; ``--isolate`` exits 125
   instead, ``--no-isolate`` never fences. The summary mentions the fence when a fenced CMD
-  failed or something was refused (silent on a clean run), since direct connections never
-  reach the proxy and cannot be listed.
+  failed and nothing was refused (then a direct connection, which never reaches the proxy
+  and cannot be listed, may be why), and once with ``-v``; never on a clean run.
 * ``--upstream auto`` (default) chains through the caller's own ``HTTPS_PROXY`` (and
   honours its ``NO_PROXY``); ``direct`` ignores it; a URL chains everything through it.
 * Allow / deny patterns may be repeated or comma-separated (``--allow a.com,b.org``).
@@ -47,9 +47,10 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ._version import __version__
 
@@ -81,6 +82,8 @@ REASON_TEXT = {
 SUMMARY_LINES = 20
 #: how long ``--ask`` waits for the person at the terminal before refusing
 ASK_TIMEOUT = 300.0
+#: how long ``run`` waits, once CMD ended, for withdrawn questions' refusals to be recorded
+WITHDRAW_WAIT = 2.0
 
 
 class CliError(Exception):
@@ -156,14 +159,24 @@ def log_event(event: Any) -> None:
     """``-v``: one line per admitted tunnel; ``-vv``: its end too. Refusals are not repeated
     here: the ``kodarelay.violations`` logger already says each once."""
     where = host_port(event.host, event.port)
+    what = event_label(event)
     if event.kind == "allow":
         why = f"{event.source} {event.rule}" if event.rule else str(event.source)
-        log.info("allowed %s %s (%s)", event.protocol, where, why)
+        log.info("allowed %s %s (%s)", what, where, why)
     elif event.kind == "end":
         log.debug(
             "ended %s %s: %s bytes up, %s down, %.2fs",
-            event.protocol, where, event.bytes_up, event.bytes_down, event.duration or 0.0,
+            what, where, event.bytes_up, event.bytes_down, event.duration or 0.0,
         )
+
+
+def event_label(event: Any) -> str:
+    """What kind of connection an event is about, as a reader names it: ``CONNECT`` tunnel,
+    forwarded ``http GET``, ``socks5`` tunnel (the protocol alone says ``http`` for both)."""
+    method = getattr(event, "method", None)
+    if event.protocol == "http":
+        return "CONNECT" if method in (None, "CONNECT") else f"http {method}"
+    return str(event.protocol)
 
 
 def check_ca_bundle(path: str | None) -> str | None:
@@ -237,15 +250,16 @@ def _summary_host(host: str | None) -> str:
     return hint[1] or "-"
 
 
-def summarize(violations: Sequence[Any], total: int) -> list[str]:
-    """Lines for stderr: each refused (host:port, reason) once, with its count, most frequent first."""
+def summarize(violations: Sequence[Any], total: int, reason_text: dict[str, str] | None = None) -> list[str]:
+    """Lines for stderr: each refused (host:port, reason) once, with its count, most frequent first.
+    ``reason_text`` overrides the words for some reasons (``--ask``: "you answered no")."""
     if not total and not violations:
         return []
     counts = Counter((_summary_host(v.host), v.port, v.reason, getattr(v, "detail", None)) for v in violations)
     n = max(total, len(violations))
     lines = [f"refused {n} connection{'s' if n != 1 else ''}:"]
     for (host, port, reason, detail), count in counts.most_common(SUMMARY_LINES):
-        why = detail or REASON_TEXT.get(reason, reason)
+        why = detail or (reason_text or {}).get(reason) or REASON_TEXT.get(reason, reason)
         lines.append(f"  {count}x {host_port(host, port)}  {reason}: {why}")
     if len(counts) > SUMMARY_LINES:
         lines.append(f"  ... and {len(counts) - SUMMARY_LINES} more destinations")
@@ -315,6 +329,19 @@ class _Hooks:
         if self.watcher is not None:
             self.watcher.reload()
 
+    @property
+    def reason_text(self) -> dict[str, str] | None:
+        """The summary's words for the decider reasons when the decider is the person (``--ask``)."""
+        if self.asker is None:
+            return None
+        from .ask import SUMMARY_TEXT
+
+        return SUMMARY_TEXT
+
+    def withdraw_questions(self) -> int:
+        """End ``--ask``'s open questions; how many there were (each becomes a refusal)."""
+        return self.asker.withdraw_all() if self.asker is not None else 0
+
     def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
@@ -334,6 +361,23 @@ def _ttl_type(text: str) -> float:
     return value
 
 
+class _Counter:
+    """A count other threads add to (``on_violation``), and a bounded wait for it to reach a value."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._cond = threading.Condition()
+
+    def add(self, _item: Any = None) -> None:
+        with self._cond:
+            self.value += 1
+            self._cond.notify_all()
+
+    def wait_for(self, target: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.value >= target, timeout)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import isolate
     from .builtin import BuiltInProxy
@@ -349,10 +393,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"{cmd[0]}: command not found", isolate.EXIT_NOT_FOUND)
     fenced, allow_unix = plan_fence(args)
     scheme = all_proxy_scheme(args)
-    refused = [0]
-
-    def count(_violation: Any) -> None:
-        refused[0] += 1
+    refused = _Counter()
+    count = refused.add
 
     args.learn = args.learn or args.learn_out is not None
     hooks = _Hooks(args, flt, learn=args.learn)
@@ -393,15 +435,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except isolate.RunError as e:
         raise CliError(str(e), e.exit_code) from None
     finally:
+        # A question still open when CMD ended is nobody's to answer: withdraw it, and let its
+        # refusal be recorded (bounded wait) so the summary lists it.
+        withdrawn = hooks.withdraw_questions()
+        if withdrawn:
+            refused.wait_for(refused.value + withdrawn, WITHDRAW_WAIT)
         handle.shutdown()
         hooks.stop()
     if not args.quiet:
         allowed = hooks.tally.line()
         if allowed is not None and args.verbose:
             print(f"kodarelay: {allowed}", file=sys.stderr)
-        for line in summarize(handle.violations(), refused[0]):
+        for line in summarize(handle.violations(), refused.value, hooks.reason_text):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
-        if fenced and (code != 0 or refused[0] or args.verbose):
+        if fenced and ((code != 0 and not refused.value) or args.verbose):
             print(f"kodarelay: {FENCE_NOTE}", file=sys.stderr)
     if args.learn:
         _report_learned(hooks.tally, args.learn_out)
@@ -482,10 +529,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flt = build_filter(args)
     upstream = build_upstream(args.upstream)
     ca_bundle = check_ca_bundle(args.ca_bundle)
-    refused = [0]
-
-    def count(_violation: Any) -> None:
-        refused[0] += 1
+    refused = _Counter()
+    count = refused.add
 
     hooks = _Hooks(args, flt)
     flt = hooks.filter
@@ -535,10 +580,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.debug("got %s; stopping", signal.Signals(info.si_signo).name)
             break
     finally:
+        hooks.withdraw_questions()
         for h in handles:
             h.shutdown()
         hooks.stop()
-    print(f"kodarelay: stopped ({refused[0]} refused)", file=sys.stderr)
+    print(f"kodarelay: stopped ({refused.value} refused)", file=sys.stderr)
     return 0
 
 
@@ -734,9 +780,41 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that names the closest flag when one is misspelt (``--alow`` →
+    ``--allow``): argparse only says "unrecognized arguments"."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = _suggest_flag(message, _known_flags(self))
+        super().error(f"{message}{hint}")
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string of ``parser`` and of its subcommands."""
+    flags: list[str] = []
+    for action in parser._actions:
+        flags += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags += _known_flags(sub)
+    return sorted(set(flags))
+
+
+def _suggest_flag(message: str, flags: Sequence[str]) -> str:
+    import difflib
+
+    for word in re.findall(r"--[\w-]+", message):
+        if word in flags:
+            continue
+        close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Allowlisting egress proxy (HTTP CONNECT + SOCKS5) for AI-agent sandboxes.",
         epilog=MAIN_EPILOG,

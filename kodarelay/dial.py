@@ -416,8 +416,11 @@ class Dialer:
             log.warning("decider did not answer for %s:%d within %gs", request.host, request.port,
                         self.decider_timeout)
             return "decider_timeout"
-        except Exception:
-            log.exception("decider failed for %s:%d", request.host, request.port)
+        except Exception as e:
+            if getattr(e, "quiet", False):   # an expected end (a question withdrawn): no traceback
+                log.info("decider gave no answer for %s:%d: %s", request.host, request.port, e)
+            else:
+                log.exception("decider failed for %s:%d", request.host, request.port)
             return "decider_error"
         if answer is True:
             answer = "allow"

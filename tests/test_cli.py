@@ -389,7 +389,8 @@ def test_run_summary_never_prints_a_path_or_query():
 
 @pytest.mark.parametrize("level", ["-v", "-vv"])
 def test_run_verbose_says_each_allowed_tunnel_once(https_site, ca, level):
-    """Issue 13: -v showed refusals but not what was admitted, and -vv said lines twice."""
+    """-v showed refusals but not what was admitted, and -vv said lines twice; a CONNECT tunnel
+    is labelled CONNECT (it said "allowed http")."""
     curl = require_tool("curl")
     out = kr(
         "run", level, "--allow", "localhost", "--upstream", "direct", "--ca-bundle", str(ca[0]), "--",
@@ -399,11 +400,12 @@ def test_run_verbose_says_each_allowed_tunnel_once(https_site, ca, level):
     lines = out.stderr.splitlines()
     assert len(lines) == len(set(lines)), out.stderr
     where = f"localhost:{https_site.port}"
-    assert [line for line in lines if line.startswith("kodarelay: allowed http ")] == [f"kodarelay: allowed http {where} (rule localhost)"]
+    assert [line for line in lines if line.startswith("kodarelay: allowed ") and where in line] == [
+        f"kodarelay: allowed CONNECT {where} (rule localhost)"]
     assert [line for line in lines if "blocked.invalid" in line and "refused http" in line] == [
         "kodarelay: refused http blocked.invalid:443 (not_allowed)"
     ]
-    ended = [line for line in lines if line.startswith(f"kodarelay: ended http {where}: ")]
+    ended = [line for line in lines if line.startswith(f"kodarelay: ended CONNECT {where}: ")]
     assert len(ended) == (1 if level == "-vv" else 0), out.stderr
 
 

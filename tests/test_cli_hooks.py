@@ -191,3 +191,78 @@ def test_run_ask_prompts_on_the_terminal_and_remembers_always(http_site, tmp_pat
 def test_ask_without_a_terminal_is_a_usage_error():
     out = kr("run", "--ask", "--", "true", stdin=subprocess.DEVNULL, start_new_session=True)
     assert out.returncode == 2 and "--ask needs a terminal" in out.stderr
+
+
+
+class _Terminal:
+    """``kodarelay run`` with a pty as its controlling terminal, read as a person sees it."""
+
+    def __init__(self, argv: list[str]) -> None:
+        import fcntl
+        import termios
+
+        from test_cli import KR
+
+        self.master, slave = os.openpty()
+
+        def take_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen([*KR, *argv], env=clean_env(), stdin=slave, stdout=slave, stderr=slave,
+                                     start_new_session=True, preexec_fn=take_terminal)
+        os.close(slave)
+        self.seen = b""
+
+    def read_until(self, marker: bytes) -> None:
+        import select
+        import time
+
+        deadline = time.monotonic() + DEADLINE
+        while marker not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([self.master], [], [], left)[0], self.seen
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:       # EIO: every writer is gone
+                break
+            if not data:
+                break
+            self.seen += data
+        assert marker in self.seen, self.seen
+
+    def close(self) -> None:
+        from test_cli import reap
+
+        reap(self.proc, "--ask")
+        os.close(self.master)
+
+
+def test_run_ask_question_open_when_cmd_ends_is_withdrawn(tmp_path):
+    """A question still open when CMD exits ends with CMD: no 5-minute wait, no "Task was
+    destroyed", and the summary says the question was never answered (not "you answered no")."""
+    curl = require_tool("curl")
+    go = tmp_path / "go"
+    script = (f"{curl} -s -o /dev/null --max-time 30 -p https://asked.test/ & "
+              f"while [ ! -e '{go}' ]; do sleep 0.02; done; exit 7")
+    term = _Terminal(["run", "--ask", "--upstream", "direct", "--", "sh", "-c", script])
+    try:
+        term.read_until(b"CONNECT asked.test:443 (http) is not on the allowlist")
+        go.touch()
+        assert term.proc.wait(DEADLINE) == 7
+        term.read_until(b"asked.test:443  decider_error: not answered")
+        assert b"question withdrawn" in term.seen
+        assert b"Task was destroyed" not in term.seen and b"you answered no" not in term.seen
+    finally:
+        term.close()
+
+
+def test_run_ask_no_is_summarised_as_your_answer():
+    """The summary of an ``--ask`` refusal speaks to the person who answered."""
+    term = _Terminal(["run", "--ask", "--upstream", "direct", "--", *_curl_p("https://nope.test/")])
+    try:
+        term.read_until(b"CONNECT nope.test:443 (http) is not on the allowlist")
+        os.write(term.master, b"n\n")
+        assert term.proc.wait(DEADLINE) != 0
+        term.read_until(b"nope.test:443  decider_denied: you answered no")
+    finally:
+        term.close()
