@@ -60,14 +60,10 @@ class Tally:
         n, m = self.allowed, len(self.hosts)
         return f"allowed {n} connection{'s' if n != 1 else ''} to {m} host{'s' if m != 1 else ''}"
 
-    def allow_flags(self) -> list[str]:
-        """The exact ``--allow host:port`` flags that admit what was reached, sorted."""
+    def destinations(self) -> list[tuple[str, int]]:
+        """Every (host, port) a tunnel was admitted to, sorted."""
         with self._lock:
-            return [f"--allow {_target(h, p)}" for h, p in sorted(self.seen)]
-
-    def policy_lines(self) -> list[str]:
-        with self._lock:
-            return [f"allow {_target(h, p)}" for h, p in sorted(self.seen)]
+            return sorted(self.seen)
 
 
 async def admit_all(request: Request) -> str:

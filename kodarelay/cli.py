@@ -451,13 +451,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if fenced and ((code != 0 and not refused.value) or args.verbose):
             print(f"kodarelay: {FENCE_NOTE}", file=sys.stderr)
     if args.learn:
-        _report_learned(hooks.tally, args.learn_out)
+        _report_learned(hooks.tally, args.learn_out, deny_private=not args.allow_private)
     return code
 
 
-def _report_learned(tally: Any, out: str | None) -> None:
-    """Learn mode's result: the exact flags on stderr, and a policy file with ``--learn-out``."""
-    flags = tally.allow_flags()
+def _report_learned(tally: Any, out: str | None, deny_private: bool) -> None:
+    """Learn mode's result: the exact flags on stderr, and a policy file with ``--learn-out``
+    (a name the guard needed an IP rule for is learned with its address: ``kodarelay.learn``)."""
+    from .learn import learned_targets
+
+    targets = learned_targets(tally.destinations(), deny_private=deny_private)
+    flags = [f"--allow {t}" for t in targets]
     if not flags:
         print("kodarelay: learn: CMD reached no destination", file=sys.stderr)
     else:
@@ -468,7 +472,7 @@ def _report_learned(tally: Any, out: str | None) -> None:
         try:
             with open(out, "w", encoding="utf-8") as f:
                 f.write("# written by kodarelay run --learn\n")
-                f.writelines(line + "\n" for line in tally.policy_lines())
+                f.writelines(f"allow {t}\n" for t in targets)
         except OSError as e:
             raise CliError(f"--learn-out: cannot write {out!r}: {e.strerror or e}", 1) from None
 

@@ -266,3 +266,39 @@ def test_run_ask_no_is_summarised_as_your_answer():
         term.read_until(b"nope.test:443  decider_denied: you answered no")
     finally:
         term.close()
+
+
+def _loopback_name() -> str:
+    """A name other than localhost that the system resolves to loopback only (the machine's
+    own hostname on Debian-like systems), or skip."""
+    import ipaddress
+    import socket
+
+    name = socket.gethostname()
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+    except OSError:
+        pytest.skip(f"{name!r} does not resolve")
+    if name == "localhost" or not addrs or not all(ipaddress.ip_address(a).is_loopback for a in addrs):
+        pytest.skip(f"{name!r} does not resolve to loopback only: {addrs}")
+    return name
+
+
+def test_run_learned_policy_replays_a_name_served_on_loopback(tmp_path):
+    """``--learn`` with ``--allow 127.0.0.1`` learned ``site.test:8080`` but not the address
+    rule the guard needed, so ``--policy learned`` refused everything it had learned."""
+    name = _loopback_name()
+    site = WebServer()
+    try:
+        out_file = tmp_path / "learned.policy"
+        fetch = " ".join(_curl_p(f"http://{name}:{site.port}/learned"))
+        out = kr("run", "--learn", "--learn-out", str(out_file), "--allow", "127.0.0.0/8", "--upstream", "direct",
+                 "--", "sh", "-c", fetch)
+        assert "hello from /learned" in out.stdout, out.stderr
+        lines = out_file.read_text().splitlines()[1:]
+        assert f"allow {name}:{site.port}" in lines and f"allow 127.0.0.1:{site.port}" in lines, lines
+        assert "127.0.0.0/8" not in out_file.read_text()          # never the wider range that admitted it
+        again = kr("run", "--policy", str(out_file), "--upstream", "direct", "--", "sh", "-c", fetch)
+        assert again.returncode == 0 and "hello from /learned" in again.stdout, again.stderr
+    finally:
+        site.close()
