@@ -4,7 +4,13 @@ Each request on a client connection is judged on its own, by the same filter, gu
 violation log as a CONNECT to its ``host:port`` (``_open_upstream`` is the one place that
 asks the policy). The request is rebuilt, not passed through: origin-form request line,
 ``Host`` from the URI, hop-by-hop headers dropped. Heads shaped for request smuggling get
-``400`` before a byte goes upstream. Bodies stream both ways through one bounded buffer;
+``400`` before a byte goes upstream, among them a ``Connection`` header naming a framing
+field (``Content-Length``, ``Transfer-Encoding``, ``Host``: the next hop would drop it while
+the body still goes out, and read that body as a second, unjudged request); a response head
+doing the same is a ``502``. A response with ``Transfer-Encoding`` never carries its
+``Content-Length`` on. Trailer lines are checked (an obs-fold, a bare CR / LF or a malformed
+field ends the exchange) and fields a trailer may not carry (framing, routing,
+authentication, cookies) are dropped. Bodies stream both ways through one bounded buffer;
 the response keeps its framing. A ``101 Switching Protocols`` answer to a WebSocket
 upgrade hands both sockets to the relay as a tunnel.
 
@@ -61,6 +67,20 @@ HOP_BY_HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"te"
                         b"proxy-authorization"})
 #: Dropped from the request because the proxy writes its own.
 REWRITTEN = frozenset({b"host"})
+#: Never a hop-by-hop name: ``Connection: Content-Length`` would make the next hop drop the
+#: framing of a body that is still sent, so it reads the body as a request (smuggling).
+#: A head naming one of these in ``Connection`` is refused (400 / a 502 for a response).
+NOT_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
+#: Fields a trailer may not carry (RFC 9110 §6.5.1: framing, routing, authentication,
+#: control): dropped from forwarded trailers, never acted on.
+NOT_IN_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"keep-alive",
+                             b"te", b"trailer", b"upgrade", b"proxy-connection", b"proxy-authorization",
+                             b"proxy-authenticate", b"authorization", b"www-authenticate", b"set-cookie",
+                             b"cookie", b"content-encoding", b"content-type", b"content-range", b"expect",
+                             b"max-forwards", b"cache-control", b"age", b"expires", b"date", b"location",
+                             b"retry-after", b"vary", b"warning"})
+MAX_TRAILERS = 64
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 class _BadRequest(Exception):
@@ -233,6 +253,36 @@ async def _copy_body(src: _Stream, dst: _Stream, n: int, scratch: bytearray) -> 
         os.close(w)
 
 
+def _trailer_field(line: bytes) -> tuple[bytes, bytes]:
+    """One trailer line (CRLF included) as (name, value); ``_BadRequest`` unless it is a plain
+    ``token: value`` field (no obs-fold, no control byte, no space before the colon)."""
+    body = line[:-2]
+    name, colon, value = body.partition(b":")
+    if not colon or not name or any(c not in _TCHAR for c in name):
+        raise _BadRequest("malformed trailer field")
+    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+        raise _BadRequest("control byte in a trailer field")
+    return name, value.strip(b" \t")
+
+
+async def _copy_trailers(src: _Stream, dst: _Stream) -> None:
+    """Trailer fields, then the final CRLF: each line checked (an obs-fold continuation, a bare
+    CR / LF or a malformed field ends the exchange); fields a trailer may not carry are
+    dropped, the rest forwarded. At most ``MAX_TRAILERS`` lines."""
+    kept: list[bytes] = []
+    for _ in range(MAX_TRAILERS + 1):
+        line = await src.readline()
+        if line == b"\r\n":
+            await dst.send(b"".join(kept) + b"\r\n")
+            return
+        if b"\n" in line[:-2] or b"\r" in line[:-2] or line[:1] in (b" ", b"\t"):
+            raise _BadRequest("malformed trailer (obs-fold or bare CR / LF)")
+        field = _trailer_field(line)
+        if field[0].lower() not in NOT_IN_TRAILERS:
+            kept.append(field[0] + b": " + field[1] + b"\r\n")
+    raise _BadRequest("too many trailer fields")
+
+
 async def _copy_chunked(src: _Stream, dst: _Stream, scratch: bytearray) -> None:
     """Relay a chunked body with its framing, checking every size line and CRLF strictly."""
     while True:
@@ -245,13 +295,8 @@ async def _copy_chunked(src: _Stream, dst: _Stream, scratch: bytearray) -> None:
         await dst.send(line)
         size = int(size_s, 16)
         if size == 0:
-            while True:     # trailer fields, then the final CRLF
-                line = await src.readline()
-                if b"\n" in line[:-2] or b"\r" in line[:-2] or b"\x00" in line:
-                    raise _BadRequest("malformed trailer")
-                await dst.send(line)
-                if line == b"\r\n":
-                    return
+            await _copy_trailers(src, dst)
+            return
         await _copy(src, dst, size, scratch)
         if await src.readline() != b"\r\n":
             raise _BadRequest("chunk data not followed by CRLF")
@@ -304,6 +349,14 @@ def _basic_user(values: list[bytes]) -> str | None:
 
 def _is_websocket_upgrade(fields: dict[bytes, list[bytes]]) -> bool:
     return b"websocket" in _tokens(fields.get(b"upgrade", [])) and b"upgrade" in _tokens(fields.get(b"connection", []))
+
+
+def _connection_names_framing(fields: dict[bytes, list[bytes]]) -> bytes | None:
+    """The framing / routing field a ``Connection`` header names, if any (see ``NOT_HOP_BY_HOP``)."""
+    for name in _tokens(fields.get(b"connection", [])):
+        if name in NOT_HOP_BY_HOP:
+            return name
+    return None
 
 
 def _drop_set(fields: dict[bytes, list[bytes]], keep_upgrade: bool) -> set[bytes]:
@@ -434,6 +487,9 @@ class _Exchange:
             body = _body_framing(fmap)
             if len(fmap.get(b"host", [])) > 1:
                 raise _BadRequest("more than one Host")
+            named = _connection_names_framing(fmap)
+            if named is not None:
+                raise _BadRequest(f"Connection names {named.decode('ascii', 'replace')}, which is not hop-by-hop")
         except _BadRequest as e:
             srv.record("http", host, port, "bad_request")
             await self.refuse(400, str(e), method, host, port)
@@ -552,6 +608,9 @@ class _Exchange:
                     self.sent_any = True
                     continue
                 break
+            named = _connection_names_framing(fmap)
+            if named is not None:
+                raise _BadUpstream(f"response Connection names {named.decode('ascii', 'replace')}")
             no_body = method == "HEAD" or status in (204, 304)
             length: int | None = 0
             if not no_body:
@@ -572,8 +631,9 @@ class _Exchange:
                 and b"close" not in _tokens(fmap.get(b"connection", []))
             )
             close = client_close or length is None
+            # with Transfer-Encoding, a Content-Length is never forwarded (RFC 9112 §6.3)
             await self.client.send(self._response_head(head, fields, fmap, False, close or not upload_done,
-                                                       drop_length=(length == -1)))
+                                                       drop_length=b"transfer-encoding" in fmap))
             self.sent_any = True
             if length == -1:
                 await _copy_chunked(up, self.client, self.scratch)

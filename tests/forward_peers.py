@@ -11,6 +11,20 @@ import threading
 from peers import connect, read_head, recv_exact
 
 
+#: Responses an origin can be asked for verbatim (``/raw/<name>``): shapes a proxy must not relay as they are.
+RAW_RESPONSES = {
+    "connection-content-length": b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello",
+    "connection-transfer-encoding": (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Transfer-Encoding\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    "te-and-length": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                      b"5\r\nhello\r\n0\r\n\r\n"),
+    "trailer-obs-fold": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+                         b"X-A: 1\r\n folded: into-x-a\r\n\r\n"),
+    "trailer-framing": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+                        b"X-Sum: 5\r\nContent-Length: 9\r\nSet-Cookie: a=b\r\n\r\n"),
+}
+
+
 class _OriginHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "_OriginHTTPServer"
@@ -55,6 +69,10 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
             for part in (b"one,", b"two,", b"three"):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
             self.wfile.write(b"0\r\nX-Sum: 3\r\n\r\n")
+        elif path.startswith("/raw/"):        # a canned response, byte for byte
+            self.wfile.write(RAW_RESPONSES[path[len("/raw/"):]])
+            self.wfile.flush()
+            self.close_connection = True
         elif path == "/close":
             self.send_response(200)
             self.send_header("Connection", "close")

@@ -282,6 +282,13 @@ SMUGGLING = [
     b"GET https://localhost/ HTTP/1.1\r\n\r\n",                  # https in absolute form
     b"GET ftp://localhost/ HTTP/1.1\r\n\r\n",
     b"GET http://user:pw@localhost/ HTTP/1.1\r\n\r\n",           # userinfo
+    # Connection naming a framing field: the next hop would drop it and read the body as a
+    # second, unjudged request (here for evil.test)
+    b"POST {u} HTTP/1.1\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 37\r\n\r\n"
+    b"GET /evil HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    b"POST {u} HTTP/1.1\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"25\r\nGET /evil HTTP/1.1\r\nHost: evil.test\r\n\r\n\r\n0\r\n\r\n",
+    b"GET {u} HTTP/1.1\r\nConnection: close\r\nConnection: host\r\n\r\n",
 ]
 
 
@@ -556,3 +563,85 @@ def test_a_response_that_trickles_forever_meets_the_total_timeout(fwd, origin):
         stop.set()
         lst.close()
         t.join(5)
+
+
+@pytest.mark.parametrize("field", [b"Content-Length", b"Transfer-Encoding"])
+def test_connection_naming_framing_never_reaches_a_keep_alive_upstream(start_proxy, field):
+    """Through a keep-alive upstream proxy the dropped framing field made the body a second
+    request that went out unjudged (no violation recorded): now a 400, and nothing goes out."""
+    from kodarelay import UpstreamConfig
+
+    from peers import CannedProxy
+
+    corporate = CannedProxy(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    try:
+        h = start_proxy(["localhost", "allowed.test"], forward_http=True,
+                        upstream=UpstreamConfig.from_url(f"http://127.0.0.1:{corporate.port}"))
+        smuggled = b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+        if field == b"Content-Length":
+            body = smuggled
+            framing = b"Content-Length: %d\r\n" % len(body)
+        else:
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+            framing = b"Transfer-Encoding: chunked\r\n"
+        s = send_raw(h.port, b"POST http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\nConnection: keep-alive, "
+                     + field + b"\r\n" + framing + b"\r\n" + body)
+        head, _ = read_response(s)
+        assert status_of(head) == 400, head
+        assert corporate.accepted == 0 and corporate.requests == []
+        assert [v.reason for v in h.violations()] == ["bad_request"]
+    finally:
+        corporate.close()
+
+
+def _read_all(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("name", ["connection-content-length", "connection-transfer-encoding"])
+def test_response_connection_naming_framing_is_a_502(fwd, origin, name):
+    """The response side of the same smuggling: a response head whose ``Connection`` names its
+    own framing is never relayed."""
+    h = fwd()
+    s = send_raw(h.port, _get(origin.port, origin.url(f"/raw/{name}")))
+    head, body = read_response(s)
+    assert status_of(head) == 502, head
+    assert b"hello" not in body
+
+
+def test_response_with_both_framings_loses_its_content_length(fwd, origin):
+    h = fwd()
+    s = send_raw(h.port, _get(origin.port, origin.url("/raw/te-and-length"), b"Connection: close\r\n"))
+    data = _read_all(s)
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    assert status_of(data) == 200 and b"content-length" not in head and b"transfer-encoding: chunked" in head
+    assert data.endswith(b"5\r\nhello\r\n0\r\n\r\n")
+
+
+def test_trailer_with_obs_fold_ends_the_response_unrelayed(fwd, origin):
+    h = fwd()
+    s = send_raw(h.port, _get(origin.port, origin.url("/raw/trailer-obs-fold"), b"Connection: close\r\n"))
+    data = _read_all(s)
+    assert status_of(data) == 200            # the head went out before the trailer arrived
+    assert b"folded" not in data and b"X-A" not in data
+    assert not data.endswith(b"0\r\n\r\n")   # the chunked body is left unterminated: the client sees an error
+
+
+def test_trailers_keep_plain_fields_and_drop_framing_ones(fwd, origin):
+    h = fwd()
+    s = send_raw(h.port, _get(origin.port, origin.url("/raw/trailer-framing"), b"Connection: close\r\n"))
+    data = _read_all(s)
+    assert data.endswith(b"0\r\nX-Sum: 5\r\n\r\n"), data
+    assert b"Set-Cookie" not in data and b"Content-Length: 9" not in data
+
+
+def test_request_trailers_checked_too(fwd, origin):
+    """A chunked upload's trailer with obs-fold is a 400 (nothing answered yet)."""
+    h = fwd()
+    s = send_raw(h.port, f"POST {origin.url('/sha')} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                 + b"5\r\nhello\r\n0\r\nX-A: 1\r\n folded\r\n\r\n")
+    data = _read_all(s)
+    assert status_of(data) == 400, data
