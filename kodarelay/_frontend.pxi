@@ -21,10 +21,24 @@ cdef void _hs_unlink(Listener *l, Hs *h) noexcept nogil:
 
 
 cdef void _hs_close(Worker *w, Listener *l, Hs *h) noexcept nogil:
+    """Close ``h`` now, free it after the iteration: an event for it may still wait later in
+    the same ``epoll_wait`` batch (a handshake shed by an accept earlier in that batch), and
+    must find it marked dead, never freed memory or a reused fd."""
     epoll_ctl(w.epfd, EPOLL_CTL_DEL, h.fd, NULL)
     _hs_unlink(l, h)
     _close_fd(&h.fd)
-    free(h)
+    h.state = ST_DEAD
+    h.next = w.hs_grave
+    w.hs_grave = h
+
+
+cdef void _hs_bury(Worker *w) noexcept nogil:
+    """Free the handshakes closed this iteration (no event of this batch is left to name them)."""
+    cdef Hs *h
+    while w.hs_grave != NULL:
+        h = w.hs_grave
+        w.hs_grave = h.next
+        free(h)
 
 
 cdef void _hs_ready(Worker *w, Listener *l, Hs *h, int proto, int flags) noexcept nogil:

@@ -151,6 +151,7 @@ cdef enum:                       # Hs.state
     ST_GREET = 2
     ST_REQ = 3
     ST_AUTH = 4                  # SOCKS5 RFC 1929 username/password (attribution: the password is ignored)
+    ST_DEAD = 5                  # closed; freed after the iteration (an event for it may still wait in the batch)
 
 cdef enum:                       # Tunnel.phase
     PH_RELAY = 0
@@ -286,6 +287,7 @@ cdef struct Worker:
     Py_ssize_t rq_len
     Tunnel *done_head
     Listener *listeners
+    Hs *hs_grave           # closed handshakes, freed once the iteration's events are handled
     int pool_r[POOL_MAX]
     int pool_w[POOL_MAX]
     size_t pool_cap[POOL_MAX]

@@ -171,7 +171,8 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
                         _l_accept(w, lp, now)
                 elif tag == TAG_HS:
                     hp = <Hs *><uintptr_t>(u & ~(<uint64_t>3))
-                    _hs_read(w, hp.l, hp)
+                    if hp.state != ST_DEAD:       # shed earlier in this batch: its event is stale
+                        _hs_read(w, hp.l, hp)
                 else:
                     _on_event(w, <Tunnel *><uintptr_t>(u & ~(<uint64_t>1)), <int>(u & 1), evs[i].events, now)
         # tunnels whose budget ran out last time (those queued now wait for the next round)
@@ -188,6 +189,7 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
             _listeners_service(w, now)
         if w.done_head != NULL:
             _flush_done(w)
+        _hs_bury(w)
         if now >= w.trim_at:
             _trim_pools(w, now)
         if stop:
@@ -197,6 +199,7 @@ cdef void _worker_loop(Worker *w) noexcept nogil:
     # shutting down: close the listeners, fail every live tunnel, then release the pools
     _on_wake(w)
     _listeners_service(w, now)      # (w.stopping: closes them all)
+    _hs_bury(w)
     while w.hlen > 0:
         _finish(w, w.heap[0], RES_SHUTDOWN, 0)
     # a cancel queued after the last wake: its tunnel is finished by now, drop the cancel
