@@ -302,7 +302,18 @@ class Dialer:
                 try:
                     addresses = await self._lookup(step.name, port)
                 except Refusal as r:
-                    return Plan(REFUSE, step.name, port, r, source="guard", ttl=0)
+                    if self.policy is policy:
+                        return Plan(REFUSE, step.name, port, r, source="guard", ttl=0)
+            # The policy may have changed while we waited (``set_filter(deny X)`` returned
+            # during X's lookup or decider call): judge again under the policy the plan will
+            # be executed under. The lookup's answer stands (DNS does not depend on the
+            # policy); the decider's answer stands only if it is still the same decider, and
+            # the new rules come first in any case (a deny refuses at once).
+            current = self.policy
+            if current is not policy:
+                if current.decider is not policy.decider:
+                    verdict = None
+                policy = current
 
     def cached_for(self, host: str, port: int, plan: Plan) -> float | None:
         """Seconds ``plan`` stays cached for (host, port) from now: None until the policy
