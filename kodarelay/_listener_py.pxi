@@ -72,8 +72,14 @@ cdef class _NativeListener:
 
     @property
     def plan_generation(self):
-        """Bumped by every ``clear_plans()``: read it before deciding, pass it to ``set_plan``."""
-        return self.l.plans.gen
+        """The generation plans are stored under (see ``clear_plans``; read under the lock)."""
+        cdef PlanCache *c = self.l.plans
+        cdef uint64_t g
+        with nogil:
+            pthread_mutex_lock(&c.mu)
+            g = c.gen
+            pthread_mutex_unlock(&c.mu)
+        return g
 
     def set_plan(self, int proto, bytes host, int port, tuple plan, double ttl, gen=None, str record_host=None):
         """Cache ``plan`` for (proto, host as the client sent it, port) for ``ttl`` seconds.
@@ -154,13 +160,24 @@ cdef class _NativeListener:
         pthread_mutex_unlock(&c.mu)
         return True
 
-    def clear_plans(self):
+    def clear_plans(self, gen=None):
         """Drop every cached plan: once this returns, none is used (call it on every policy
-        change: filter, upstream, guard, decider)."""
+        change: filter, upstream, guard, decider).
+
+        ``gen``: the generation of the policy now in force (the server passes its policy's
+        own, which never restarts, unlike a new listener's cache): from now on only plans
+        decided under it are stored. It only moves forward (two changes whose calls cross
+        keep the newer). Without it the cache's own generation is bumped."""
         cdef PlanCache *c = self.l.plans
+        cdef bint given = gen is not None
+        cdef uint64_t g = gen if given else 0
         with nogil:
             pthread_mutex_lock(&c.mu)
             _plans_clear(c)
+            if not given:
+                c.gen += 1
+            elif g > c.gen:
+                c.gen = g
             pthread_mutex_unlock(&c.mu)
 
     def plan_stats(self):

@@ -225,13 +225,12 @@ cdef void _plan_put(PlanCache *c, Plan *p) noexcept nogil:
 
 
 cdef void _plans_clear(PlanCache *c) noexcept nogil:
-    """Drop every plan (caller holds c.mu)."""
+    """Drop every plan (caller holds c.mu; the generation is the caller's to set)."""
     cdef Plan *p
     while c.oldest != NULL:
         p = c.oldest
         _plan_unlink(c, p)
         _plan_free(p)
-    c.gen += 1
 
 
 cdef void _refusal_queue(Completer *cm, Listener *l, int proto, const char *host, int hostn, int port,

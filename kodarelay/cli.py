@@ -446,7 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         allowed = hooks.tally.line()
         if allowed is not None and args.verbose:
             print(f"kodarelay: {allowed}", file=sys.stderr)
-        for line in summarize(handle.violations(), refused.value, hooks.reason_text):
+        for line in summarize(handle.violations(), max(refused.value, handle.refused_total), hooks.reason_text):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
         if fenced and ((code != 0 and not refused.value) or args.verbose):
             print(f"kodarelay: {FENCE_NOTE}", file=sys.stderr)
@@ -588,7 +588,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for h in handles:
             h.shutdown()
         hooks.stop()
-    print(f"kodarelay: stopped ({refused.value} refused)", file=sys.stderr)
+    total = max(refused.value, sum(h.refused_total for h in handles))
+    print(f"kodarelay: stopped ({total} refused)", file=sys.stderr)
     return 0
 
 

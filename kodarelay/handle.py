@@ -70,6 +70,12 @@ class ProxyHandle:
         return list(self._violations()) if self._violations is not None else []
 
     @property
+    def refused_total(self) -> int:
+        """How many refusals the proxy counted, those whose details did not fit the ring (or
+        came faster than they could be recorded) included; 0 for an external proxy."""
+        return sum(server.violation_log.total for server in self._servers)
+
+    @property
     def filter(self) -> Any:
         """The filter the proxy judges by now (None for an external proxy)."""
         return self._servers[0].filter if self._servers else None

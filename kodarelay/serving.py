@@ -367,8 +367,8 @@ class ProxyServer:
             self._events.emit(event)
 
     def record(self, protocol: str, host: str, port: int | None, reason: str, client: str | None = None,
-               detail: str | None = None) -> None:
-        self.violation_log.record(protocol, host, port, reason, client, detail)
+               detail: str | None = None, when: float | None = None) -> None:
+        self.violation_log.record(protocol, host, port, reason, client, detail, when)
 
     async def open_tunnel(self, protocol: str, host: str, port: int, *, method: str = "CONNECT",
                           client: str | None = None) -> tuple[socket.socket, bytes]:
@@ -506,6 +506,7 @@ class ProxyServer:
             self._lsock, self.front_mode, self.handshake_timeout, self._loop, self._on_batch, self._on_batch_direct,
             self._engine_refused, self.dialer.connect_timeout, self.idle_timeout, self.total_timeout, self.max_handshakes,
         )
+        self._front.clear_plans(self.dialer.policy.generation)     # plans carry the policy's generation
 
     # The engine keeps its own copy of the plans Python decided, per (protocol, host as the
     # client sent it, port), and serves those requests without the GIL: answered, dialled,
@@ -517,14 +518,17 @@ class ProxyServer:
     # plan while ``on_event`` is set (events are per request: allow, refuse, end).
 
     def _engine_generation(self) -> int | None:
-        front = self._front
-        return front.plan_generation if front is not None else None
+        """The generation a plan about to be decided is stored under: the policy's own (it
+        never restarts, so a plan decided under an old policy is never stored in the cache
+        of a listener made after an engine restart)."""
+        return self.dialer.policy.generation if self._front is not None else None
 
     def _drop_engine_plans(self) -> None:
-        """A policy change (any thread): the engine forgets every plan before it returns."""
+        """A policy change (any thread): the engine forgets every plan before it returns,
+        and from then on stores only plans decided under the new policy."""
         front = self._front
         if front is not None:
-            front.clear_plans()
+            front.clear_plans(self.dialer.policy.generation)
 
     def _engine_plan(self, h: Any, proto: Protocol, target: Target, plan: Plan, gen: int | None) -> None:
         """Give the engine ``plan`` for the next requests to the same key (see above)."""
@@ -557,13 +561,14 @@ class ProxyServer:
     def _engine_refused(self, records: list[tuple[Any, ...]], dropped: int) -> None:
         """Refusals the engine served from cached plans, in order (on the engine's completer
         thread): recorded like every other refusal."""
-        for _when, proto, host, port, reason, status in records:
+        for when, proto, host, port, reason, status in records:
             detail = f"upstream refused ({status})" if status else None
             self.record("socks5" if proto == 1 else "http", host.decode("utf-8", "backslashreplace"), port, reason,
-                        None, detail)
+                        None, detail, when=when)
         if dropped:
-            log.warning("%d refusals on port %d were not recorded: they came faster than they could be",
-                        dropped, self._port)
+            self.violation_log.count_unrecorded(dropped)
+            log.warning("%d refusals on port %d were counted but not recorded in detail: they came faster "
+                        "than they could be", dropped, self._port)
 
     def _on_batch_direct(self, items: list[Any]) -> list[Any]:
         """Runs on the engine's completer thread, holding the GIL it took for the batch: each

@@ -65,14 +65,18 @@ class ViolationLog:
         self._ring: collections.deque[Violation] = collections.deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._on_violation = on_violation
+        #: every refusal counted, the ones whose details were lost (``count_unrecorded``) too
+        self.total = 0
 
     def record(self, protocol: str, host: str, port: int | None, reason: str, client: str | None = None,
-               detail: str | None = None) -> Violation:
-        """Store, log and announce one refusal; returns the record."""
-        v = Violation(time.time(), protocol, _printable(host), port, reason,
+               detail: str | None = None, when: float | None = None) -> Violation:
+        """Store, log and announce one refusal; returns the record. ``when``: the refusal's
+        own time when it is recorded later (the engine's batches), else now."""
+        v = Violation(time.time() if when is None else when, protocol, _printable(host), port, reason,
                       None if client is None else _printable(client, 100), detail)
         with self._lock:
             self._ring.append(v)
+            self.total += 1
         log.info("refused %s %s:%s (%s)%s", protocol, v.host, port if port is not None else "-", detail or reason,
                  f" for {v.client}" if v.client is not None else "")
         if self._on_violation is not None:
@@ -81,6 +85,13 @@ class ViolationLog:
             except Exception:
                 log.exception("on_violation callback failed")
         return v
+
+    def count_unrecorded(self, n: int) -> None:
+        """``n`` refusals happened whose details were lost (they came faster than they could be
+        recorded): never in the ring, but always in ``total``, so no summary undercounts."""
+        if n > 0:
+            with self._lock:
+                self.total += n
 
     def snapshot(self) -> list[Violation]:
         with self._lock:

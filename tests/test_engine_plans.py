@@ -9,6 +9,7 @@ servers; ``test_engine_policy.py`` covers the servers on top of it.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from typing import Any, Callable
@@ -424,3 +425,56 @@ def test_engine_key_accepts_the_common_heads() -> None:
     assert key(0, head + b"early") == (b"pypi.org", 443, len(head))
     assert key(0, b"CONNECT [::1]:443 HTTP/1.0\r\n\r\nx") == (b"[::1]", 443, 30)
     assert key(1, b"\x05\x01\x00\x03\x08pypi.org\x01\xbb") == (b"pypi.org", 443, 15)
+
+
+def test_plans_carry_the_policys_generation_which_only_moves_forward(front, echo: EchoServer) -> None:
+    """Issue 17 item 17: a new listener's cache started at generation 0, so after an engine
+    restart a plan decided under an old policy (whose generation happened to match) could be
+    stored. The server now stores plans under its policy's own generation."""
+    f = front()
+    f.nl.clear_plans(7)
+    assert f.nl.plan_generation == 7
+    plan = ("direct", ["127.0.0.1"], OK)
+    assert not f.nl.set_plan(0, b"pinned.test", echo.port, plan, 30.0, 0)     # a fresh cache's old number
+    assert not f.nl.set_plan(0, b"pinned.test", echo.port, plan, 30.0, 6)
+    f.nl.clear_plans(5)                          # two changes whose calls crossed: the newer stays
+    assert f.nl.plan_generation == 7
+    assert f.nl.set_plan(0, b"pinned.test", echo.port, plan, 30.0, 7)
+
+
+def test_a_server_after_an_engine_restart_stores_plans_under_its_policy_generation(start_proxy, echo: EchoServer) -> None:
+    from kodarelay import Filter
+    from kodarelay import _relay
+
+    h = start_proxy(["localhost"])
+    server = h._servers[0]
+    for n in range(3):
+        h.set_filter(Filter(["localhost", f"n{n}.test"]))
+    if os.environ.get("KODARELAY_NO_NATIVE_FRONTEND") or relay.IMPLEMENTATION != "cython":
+        pytest.skip("the native front-end is off")
+    wait_until(lambda: server._front is not None, what="the front-end")
+    front = server._front
+    assert front.plan_generation == server.dialer.policy.generation == 3
+    _relay.shutdown_engine()                     # the listener's next cache is new
+    h2 = start_proxy(["localhost"])
+    h2.set_filter(Filter(["localhost"]))
+    h2.set_filter(Filter(["localhost"]))
+    server2 = h2._servers[0]
+    wait_until(lambda: server2._front is not None, what="the new listener's front-end")
+    assert server2._front.plan_generation == server2.dialer.policy.generation == 2
+
+
+def test_engine_refusals_keep_their_own_time_and_no_count_is_lost(start_proxy) -> None:
+    """Issue 17 item 16: refusals the engine served from cached plans were recorded with the
+    time of their delivery, and those beyond the ring's 1,024 were dropped from every count.
+    Here a batch arrives as the completer hands it over (``_engine_refused``): a record made
+    100 s earlier keeps its time, and 7 lost ones still count."""
+    import time as _time
+
+    h = start_proxy(["localhost"])
+    server = h._servers[0]
+    then = _time.time() - 100.0
+    server._engine_refused([(then, 0, b"refused.test", 443, "not_allowed", 0)], 7)
+    (v,) = h.violations()
+    assert v.time == then and v.host == "refused.test" and v.reason == "not_allowed"
+    assert h.refused_total == 8
