@@ -604,6 +604,8 @@ class ProxyServer:
             if err not in _ACCEPT_RETRYABLE:
                 log.error("accept on port %d failed: %s", self._port, e)
             self._log_accept_error(e)
+            if err in (errno.EMFILE, errno.ENFILE):
+                self._shed_oldest()         # a client waiting on its decider / lookup frees an fd
         for item in items:
             h, proto, parsed = item if isinstance(item, tuple) else (item, None, None)
             if self._closed:
@@ -639,17 +641,25 @@ class ProxyServer:
         gen = self._engine_generation()
         plan = self._plan_now(parsed)
         if plan is None:
-            self._track(self._loop.create_task(self._serve_native_later(h, proto, parsed, gen)))
+            # Waiting on a lookup or the decider, the client still counts as a handshake (as on
+            # the asyncio front-end): at ``max_handshakes`` the oldest waiting one is shed.
+            while len(self._handshaking) >= self.max_handshakes and self._shed_oldest():
+                pass
+            task = self._loop.create_task(self._serve_native_later(h, proto, parsed, gen))
+            self._handshaking[task] = None
+            self._track(task)
         else:
             self._execute_native(h, proto, parsed, plan, gen)
 
     async def _serve_native_later(self, h: Any, proto: Protocol, target: Target, gen: int | None) -> None:
         try:
             plan = await self._plan(proto.name, target)
+            self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if not self._closed:
                 self._execute_native(h, proto, target, plan, gen)
         finally:
-            h.close()       # a no-op once answered, dialled or detached
+            self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            h.close()       # a no-op once answered, dialled or detached (and how a shed one ends)
 
     def _execute_native(self, h: Any, proto: Protocol, target: Target, plan: Plan, gen: int | None = None) -> None:
         """Carry out ``plan`` for a native handshake: refuse it, dial it in the engine, or

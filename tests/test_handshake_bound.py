@@ -133,3 +133,33 @@ def test_a_handshake_shed_by_an_accept_in_the_same_batch_is_not_touched_again(st
     assert recv_exact(s, 2) == b"ok"
     for d in drippers:
         d.close()
+
+
+def test_clients_waiting_on_the_decider_count_as_handshakes(start_proxy, echo):
+    """Issue 17 item 7: on the native front-end, clients waiting on a slow decider escaped
+    ``max_handshakes`` (so under a small fd limit a rule-allowed client timed out); they count,
+    and at the bound the oldest waiting one is shed, on both front-ends."""
+    import threading
+
+    from test_hooks import Decider
+
+    gate = threading.Event()
+    d = Decider(gate=gate)
+    h = start_proxy(["localhost"], decider=d, max_handshakes=8)
+    waiting = []
+    for i in range(20):
+        s = connect(h.port)
+        s.sendall(f"CONNECT ask{i}.test:443 HTTP/1.1\r\n\r\n".encode())
+        waiting.append(s)
+    wait_until(lambda: len({r.host for r in d.asked}) >= 12, what="the decider to be asked")
+    t0 = time.monotonic()
+    s, head = http_connect(h.port, f"localhost:{echo.port}")
+    assert status_of(head) == 200
+    s.sendall(b"ok")
+    assert recv_exact(s, 2) == b"ok"
+    assert time.monotonic() - t0 < 5
+    wait_until(lambda: all(_closed_by_proxy(w) for w in waiting[:12]), what="the oldest waiting clients to be shed")
+    assert not any(_closed_by_proxy(w) for w in waiting[-6:])     # the newest still wait for their answer
+    gate.set()
+    for w in waiting:
+        w.close()
