@@ -20,18 +20,19 @@ and replacing the filter, the upstream, the guard setting or the decider drops e
 plan and remembered decider answer before the next request is judged (``Policy`` is one
 immutable snapshot, swapped atomically, so no request is judged by a mix of old and new).
 
-Resolution runs on a thread pool of kodarelay's own (not the event loop's default executor)
-and concurrent lookups of one name share one call, so a name whose DNS never answers delays
-only the clients that asked for it.
+Resolution runs on lookup threads of kodarelay's own (not the event loop's default executor;
+one per lookup in flight, ``kodarelay.lookups``) and concurrent lookups of one name share one
+call, so a name whose DNS never answers delays only the clients that asked for it, even in a
+flood of such names.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
@@ -39,6 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, List, Optional
 
 from .events import Decider, Request
+from .lookups import LookupPool
 from .filter import Decision, Filter, _parse_resolved, canonical_host
 from .upstream import UpstreamConfig, UpstreamError, bypasses_proxy, connect_upstream, open_tcp
 
@@ -53,8 +55,6 @@ REP_NETWORK_UNREACHABLE = 0x03
 REP_HOST_UNREACHABLE = 0x04
 REP_CONNECTION_REFUSED = 0x05
 
-#: Lookups in flight at once on kodarelay's resolver pool.
-RESOLVER_THREADS = 64
 #: Cached plans per server before the cache is emptied (a flood of distinct names).
 PLAN_CACHE_MAX = 4096
 DEFAULT_DNS_TTL = 30.0
@@ -138,18 +138,27 @@ class _Need:
 
 _NEED_DECIDER = _Need("decider")
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool: LookupPool | None = None
 _pool_lock = threading.Lock()
 
 
-def resolver_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """kodarelay's own lookup threads (created on first use, shared by every server)."""
+def resolver_pool() -> LookupPool:
+    """kodarelay's own lookup threads (created on first use, shared by every server): one per
+    lookup in flight, so a name that never answers delays nobody else (``kodarelay.lookups``)."""
     global _pool
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="kodarelay-dns")
+                _pool = LookupPool()
     return _pool
+
+
+def _forget_pool_in_child() -> None:
+    global _pool
+    _pool = None        # its threads did not survive the fork; the child makes its own
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 async def default_resolver(host: str, port: int) -> list[str]:
