@@ -41,6 +41,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence, Union
 
+from .hostaddrs import own_addresses
+
 log = logging.getLogger(__name__)
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -512,6 +514,15 @@ class _RuleSet:
         found = [r for a in addrs if (r := self.match(a, port, deny=deny)) is not None]
         return min(found, key=lambda r: r.index) if found else None
 
+    def covers_specifically(self, addr: IPAddress, port: int | None) -> bool:
+        """True when an allow IP / CIDR rule other than the whole address space covers ``addr``."""
+        for r in self.nets:
+            net = r.net
+            if (net is not None and net.version == addr.version and net.prefixlen > 0 and addr in net
+                    and r.port_matches(port, deny=False)):
+                return True
+        return False
+
     def names_within(self, addr: IPAddress, special: IPNetwork, port: int | None) -> bool:
         """True when an allow IP / CIDR rule covers ``addr`` and lies inside ``special``.
 
@@ -748,7 +759,14 @@ class Filter:
                 found = _classify(addr, deny_private)
                 target = addr
             if found is None:
-                continue
+                if target not in own_addresses():
+                    continue
+                # an address of this host's own interfaces: any IP / CIDR rule short of the
+                # whole address space that covers it admits it (0.0.0.0/0 or ::/0 do not)
+                if self._allow.covers_specifically(target, port):
+                    continue
+                shown = f"{addr} ({inner})" if inner is not None else str(addr)
+                return refuse("resolved_address", None, f"{shown} is an address of this host")
             why, special = found
             if self._allow.names_within(target, special, port):
                 continue
