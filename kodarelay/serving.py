@@ -21,7 +21,7 @@ from .dial import DIRECT, REFUSE, Dialer, Plan, Refusal, Resolver
 from .events import Decider, Event, EventStream, OnEvent, Request, next_tunnel_id
 from .filter import Filter
 from .upstream import UpstreamConfig, connect_request
-from .violations import OnViolation, Violation, ViolationLog
+from .violations import _printable, OnViolation, Violation, ViolationLog
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +327,8 @@ class ProxyServer:
             r = plan.refusal
             assert r is not None
             self.record(proto, plan.host, plan.port, r.reason or "refused", target.client)
-            self.emit(Event(time.time(), "refuse", proto, target.method, plan.host, plan.port, target.client,
-                            r.reason, r.rule, r.source))
+            self.emit(Event(time.time(), "refuse", proto, target.method, _printable(plan.host), plan.port,
+                            target.client, r.reason, r.rule, r.source))
             return None
         ticket = Ticket(proto, target.method, plan.host, plan.port, target.client)
         self._allowed(ticket, plan)
@@ -343,8 +343,8 @@ class ProxyServer:
         """Record a handshake refused before any policy."""
         if parsed.reason is not None:
             self.record(proto, parsed.host, parsed.port, parsed.reason, parsed.client)
-            self.emit(Event(time.time(), "refuse", proto, "", parsed.host, parsed.port, parsed.client,
-                            parsed.reason, None, "default"))
+            self.emit(Event(time.time(), "refuse", proto, "", _printable(parsed.host) if parsed.host else parsed.host, parsed.port,
+                            parsed.client, parsed.reason, None, "default"))
 
     def _ended(self, ticket: Ticket | None, moved: tuple[int, int] | None, reason: str | None = None,
                detail: str | None = None) -> None:

@@ -101,7 +101,18 @@ class ViolationLog:
         return len(self._ring)
 
 
+def _escaped(c: str) -> str:
+    if c.isascii() and c.isprintable() and c != " ":
+        return c
+    return f"\\x{ord(c):02x}" if ord(c) <= 0xFF else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+
+
 def _printable(host: str, limit: int = 300) -> str:
-    """A host as a client sent it, made safe for logs: control bytes escaped, length capped."""
-    text = host.encode("unicode_escape", "backslashreplace").decode("ascii") if not host.isprintable() else host
+    """A host as a client sent it, made safe for logs and summaries: control bytes, whitespace
+    and anything beyond printable ASCII escaped (``\\x20``), so a "name" of spaces and text
+    cannot pass for a line of the summary; length capped."""
+    if host.isascii() and host.isprintable() and " " not in host:
+        text = host
+    else:
+        text = "".join(_escaped(c) for c in host)
     return text if len(text) <= limit else text[:limit] + "..."

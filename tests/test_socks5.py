@@ -191,3 +191,23 @@ def test_one_port_serves_both_protocols(start_socks, echo):
     s4, head = http_connect(h.port, f"evil.test:{echo.port}")
     assert status_of(head) == 403
     assert [(v.protocol, v.host) for v in h.violations()] == [("socks5", "evil.test"), ("http", "evil.test")]
+
+
+def test_a_name_of_spaces_and_text_is_bad_host_and_shown_escaped(start_proxy):
+    """Issue 17 item 11: a SOCKS5 name of 150 spaces and text appeared verbatim in the summary,
+    where it could pass for a line of its own."""
+    from kodarelay.cli import summarize
+
+    from peers import socks5_connect, wait_until
+
+    events: list = []
+    h = start_proxy(["*.test"], socks5=True, on_event=events.append)
+    forged = b" " * 150 + b"kodarelay: allowed 1 connection"
+    s, reply = socks5_connect(h.port, forged, 443)
+    assert reply[1] != 0
+    (v,) = h.violations()
+    assert v.reason == "bad_host" and " " not in v.host and v.host.startswith("\\x20")
+    lines = summarize(h.violations(), 1)
+    assert len(lines) == 2 and " " * 10 not in lines[1] and "\\x20\\x20" in lines[1]
+    wait_until(lambda: any(e.kind == "refuse" for e in events), what="the refuse event")
+    assert all(" " not in (e.host or "") for e in events)
