@@ -4,7 +4,7 @@ The network namespace takes the routes away; this module takes away what would l
 leave it or reach around it. It is applied in the child of the namespace helper, right
 before CMD is executed (see ``kodarelay.isolate``):
 
-* **No capability, no way to gain one.** The bounding set, the ambient set and the
+* **No capability, no way to gain one** (see also "No new user namespace"). The bounding set, the ambient set and the
   effective / permitted / inheritable sets are emptied, ``no_new_privs`` is set, and the
   securebits ``NOROOT`` / ``NO_SETUID_FIXUP`` are set and locked, so neither a set-uid
   binary nor CMD being uid 0 of its user namespace gives anything back. Without
@@ -30,6 +30,15 @@ before CMD is executed (see ``kodarelay.isolate``):
   (per network namespace: only the fence's own), or, for any other family, to the address
   CMD gave. Any other pathname gets ``EACCES``. The helper connects with the address it
   checked, never re-reading CMD's memory, so a second thread of CMD cannot swap it.
+* **No new user namespace**: ``unshare`` / ``clone`` with ``CLONE_NEWUSER`` and ``setns``
+  fail with ``EPERM``, ``clone3`` with ``ENOSYS`` (its flags are out of seccomp's sight; libc
+  then uses ``clone``): a child user namespace would give CMD back every capability inside
+  it, and the kernel surface that comes with them (``CAP_NET_ADMIN``, nf_tables, raw
+  sockets). Programs that sandbox themselves with user namespaces (Chromium, bubblewrap)
+  need their own "no sandbox" switch inside the fence.
+* **No typing into the terminal**: ``ioctl(TIOCSTI)`` (push input into the terminal) and
+  ``ioctl(TIOCLINUX)`` fail with ``EPERM``, so CMD cannot answer ``--ask``'s questions on the
+  terminal it shares with kodarelay.
 * **Architectures**: x86_64 and aarch64, 64-bit processes. The filter checks
   ``AUDIT_ARCH`` and kills a process of any other ABI (a 32-bit binary, x32); on another
   machine the fence is refused (``FenceError``) rather than run without it.
@@ -66,14 +75,24 @@ class _Arch:
     connect: int
     seccomp: int
     x32_bit: int  # syscall numbers at or above this belong to another ABI (0: none)
+    ioctl: int
+    clone: int
+    unshare: int
+    setns: int
 
 
 _IO_URING = (425, 426, 427)  # setup, enter, register: the same numbers on both
+_CLONE3 = 435                # the same number on both
 _PIDFD_GETFD = 438
 _ARCHES = {
-    "x86_64": _Arch("x86_64", 0xC000003E, socket=41, socketpair=53, connect=42, seccomp=317, x32_bit=0x40000000),
-    "aarch64": _Arch("aarch64", 0xC00000B7, socket=198, socketpair=199, connect=203, seccomp=277, x32_bit=0),
+    "x86_64": _Arch("x86_64", 0xC000003E, socket=41, socketpair=53, connect=42, seccomp=317, x32_bit=0x40000000,
+                    ioctl=16, clone=56, unshare=272, setns=308),
+    "aarch64": _Arch("aarch64", 0xC00000B7, socket=198, socketpair=199, connect=203, seccomp=277, x32_bit=0,
+                     ioctl=29, clone=220, unshare=97, setns=268),
 }
+_CLONE_NEWUSER = 0x10000000
+_TIOCSTI = 0x5412            # push a byte into the terminal's input: another process "types"
+_TIOCLINUX = 0x541C          # the Linux console's subcommands (selection paste among them)
 _ARCHES["amd64"] = _ARCHES["x86_64"]
 _ARCHES["arm64"] = _ARCHES["aarch64"]
 
@@ -167,9 +186,29 @@ def filter_program(arch: _Arch, *, mediate_unix: bool) -> bytes:
     a.jeq(arch.socketpair, "socketpair", 0)
     for nr in _IO_URING:
         a.jeq(nr, "enosys", 0)
+    a.jeq(_CLONE3, "enosys", 0)        # its flags are in memory seccomp cannot read: libc falls back to clone
+    a.jeq(arch.clone, "ns_flags", 0)
+    a.jeq(arch.unshare, "ns_flags", 0)
+    a.jeq(arch.setns, "eperm", 0)
+    a.jeq(arch.ioctl, "ioctl", 0)
     if mediate_unix:
         a.jeq(arch.connect, "notify", 0)
     a.ret(_RET_ALLOW)
+
+    # A new user namespace would hand CMD a full capability set inside it (CAP_NET_ADMIN,
+    # CAP_NET_RAW, nf_tables: kernel attack surface); no other namespace can be made without
+    # capabilities, which CMD has none of.
+    a.label("ns_flags")
+    a.load(_off_arg(0))
+    a.and_(_CLONE_NEWUSER)
+    a.jeq(_CLONE_NEWUSER, "eperm", "allow")
+
+    # The terminal CMD shares with kodarelay (``--ask`` asks on it) cannot be typed into.
+    # Only the low 32 bits are compared, as the kernel truncates the request to them.
+    a.label("ioctl")
+    a.load(_off_arg(1))
+    a.jeq(_TIOCSTI, "eperm", 0)
+    a.jeq(_TIOCLINUX, "eperm", "allow")
 
     a.label("socket")
     a.load(_off_arg(0))
@@ -197,6 +236,8 @@ def filter_program(arch: _Arch, *, mediate_unix: bool) -> bytes:
 
     a.label("enosys")
     a.ret(_RET_ERRNO | errno.ENOSYS)
+    a.label("eperm")
+    a.ret(_RET_ERRNO | errno.EPERM)
     a.label("allow")
     a.ret(_RET_ALLOW)
     a.label("kill")
