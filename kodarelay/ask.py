@@ -4,7 +4,9 @@ The prompt goes to the controlling terminal (``/dev/tty``), never to CMD's stdou
 the protocol, host, port and client; answers: ``y`` allow once, ``a`` allow always, ``n``
 deny once, ``N`` deny always (an empty answer or end of input denies once). One question
 at a time: the decider shares each pending question among the clients that wait for it.
-CMD shares the terminal, so it should not be reading it while a question is open.
+CMD shares the terminal, so it should not be reading it while a question is open. The fence
+refuses CMD the ioctls that push input into a terminal (``TIOCSTI``, ``TIOCLINUX``), so CMD
+cannot answer for the person; it can still print on that terminal, and the prompt says so.
 
 A question can be withdrawn: when the decider's wait is cancelled (its timeout) or the
 decider is closed (CMD ended), the open question ends at once with ``QuestionWithdrawn``
@@ -100,7 +102,8 @@ class TerminalDecider:
                 shown = f"[{request.host}]" if ":" in request.host else request.host
                 who = f" for {request.client}" if request.client else ""
                 self._write(f"\nkodarelay: {request.method} {shown}:{request.port} ({request.protocol}{who}) is not "
-                            "on the allowlist. Allow? [y]es once, [a]lways, [n]o, [N]ever: ")
+                            "on the allowlist. (CMD shares this terminal and can print here, but cannot type "
+                            "for you.) Allow? [y]es once, [a]lways, [n]o, [N]ever: ")
                 answer = self._read_answer(question).strip()
         finally:
             with self._state:
