@@ -25,6 +25,8 @@ class JsonLines:
 
     def __init__(self, path: str) -> None:
         self._own = path != "-"
+        #: the file written (None for stderr)
+        self.path: str | None = path if self._own else None
         self._out: IO[str] = open(path, "a", encoding="utf-8", buffering=1) if self._own else sys.stderr
 
     def __call__(self, event: Event) -> None:

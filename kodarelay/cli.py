@@ -329,6 +329,14 @@ class _Hooks:
         if self.watcher is not None:
             self.watcher.reload()
 
+    def files_read_or_written(self) -> list[str]:
+        """What the proxy reads or writes for these hooks (``--policy``, ``--events``): kept
+        out of a fenced CMD's reach (read-only in its mount namespace)."""
+        files = [self.watcher.path] if self.watcher is not None else []
+        if self.events is not None and self.events.path is not None:
+            files.append(self.events.path)
+        return [os.path.abspath(f) for f in files]
+
     @property
     def reason_text(self) -> dict[str, str] | None:
         """The summary's words for the decider reasons when the decider is the person (``--ask``)."""
@@ -421,7 +429,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     raise isolate.FenceUnavailable("the proxy has no UDS bridge (see the warning above)")
                 pid = isolate.spawn_isolated(
                     cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle,
-                    all_proxy_scheme=scheme, allow_unix=allow_unix,
+                    all_proxy_scheme=scheme, allow_unix=allow_unix, protect=hooks.files_read_or_written(),
                 )
             except isolate.FenceUnavailable as e:
                 if args.isolate:

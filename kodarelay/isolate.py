@@ -254,6 +254,7 @@ def spawn_isolated(
     ca_bundle: str | None = None,
     all_proxy_scheme: str = "socks5h",
     allow_unix: Sequence[str] = (),
+    protect: Sequence[str] = (),
     ready_timeout: float = READY_TIMEOUT,
 ) -> int:
     """Start CMD fenced (see the module docstring) with ``uds_path`` its only way out; returns the helper pid.
@@ -277,6 +278,8 @@ def spawn_isolated(
             argv += ["--ca-bundle", ca_bundle]
         for path in allow_unix:
             argv += ["--allow-unix", path]
+        for path in protect:
+            argv += ["--protect", os.path.abspath(path)]
         argv += ["--", *cmd]
         try:
             pid = spawn(argv, env, sigmask)
@@ -420,43 +423,53 @@ def allow_unprivileged_ports() -> None:
 
 
 def spawn_fenced(
-    cmd: Sequence[str], env: Mapping[str, str], sigmask: Iterable[int], *, allow_unix: Sequence[str] = ()
+    cmd: Sequence[str], env: Mapping[str, str], sigmask: Iterable[int], *, allow_unix: Sequence[str] = (),
+    protect: Sequence[str] = (),
 ) -> tuple[int, int | None]:
-    """Fork CMD's process; it drops every privilege, installs the filter and executes CMD.
+    """Start CMD fenced; returns the pid to supervise and, with ``allow_unix``, the seccomp
+    notification fd for ``UnixGate``.
 
-    Returns CMD's pid and, with ``allow_unix``, the seccomp notification fd for
-    ``UnixGate``. Call it before starting any thread (the child runs Python after fork).
-    Raises ``FenceError`` when the fence could not be applied (CMD not run) and
-    ``RunError`` (127 / 126) when CMD could not be executed.
+    Where it can, CMD runs in a PID namespace and a mount namespace of its own
+    (``kodarelay._fence_mounts``): the process forked here is their init (PID 1: it reaps,
+    forwards signals to CMD, and takes every process of the namespace with it when CMD
+    ends), makes ``protect`` and the resolver files read-only, gives CMD its own
+    ``/etc/hosts`` and ``/proc``, and forks CMD. Where those namespaces cannot be made it
+    says so on stderr and CMD is forked directly, fenced as before. CMD's process closes
+    inherited sockets, drops every privilege, installs the filter and executes CMD.
+
+    Call it before starting any thread (the children run Python after fork). Raises
+    ``FenceError`` when the fence could not be applied (CMD not run) and ``RunError``
+    (127 / 126) when CMD could not be executed.
     """
-    from . import _fence
+    from . import _fence, _fence_mounts
 
     arch = _fence.current_arch()
     _fence._libc()  # loaded before the fork
+    _fence_mounts._libc()
     mediate = bool(allow_unix)
     argv, environ = list(cmd), dict(env)
     blocked = set(sigmask)
     parent_chan, child_chan = socket.socketpair() if mediate else (None, None)
     rfd, wfd = os.pipe()  # both close-on-exec: EOF on rfd means CMD was executed
-    pid = os.fork()
-    if pid == 0:  # the child: nothing here may return into the helper's code
+    try:
+        pid = _fence_mounts.fork_into_new_pid_namespace()
+        as_init = True
+    except OSError as e:
+        _fence_note(f"no PID namespace for CMD ({e.strerror or e}): it can see kodarelay's processes")
+        as_init = False
+        pid = os.fork()
+    if pid == 0:  # init of CMD's namespaces, or CMD's own process: nothing here may return
         try:
             os.close(rfd)
-            try:
-                notify_fd = _fence.apply(arch, mediate_unix=mediate)
-                if notify_fd is not None and child_chan is not None:
-                    socket.send_fds(child_chan, [b"L"], [notify_fd])
-                    os.close(notify_fd)
-            except BaseException as e:  # noqa: BLE001 - whatever it is, CMD must not run
-                os.write(wfd, b"F" + str(e).encode(errors="replace"))
-                os._exit(EXIT_RUN_FAILED)
-            for sig in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            try:
-                os.execvpe(argv[0], argv, environ)
-            except OSError as e:
-                os.write(wfd, b"E%d" % (e.errno or errno.ENOEXEC))
+            if as_init:
+                _become_init(protect)
+                cmd_pid = os.fork()
+                if cmd_pid != 0:
+                    os.close(wfd)
+                    if child_chan is not None:
+                        child_chan.close()
+                    os._exit(supervise_as_init(cmd_pid))
+            _exec_fenced(arch, argv, environ, blocked, mediate, child_chan, wfd)
         finally:
             os._exit(EXIT_NOT_FOUND)
     os.close(wfd)
@@ -487,6 +500,82 @@ def spawn_fenced(
     raise _fence.FenceError(report[1:].decode(errors="replace") or "CMD's process did not start")
 
 
+def _fence_note(text: str) -> None:
+    """One line on stderr from inside the fence (no logging configured in a forked child)."""
+    try:
+        os.write(2, f"kodarelay: fence: {text}\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _become_init(protect: Sequence[str]) -> None:
+    """PID 1 of CMD's namespace: dies with the helper, takes the signals it forwards (an init
+    only receives signals it handles), hides what the proxy reads, mounts its own /proc."""
+    from . import _fence_mounts
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    for sig in (*FORWARDED, signal.SIGCHLD):
+        signal.signal(sig, _ignore_signal)          # still blocked: sigtimedwait takes them
+    try:
+        for problem in _fence_mounts.fence_mounts(protect):
+            _fence_note(f"cannot keep out of CMD's reach: {problem}")
+    except OSError as e:
+        _fence_note(f"no mount namespace for CMD ({e.strerror or e}): it can write what the proxy reads")
+        return
+    try:
+        _fence_mounts.own_proc()
+    except OSError as e:
+        _fence_note(f"no /proc of CMD's own ({e.strerror or e}): it can see kodarelay's processes")
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A handler, so that the kernel delivers the signal to an init at all (never runs: blocked)."""
+
+
+def _exec_fenced(arch: object, argv: list[str], environ: dict[str, str], blocked: set[int], mediate: bool,
+                 child_chan: socket.socket | None, wfd: int) -> None:
+    """CMD's own process: close inherited sockets, drop every privilege, install the filter,
+    execute CMD. Reports a failure on ``wfd``; returns only to be ``_exit``-ed."""
+    from . import _fence, _fence_mounts
+
+    try:
+        notify_fd = _fence.apply(arch, mediate_unix=mediate)  # type: ignore[arg-type]
+        if notify_fd is not None and child_chan is not None:
+            socket.send_fds(child_chan, [b"L"], [notify_fd])
+            os.close(notify_fd)
+        _fence_mounts.close_inherited_sockets(keep=(wfd,))
+    except BaseException as e:  # noqa: BLE001 - whatever it is, CMD must not run
+        os.write(wfd, b"F" + str(e).encode(errors="replace"))
+        os._exit(EXIT_RUN_FAILED)
+    for sig in (*FORWARDED, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    try:
+        os.execvpe(argv[0], argv, environ)
+    except OSError as e:
+        os.write(wfd, b"E%d" % (e.errno or errno.ENOEXEC))
+
+
+def supervise_as_init(pid: int) -> int:
+    """``supervise`` for PID 1: forwards signals to CMD (``pid``), reaps every orphan, and
+    returns CMD's exit code once CMD ends (the kernel then ends the rest of the namespace)."""
+    waited = (*FORWARDED, signal.SIGCHLD)
+    while True:
+        info = signal.sigtimedwait(waited, _POLL)
+        if info is not None and info.si_signo != signal.SIGCHLD:
+            _forward(pid, info)
+        while True:
+            try:
+                done, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return EXIT_RUN_FAILED
+            if done == 0:
+                break
+            if done == pid:
+                return exit_code(status)
+
+
 def child_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m kodarelay._isolate_child`` (runs inside the new namespaces)."""
     import argparse
@@ -500,6 +589,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ca-bundle")
     p.add_argument("--all-proxy-scheme", default="socks5h")
     p.add_argument("--allow-unix", action="append", default=[])
+    p.add_argument("--protect", action="append", default=[])
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # CMD follows the first "--", untouched
     args = p.parse_args(argv[:split])
@@ -524,7 +614,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     env = clean_env(os.environ)
     env.update(run_bouquet(forwarder.port, args.ca_bundle, args.all_proxy_scheme))
     try:
-        pid, listener = spawn_fenced(cmd, env, sigmask, allow_unix=args.allow_unix)
+        protect = [*args.protect, os.path.dirname(os.path.abspath(__file__))]   # kodarelay's own installation
+        pid, listener = spawn_fenced(cmd, env, sigmask, allow_unix=args.allow_unix, protect=protect)
     except FenceError as e:
         return fail(str(e))
     except RunError as e:  # the fence held; CMD itself could not be executed: kodarelay says so

@@ -60,13 +60,16 @@ def parse_policy(text: str, name: str = "<policy>") -> Policy:
     return Policy(tuple(allow), tuple(deny))
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
+def load_policy(path: str | os.PathLike[str], dir_fd: int | None = None, shown: str | None = None) -> Policy:
+    """Read and parse ``path`` (relative to ``dir_fd`` when given; ``shown`` names it in errors)."""
+    shown = os.fspath(path) if shown is None else shown
     try:
-        with open(path, encoding="utf-8") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        with open(fd, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise PolicyError(f"{os.fspath(path)}: {e}") from None
-    return parse_policy(text, os.fspath(path))
+        raise PolicyError(f"{shown}: {e}") from None
+    return parse_policy(text, shown)
 
 
 def diff(old: Policy, new: Policy) -> tuple[list[str], list[str]]:
@@ -77,14 +80,27 @@ def diff(old: Policy, new: Policy) -> tuple[list[str], list[str]]:
 
 class PolicyWatcher:
     """Reloads ``path`` when it changes (polled) or when ``reload()`` is called (SIGHUP), and
-    hands each good policy's filter to ``apply``; a bad file keeps the old policy."""
+    hands each good policy's filter to ``apply``; a bad file keeps the old policy.
+
+    The file is always read through its directory as opened at start (an ``O_PATH`` fd), never
+    by walking the path again: a fenced CMD that renames a directory on the way and puts a
+    policy of its own in its place is not read (the fence keeps the file itself read-only)."""
 
     def __init__(self, path: str | os.PathLike[str], apply: Callable[[Filter], None],
                  extra_allow: Iterable[str] = (), extra_deny: Iterable[str] = ()) -> None:
-        self.path = os.fspath(path)
+        self.path = os.path.abspath(os.fspath(path))
         self._apply = apply
         self._extra = (tuple(extra_allow), tuple(extra_deny))
-        self.policy = load_policy(self.path)     # the first load must work: raises PolicyError
+        directory, self._name = os.path.split(self.path)
+        try:
+            self._dir_fd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise PolicyError(f"{self.path}: {e}") from None
+        try:
+            self.policy = load_policy(self._name, self._dir_fd, self.path)   # the first load must work
+        except PolicyError:
+            os.close(self._dir_fd)
+            raise
         self._stamp = self._stat()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -95,7 +111,7 @@ class PolicyWatcher:
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._name, dir_fd=self._dir_fd)
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -105,7 +121,7 @@ class PolicyWatcher:
         with self._lock:
             self._stamp = self._stat()
             try:
-                new = load_policy(self.path)
+                new = load_policy(self._name, self._dir_fd, self.path)
                 flt = new.filter(*self._extra)
             except (PolicyError, PatternError) as e:
                 log.error("policy not reloaded, keeping the old one: %s", e)
@@ -131,6 +147,10 @@ class PolicyWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        with self._lock:
+            if self._dir_fd >= 0:
+                os.close(self._dir_fd)
+                self._dir_fd = -1
 
 
 __all__ = ["Policy", "PolicyError", "PolicyWatcher", "parse_policy", "load_policy", "diff"]

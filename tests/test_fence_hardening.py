@@ -95,3 +95,154 @@ def kr_argv() -> list[str]:
     from test_fence import KR
 
     return list(KR)
+
+
+# ── items 2, 3, 11: what the proxy reads or writes is out of CMD's reach ─────
+
+def test_cmd_cannot_edit_the_policy_file_nor_swap_it(fence, tmp_path):
+    """CMD appended ``allow evil.test`` to a ``--policy`` file its user could write and the
+    reload admitted it. Now the file is read-only for CMD, and renaming its directory to put
+    another policy in its place is not read by the proxy either."""
+    curl = require_tool("curl")
+    home = tmp_path / "policies"
+    home.mkdir()
+    policy = home / "policy"
+    policy.write_text("allow localhost\n")
+    script = f"""
+        echo 'allow evil.test' >> {policy}; echo "append=$?"
+        mv {policy} {policy}.old; echo "rename=$?"
+        mv {home} {home}.moved && mkdir {home} && echo 'allow evil.test' > {policy}; echo "swap=$?"
+        i=0; while [ $i -lt 30 ]; do
+            {curl} -s -o /dev/null -p --max-time 5 https://evil.test/ && break
+            i=$((i+1)); sleep 0.1
+        done
+        exit 0
+    """
+    out = kr("run", "--policy", str(policy), "--upstream", "direct", "--", "sh", "-c", script)
+    assert out.returncode == 0, out.stderr
+    assert "append=0" not in out.stdout and "rename=0" not in out.stdout, out.stdout
+    assert "evil.test:443  not_allowed" in out.stderr, out.stderr
+    assert "policy reloaded" not in out.stderr
+    assert (tmp_path / "policies.moved" / "policy").read_text() == "allow localhost\n"
+
+
+def test_cmd_cannot_forge_events(fence, tmp_path):
+    events = tmp_path / "events.jsonl"
+    forged = '{"kind": "allow", "host": "forged.test"}'
+    out = kr("run", "--events", str(events), "--upstream", "direct", "--", "sh", "-c",
+             f"echo '{forged}' >> {events}; echo \"append=$?\"")
+    assert out.returncode == 0, out.stderr
+    assert "append=0" not in out.stdout
+    assert "forged.test" not in events.read_text()
+
+
+def test_cmd_has_its_own_hosts_and_cannot_touch_the_resolvers(fence):
+    """As root of its user namespace CMD owned /etc/hosts and pointed an allowed name
+    anywhere; now it writes a copy of its own, and the resolver's files are read-only."""
+    with open("/etc/hosts") as f:
+        before = f.read()
+    script = """
+        echo '203.0.113.9 pypi.org' >> /etc/hosts; echo "hosts=$?"; grep -c pypi.org /etc/hosts
+        for f in /etc/resolv.conf /etc/nsswitch.conf; do
+            [ -e $f ] || continue
+            echo x >> $f 2>/dev/null; echo "$f=$?"
+        done
+    """
+    out = kr("run", "--upstream", "direct", "--", "sh", "-c", script)
+    assert out.returncode == 0, out.stderr
+    assert "hosts=0" in out.stdout                 # its own copy takes the write...
+    with open("/etc/hosts") as f:
+        assert f.read() == before                  # ...and the proxy's never sees it
+    assert "resolv.conf=0" not in out.stdout and "nsswitch.conf=0" not in out.stdout, out.stdout
+
+
+def test_kodarelays_installation_is_read_only_for_cmd(fence):
+    import kodarelay
+
+    pkg = os.path.dirname(kodarelay.__file__)
+    out = kr("run", "--upstream", "direct", "--", "sh", "-c",
+             f"touch {pkg}/planted.py; echo \"touch=$?\"")
+    assert "touch=0" not in out.stdout, out.stdout
+    assert not os.path.exists(os.path.join(pkg, "planted.py"))
+
+
+# ── item 9: kodarelay's processes are out of sight and out of reach ─────────
+
+def test_cmd_sees_neither_kodarelay_nor_its_sockets(fence):
+    me = os.getpid()
+    script = f"""
+        ls -d /proc/[0-9]* | wc -l
+        [ -e /proc/{me} ] && echo "sees-test-process"
+        kill -0 {me} 2>/dev/null && echo "can-signal"
+        cat /proc/net/tcp | wc -l
+    """
+    out = kr("run", "--upstream", "direct", "--", "sh", "-c", script)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert int(lines[0]) <= 4, out.stdout          # its init, sh, and the commands of the script
+    assert "sees-test-process" not in out.stdout and "can-signal" not in out.stdout
+
+
+def test_signals_still_reach_cmd_through_the_init(fence, tmp_path):
+    """kodarelay forwards SIGTERM to CMD (now behind an init of its own): CMD's trap runs."""
+    import signal
+    import time
+
+    from test_fence import KR, clean_env
+
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([*KR, "run", "--upstream", "direct", "--", "sh", "-c",
+                             f"trap 'echo got-term; exit 7' TERM; touch {ready}; while :; do sleep 0.05; done"],
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 7, err
+    assert "got-term" in out
+
+
+# ── item 6: inherited sockets do not reach CMD ───────────────────────────────
+
+INHERITED = """
+    import os, socket, stat
+    kinds = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        kinds[fd] = "socket" if stat.S_ISSOCK(mode) else "pipe" if stat.S_ISFIFO(mode) else "other"
+    print(kinds.get(int(os.environ["SOCK_FD"]), "closed"), kinds.get(int(os.environ["PIPE_FD"]), "closed"))
+"""
+
+
+def test_inherited_sockets_are_closed_and_pipes_kept(fence):
+    import socket as _socket
+
+    from test_fence import KR, clean_env
+
+    a, b = _socket.socketpair()                           # a parent's inheritable Unix socket
+    tcp = _socket.create_server(("127.0.0.1", 0))         # and a host-namespace TCP socket
+    r, w = os.pipe()                                      # a make jobserver's pipe stays
+    try:
+        for fd in (a.fileno(), tcp.fileno(), r, w):
+            os.set_inheritable(fd, True)
+        out = subprocess.run([*KR, "run", "--upstream", "direct", "--", *py(INHERITED)],
+                             env=clean_env(SOCK_FD=str(a.fileno()), PIPE_FD=str(r)), capture_output=True,
+                             text=True, timeout=DEADLINE * 3, pass_fds=(a.fileno(), tcp.fileno(), r, w))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["closed", "pipe"], out.stdout
+    finally:
+        for s in (a, b, tcp):
+            s.close()
+        os.close(r)
+        os.close(w)
