@@ -29,7 +29,11 @@ before CMD is executed (see ``kodarelay.isolate``):
   absolute against CMD's working directory and resolving symlinks), to an abstract address
   (per network namespace: only the fence's own), or, for any other family, to the address
   CMD gave. Any other pathname gets ``EACCES``. The helper connects with the address it
-  checked, never re-reading CMD's memory, so a second thread of CMD cannot swap it.
+  checked, never re-reading CMD's memory, so a second thread of CMD cannot swap it, and to
+  the very inode it checked (opened once with ``O_PATH``, connected through
+  ``/proc/self/fd/N``), so swapping the path for a symlink after the check changes nothing.
+  A few gate threads connect, each within a deadline (a listener with a full backlog or one
+  that never accepts costs CMD ``ETIMEDOUT``, never a thread for good).
 * **No new user namespace**: ``unshare`` / ``clone`` with ``CLONE_NEWUSER`` and ``setns``
   fail with ``EPERM``, ``clone3`` with ``ENOSYS`` (its flags are out of seccomp's sight; libc
   then uses ``clone``): a child user namespace would give CMD back every capability inside
@@ -53,6 +57,7 @@ import logging
 import os
 import platform
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -353,7 +358,6 @@ _IOC_RECV = 0xC0000000 | (_NOTIF.size << 16) | (0x21 << 8) | 0
 _IOC_SEND = 0xC0000000 | (_NOTIF_RESP.size << 16) | (0x21 << 8) | 1
 _IOC_ID_VALID = 0x40000000 | (8 << 16) | (0x21 << 8) | 2
 _SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage)
-_SUN_PATH_MAX = 108
 
 
 def canonical_unix_path(path: str) -> str:
@@ -361,17 +365,43 @@ def canonical_unix_path(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-class UnixGate:
-    """Answers CMD's ``connect`` calls (seccomp user notifications) on a thread of its own."""
+#: Threads that answer CMD's connects (a slow one holds one thread, never the others).
+GATE_WORKERS = 8
+#: Connects waiting for a gate thread beyond which CMD gets EAGAIN at once.
+GATE_QUEUE = 1024
+#: How long one connect may take on CMD's behalf (a full backlog, a listener that never
+#: accepts) before CMD gets ETIMEDOUT; a non-blocking CMD socket gets EINPROGRESS / EAGAIN.
+CONNECT_DEADLINE = 10.0
 
-    def __init__(self, listener: int, allowed: Iterable[str]) -> None:
+
+class UnixGate:
+    """Answers CMD's ``connect`` calls (seccomp user notifications): one thread receives them,
+    ``GATE_WORKERS`` threads connect, each connect within ``CONNECT_DEADLINE``."""
+
+    def __init__(self, listener: int, allowed: Iterable[str], workers: int = GATE_WORKERS,
+                 deadline: float = CONNECT_DEADLINE) -> None:
+        import queue
+
         self.listener = listener
         self.allowed = {canonical_unix_path(p) for p in allowed}
+        self.deadline = deadline
+        self._work: queue.Queue[tuple[int, ...]] = queue.Queue(GATE_QUEUE)
+        self._workers = workers
         self._thread = threading.Thread(target=self._run, name="kodarelay-unix-gate", daemon=True)
 
     def start(self) -> UnixGate:
+        for _ in range(self._workers):
+            threading.Thread(target=self._serve, name="kodarelay-unix-gate-connect", daemon=True).start()
         self._thread.start()
         return self
+
+    def _serve(self) -> None:
+        while True:
+            self._answer(self._work.get())
+
+    def _refuse_now(self, notif: tuple[int, ...], error: int) -> None:
+        resp = ctypes.create_string_buffer(_NOTIF_RESP.pack(notif[0], 0, -error, 0), _NOTIF_RESP.size)
+        _libc().ioctl(self.listener, ctypes.c_ulong(_IOC_SEND), resp)
 
     def _run(self) -> None:
         libc = _libc()
@@ -385,10 +415,10 @@ class UnixGate:
                 log.debug("unix gate: stops: %s", os.strerror(err))
                 return
             notif = _NOTIF.unpack(buf.raw)
-            try:  # a thread each: one blocking connect must not hold up the others
-                threading.Thread(target=self._answer, args=(notif,), daemon=True).start()
-            except RuntimeError:  # no thread to be had: answer here rather than never
-                self._answer(notif)
+            try:
+                self._work.put_nowait(notif)
+            except Exception:  # queue.Full: too many connects at once; CMD may retry
+                self._refuse_now(notif, errno.EAGAIN)
 
     def _answer(self, notif: tuple[int, ...]) -> None:
         ident, tid = notif[0], notif[1]
@@ -416,9 +446,18 @@ class UnixGate:
                 addr = os.pread(mem, addr_len, addr_ptr) if addr_len else b""
             finally:
                 os.close(mem)
-            cwd = os.readlink(f"/proc/{tid}/cwd")
-            pidfd = os.pidfd_open(tgid)
+            cwd = os.open(f"/proc/{tid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except (OSError, StopIteration, ValueError, OverflowError):
+            return errno.EFAULT if self._valid(ident) else errno.ESRCH
+        try:
+            return self._connect_as(ident, tgid, fd, addr, addr_len, cwd)
+        finally:
+            os.close(cwd)
+
+    def _connect_as(self, ident: int, tgid: int, fd: int, addr: bytes, addr_len: int, cwd: int) -> int:
+        try:
+            pidfd = os.pidfd_open(tgid)
+        except OSError:
             return errno.EFAULT if self._valid(ident) else errno.ESRCH
         try:
             if not self._valid(ident):  # the pid was reused: the numbers above are not CMD's
@@ -435,33 +474,99 @@ class UnixGate:
                 family = _domain(dup)
             except OSError as e:
                 return e.errno or errno.ENOTSOCK
+            checked: int | None = None
             if family == socket.AF_UNIX:
                 verdict = self._judge_unix(addr, cwd)
                 if isinstance(verdict, int):
                     return verdict
-                addr = verdict
-            if _libc().connect(dup, ctypes.c_char_p(addr), len(addr)) < 0:
-                return ctypes.get_errno()
-            return 0
+                addr, checked = verdict
+            try:
+                return _connect_within(dup, addr, self.deadline)
+            finally:
+                if checked is not None:
+                    os.close(checked)
         finally:
             os.close(dup)
 
-    def _judge_unix(self, addr: bytes, cwd: str) -> bytes | int:
-        """The address to connect to for an allowed AF_UNIX ``addr``, or the errno refusing it."""
+    def _judge_unix(self, addr: bytes, cwd: int) -> tuple[bytes, int | None] | int:
+        """For an allowed AF_UNIX ``addr``: the address to connect to and the ``O_PATH`` fd it
+        names (the caller closes it); else the errno refusing it.
+
+        The path is opened once (relative to CMD's working directory, symlinks followed by
+        the kernel in that one step), the opened inode is what is checked, and the connect
+        goes to that inode (``/proc/self/fd/N``): CMD swapping the path for a symlink to
+        another socket between the check and the connect changes nothing."""
         if len(addr) <= 2 or struct.unpack_from("=H", addr)[0] != socket.AF_UNIX:
             return errno.EINVAL
         raw = addr[2:]
         if raw[:1] == b"\0":
-            return addr  # abstract: per network namespace, so only the fence's own
-        name = os.fsdecode(raw.split(b"\0", 1)[0])
-        path = canonical_unix_path(os.path.join(cwd, name))
-        if path not in self.allowed:
+            return addr, None  # abstract: per network namespace, so only the fence's own
+        name = raw.split(b"\0", 1)[0]
+        if not name:
+            return errno.EINVAL
+        try:
+            opened = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=cwd)
+        except OSError as e:
+            return e.errno or errno.ENOENT
+        try:
+            real = os.readlink(f"/proc/self/fd/{opened}")
+            is_socket = stat.S_ISSOCK(os.fstat(opened).st_mode)
+        except OSError as e:
+            os.close(opened)
+            return e.errno or errno.EACCES
+        if real not in self.allowed:
+            os.close(opened)
             log.info("refused a Unix socket connection (not named by --allow-unix)")
             return errno.EACCES
-        encoded = os.fsencode(path)
-        if len(encoded) >= _SUN_PATH_MAX:
-            return errno.ENAMETOOLONG
-        return struct.pack("=H", socket.AF_UNIX) + encoded + b"\0"
+        if not is_socket:
+            os.close(opened)
+            return errno.ECONNREFUSED
+        return struct.pack("=H", socket.AF_UNIX) + f"/proc/self/fd/{opened}".encode() + b"\0", opened
+
+
+def _connect_within(fd: int, addr: bytes, deadline: float) -> int:
+    """``connect(fd, addr)`` for CMD, as CMD's socket would behave, but never longer than
+    ``deadline`` seconds: a blocking socket is connected non-blocking here and waited for
+    (ETIMEDOUT past the deadline; a full Unix backlog is retried), a non-blocking one gets
+    the kernel's immediate answer. The socket's flags are restored. Returns an errno, 0 when
+    connected."""
+    import fcntl
+    import select
+    import time
+
+    libc = _libc()
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_NONBLOCK:
+        return 0 if libc.connect(fd, ctypes.c_char_p(addr), len(addr)) == 0 else ctypes.get_errno()
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        until = time.monotonic() + deadline
+        pause = 0.005
+        while True:
+            if libc.connect(fd, ctypes.c_char_p(addr), len(addr)) == 0:
+                return 0
+            err = ctypes.get_errno()
+            left = until - time.monotonic()
+            if err == errno.EINTR:
+                continue
+            if err in (errno.EINPROGRESS, errno.EALREADY):
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                if not poller.poll(max(0, int(left * 1000))):
+                    return errno.ETIMEDOUT
+                value = ctypes.c_int(0)
+                size = ctypes.c_uint32(ctypes.sizeof(value))
+                libc.getsockopt(fd, socket.SOL_SOCKET, socket.SO_ERROR, ctypes.byref(value), ctypes.byref(size))
+                return value.value
+            if err == errno.EAGAIN:        # a Unix listener's backlog is full: retry until the deadline
+                if left <= 0:
+                    return errno.ETIMEDOUT
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.1)
+                continue
+            return err
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 def _domain(fd: int) -> int:

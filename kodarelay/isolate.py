@@ -576,6 +576,17 @@ def supervise_as_init(pid: int) -> int:
                 return exit_code(status)
 
 
+def _connect_deadline() -> float:
+    """``KODARELAY_UNIX_CONNECT_DEADLINE`` (seconds) or the gate's default."""
+    from ._fence import CONNECT_DEADLINE
+
+    try:
+        value = float(os.environ.get("KODARELAY_UNIX_CONNECT_DEADLINE", CONNECT_DEADLINE))
+    except ValueError:
+        return CONNECT_DEADLINE
+    return value if 0 < value < float("inf") else CONNECT_DEADLINE
+
+
 def child_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m kodarelay._isolate_child`` (runs inside the new namespaces)."""
     import argparse
@@ -623,7 +634,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     forwarder.start()
     if listener is not None:
-        UnixGate(listener, args.allow_unix).start()
+        UnixGate(listener, args.allow_unix, deadline=_connect_deadline()).start()
     os.write(args.ready_fd, b"ok\n")
     os.close(args.ready_fd)
     return supervise(pid)

@@ -246,3 +246,101 @@ def test_inherited_sockets_are_closed_and_pipes_kept(fence):
             s.close()
         os.close(r)
         os.close(w)
+
+
+# ── items 5, 15: the Unix-socket gate ────────────────────────────────────────
+
+RACE = """
+    import os, socket, threading
+    allowed, other = {allowed!r}, {other!r}
+    stop = threading.Event()
+
+    def flip():   # the allowed path, now the socket itself, now a symlink to another socket
+        while not stop.is_set():
+            os.rename(allowed, allowed + ".real")
+            os.symlink(other, allowed)
+            os.unlink(allowed)
+            os.rename(allowed + ".real", allowed)
+
+    t = threading.Thread(target=flip)
+    t.start()
+    outcomes = {{}}
+    for _ in range(400):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        try:
+            s.connect(allowed)
+            what = s.recv(16).decode().strip() or "eof"
+        except OSError as e:
+            what = f"errno{{e.errno}}"
+        s.close()
+        outcomes[what] = outcomes.get(what, 0) + 1
+    stop.set()
+    t.join()
+    print(sorted(outcomes))
+"""
+
+
+def test_allow_unix_swapped_for_a_symlink_never_reaches_another_socket(fence, tmp_path):
+    """CMD swapped the allowed path between the socket and a symlink to another socket; the
+    gate checked one and connected to the other (won in 1-7 tries)."""
+    import tempfile
+    from pathlib import Path
+
+    from test_fence import UnixListener
+
+    sockdir = Path(tempfile.mkdtemp(prefix="kr-race-"))
+    allowed = UnixListener(sockdir / "allowed.sock")
+    other = UnixListener(sockdir / "other.sock")
+    try:
+        code = RACE.format(allowed=allowed.path, other=other.path)
+        out = kr("run", "--upstream", "direct", "--allow-unix", allowed.path, "--", *py(code))
+        assert out.returncode == 0, out.stderr
+        assert "host" in out.stdout                 # the allowed socket was reached...
+        assert not other.reached.is_set()           # ...and the other never
+    finally:
+        allowed.close()
+        other.close()
+
+
+STUCK = """
+    import socket, time
+    t0 = time.monotonic()
+    results = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect({path!r})
+            results.append("connected")
+        except OSError as e:
+            results.append(f"errno{{e.errno}}")
+    print(results[-1], round(time.monotonic() - t0))
+"""
+
+
+def test_a_full_backlog_costs_cmd_a_timeout_not_a_thread_forever(fence):
+    """A blocking connect to a listener whose backlog is full hung a gate thread forever."""
+    import errno
+    import socket as _socket
+    import tempfile
+    from pathlib import Path
+
+    sockdir = Path(tempfile.mkdtemp(prefix="kr-full-"))
+    path = str(sockdir / "full.sock")
+    listener = _socket.socket(_socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)                              # never accepts: the backlog fills at once
+    try:
+        out = kr("run", "--upstream", "direct", "--allow-unix", path, "--",
+                 *py(STUCK.format(path=path)), env=_env_with(KODARELAY_UNIX_CONNECT_DEADLINE="1"))
+        assert out.returncode == 0, out.stderr
+        last, _elapsed = out.stdout.split()
+        assert last == f"errno{errno.ETIMEDOUT}", out.stdout
+    finally:
+        listener.close()
+
+
+def _env_with(**extra: str) -> dict[str, str]:
+    from test_fence import clean_env
+
+    return clean_env(**extra)
