@@ -255,10 +255,16 @@ def summarize(violations: Sequence[Any], total: int, reason_text: dict[str, str]
     ``reason_text`` overrides the words for some reasons (``--ask``: "you answered no")."""
     if not total and not violations:
         return []
-    counts = Counter((_summary_host(v.host), v.port, v.reason, getattr(v, "detail", None)) for v in violations)
+    counts = Counter((_summary_host(v.host), v.port, v.reason) for v in violations)
+    details: dict[tuple[str, int | None, str], str] = {}
+    for v in violations:     # a refusal served from the engine's cache carries no detail: share one
+        detail = getattr(v, "detail", None)
+        if detail:
+            details.setdefault((_summary_host(v.host), v.port, v.reason), detail)
     n = max(total, len(violations))
     lines = [f"refused {n} connection{'s' if n != 1 else ''}:"]
-    for (host, port, reason, detail), count in counts.most_common(SUMMARY_LINES):
+    for (host, port, reason), count in counts.most_common(SUMMARY_LINES):
+        detail = details.get((host, port, reason))
         why = detail or (reason_text or {}).get(reason) or REASON_TEXT.get(reason, reason)
         lines.append(f"  {count}x {host_port(host, port)}  {reason}: {why}")
     if len(counts) > SUMMARY_LINES:

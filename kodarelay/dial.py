@@ -83,6 +83,9 @@ class Refusal(Exception):
         rule: str | None = None,
         source: str | None = None,
         status: int | None = None,
+        detail: str | None = None,
+        address: str | None = None,
+        private: bool = False,
     ) -> None:
         super().__init__(message)
         self.http_status = http_status
@@ -91,6 +94,23 @@ class Refusal(Exception):
         self.rule = rule
         self.source = source
         self.status = status
+        #: for a guard refusal: what was refused and why ("resolves to 127.0.0.1, loopback"),
+        #: the address, and whether ``--allow-private`` would admit it
+        self.detail = detail
+        self.address = address
+        self.private = private
+
+
+def guard_refusal(host: str, port: int | None, guarded: Decision, literal: bool) -> Refusal:
+    """The guard's refusal, saying which address it refused and why (the reply and the
+    summary show it, with the flag that would admit it)."""
+    if guarded.reason != "resolved_address" or not guarded.address:
+        return policy_refusal(host, port, guarded.reason, guarded.rule, "guard")
+    why = guarded.detail.split(" is ", 1)[-1]
+    detail = f"is {why}" if literal else f"resolves to {guarded.address} ({why})"
+    return Refusal(f"{host}:{port} {detail}", http_status=403, socks_rep=REP_NOT_ALLOWED, reason=guarded.reason,
+                   rule=guarded.rule, source="guard", detail=detail, address=guarded.address,
+                   private=guarded.private)
 
 
 def policy_refusal(host: str, port: int | None, reason: str, rule: str | None, source: str) -> Refusal:
@@ -370,7 +390,7 @@ class Dialer:
                 guarded = flt.guard_addresses(decision, canon, [text], deny_private=policy.deny_private)
                 if guarded.reason != "not_allowed":
                     return Plan(REFUSE, text, port,
-                                policy_refusal(text, port, guarded.reason, guarded.rule, "guard"),
+                                guard_refusal(text, port, guarded, literal=True),
                                 rule=guarded.rule, source="guard")
             remembered = self._remembered.get((text, port))
             if remembered is None:
@@ -389,7 +409,7 @@ class Dialer:
         if _is_ip(canon):
             guarded = flt.guard_addresses(decision, canon, [text], deny_private=policy.deny_private)
             if not guarded.allowed:
-                return Plan(REFUSE, text, port, policy_refusal(text, port, guarded.reason, guarded.rule, "guard"),
+                return Plan(REFUSE, text, port, guard_refusal(text, port, guarded, literal=True),
                             rule=guarded.rule, source="guard", ttl=ttl)
         upstream = policy.upstream
         if not upstream.is_direct and not bypasses_proxy(text, upstream.no_proxy):
@@ -406,8 +426,7 @@ class Dialer:
             name_ttl = min(name_ttl, left)
         guarded = flt.guard_addresses(decision, canon, addresses, deny_private=policy.deny_private)
         if not guarded.allowed:
-            r = Refusal(f"{text} resolves to a refused address", http_status=403, socks_rep=REP_NOT_ALLOWED,
-                        reason=guarded.reason, rule=guarded.rule, source="guard")
+            r = guard_refusal(text, port, guarded, literal=False)
             return Plan(REFUSE, text, port, r, rule=guarded.rule, source="guard", ttl=name_ttl)
         # the checked addresses, canonical: every dialer (the engine's too) can take them
         return Plan(DIRECT, text, port, addresses=tuple(str(_parse_resolved(a)) for a in addresses), rule=rule,

@@ -101,6 +101,10 @@ class Decision:
     host: str | None = field(default=None, compare=False)
     port: int | None = field(default=None, compare=False)
     detail: str = field(default="", compare=False)
+    #: the address the guard refused (canonical text), for a ``resolved_address`` refusal
+    address: str | None = field(default=None, compare=False)
+    #: whether that address is in a private range (``--allow-private`` would admit it)
+    private: bool = field(default=False, compare=False)
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -736,9 +740,10 @@ class Filter:
         port = decision.port
         text = decision.host
 
-        def refuse(reason: Reason, rule: str | None, detail: str) -> Decision:
+        def refuse(reason: Reason, rule: str | None, detail: str, address: IPAddress | None = None,
+                   private: bool = False) -> Decision:
             log.debug("guard refuses %s: %s", text, detail)
-            return Decision(False, rule, reason, text, port, detail)
+            return Decision(False, rule, reason, text, port, detail, None if address is None else str(address), private)
 
         localhost_ok = canon == "localhost" and decision.rule is not None and self._is_localhost_rule(decision.rule)
         seen = 0
@@ -766,14 +771,15 @@ class Filter:
                 if self._allow.covers_specifically(target, port):
                     continue
                 shown = f"{addr} ({inner})" if inner is not None else str(addr)
-                return refuse("resolved_address", None, f"{shown} is an address of this host")
+                return refuse("resolved_address", None, f"{shown} is an address of this host", target)
             why, special = found
             if self._allow.names_within(target, special, port):
                 continue
             if localhost_ok and any(target.version == n.version and target in n for n in _LOOPBACK):
                 continue
             shown = f"{addr} ({inner})" if inner is not None else str(addr)
-            return refuse("resolved_address", None, f"{shown} is {why}")
+            return refuse("resolved_address", None, f"{shown} is {why}", target,
+                          any(special == net for net, _ in _PRIVATE))
         if not seen:
             return refuse("resolved_address", None, "no addresses to check")
         return decision

@@ -406,10 +406,10 @@ class _Exchange:
             pass
 
     async def refuse(self, code: int, what: str, method: str = "", host: str = "", port: int | None = None,
-                     reason: str | None = None) -> None:
+                     reason: str | None = None, address: str | None = None, private: bool = False) -> None:
         from .server import refusal_reply
 
-        await self.reply(refusal_reply(code, reason, host, port, method, what))
+        await self.reply(refusal_reply(code, reason, host, port, method, what, address, private))
 
     # ── the request loop ────────────────────────────────────────────────────
 
@@ -509,7 +509,8 @@ class _Exchange:
             self.ticket = ticket
         except Refusal as r:
             self.drop_upstream()
-            await self.refuse(r.http_status, str(r), method, host, port, r.reason)
+            await self.refuse(r.http_status, (r.detail or "") if r.address else str(r), method, host, port, r.reason,
+                              r.address, r.private)
             return None
         assert self.upstream is not None
         up = self.upstream

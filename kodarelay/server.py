@@ -67,8 +67,17 @@ _ADMIT = {
 }
 
 
+def admit_resolved(host: str, port: int | None, address: str, private: bool, literal: bool) -> str:
+    """What admits a target the guard refused, naming the address: the exact ``--allow``."""
+    shown_addr = f"[{address}]" if ":" in address else address
+    where = f"{shown_addr}:{port}" if port is not None else shown_addr
+    flag = f"--allow {where}" if literal else f"--allow {host},{where}"
+    return f"{flag} admits it" + (" (or --allow-private, for every private address)" if private else "")
+
+
 def refusal_reply(code: int, reason: str | None = None, host: str = "", port: int | None = None,
-                  method: str = "CONNECT", detail: str = "") -> bytes:
+                  method: str = "CONNECT", detail: str = "", address: str | None = None,
+                  private: bool = False) -> bytes:
     """A refusal written for the reader: the 403 names host, port, reason and what admits it.
 
     Used by the CONNECT path on both front-ends (so their bytes are identical) and by
@@ -79,7 +88,13 @@ def refusal_reply(code: int, reason: str | None = None, host: str = "", port: in
     shown = _printable(host, 255)
     shown = f"[{shown}]" if ":" in shown else shown
     target = f"{shown}:{port}" if port is not None else shown
-    if code == 403:
+    if code == 403 and reason == "resolved_address" and address:
+        literal = _is_literal(host)
+        what = f"it is a {detail[3:]} address" if literal and detail.startswith("is ") else \
+            f"{shown} {detail}" if detail else f"{shown} resolves to {address}"
+        text = (f"kodarelay: {method} to {target} refused ({reason}): {what}; "
+                f"{admit_resolved(shown, port, address, private, literal)}")
+    elif code == 403:
         admit = _ADMIT.get(reason or "", "ask whoever runs the proxy to allow it").format(target=target)
         text = f"kodarelay: {method} to {target} refused ({reason}); {admit}"
     elif code == 405:
@@ -96,6 +111,16 @@ def refusal_reply(code: int, reason: str | None = None, host: str = "", port: in
         head += f"X-Proxy-Error: {reason}\r\n"
     head += f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     return head.encode("ascii") + body
+
+
+def _is_literal(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 OK_REPLY = status_line(200)
@@ -167,7 +192,8 @@ class HttpProtocol(Protocol):
         return connect_target(target, early, client)
 
     def refusal_reply(self, r: Refusal, host: str, port: int | None) -> bytes:
-        return refusal_reply(r.http_status, r.reason, host, port)
+        return refusal_reply(r.http_status, r.reason, host, port, detail=r.detail or "", address=r.address,
+                             private=r.private)
 
 
 def connect_target(target: str, early: bytes, client: str | None = None) -> Parsed:

@@ -152,6 +152,18 @@ def _connection_ends(conn: socket.socket) -> Iterator[None]:
         conn.close()
 
 
+def _refusal_detail(r: Refusal, host: str, port: int | None) -> str | None:
+    """What a violation and its event say beyond the reason: for the guard, the address and
+    the exact flag that would admit it."""
+    if r.reason == "resolved_address" and r.address and r.detail:
+        from .server import _is_literal, admit_resolved
+
+        literal = _is_literal(host)
+        shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"{r.detail}; {admit_resolved(shown, port, r.address, r.private, literal)}"
+    return None
+
+
 class HandshakeTimeout(Exception):
     """The client did not finish its handshake within ``handshake_timeout``."""
 
@@ -326,9 +338,9 @@ class ProxyServer:
         if plan.kind == REFUSE:
             r = plan.refusal
             assert r is not None
-            self.record(proto, plan.host, plan.port, r.reason or "refused", target.client)
+            self.record(proto, plan.host, plan.port, r.reason or "refused", target.client, _refusal_detail(r, plan.host, plan.port))
             self.emit(Event(time.time(), "refuse", proto, target.method, _printable(plan.host), plan.port,
-                            target.client, r.reason, r.rule, r.source))
+                            target.client, r.reason, r.rule, r.source, detail=_refusal_detail(r, plan.host, plan.port)))
             return None
         ticket = Ticket(proto, target.method, plan.host, plan.port, target.client)
         self._allowed(ticket, plan)

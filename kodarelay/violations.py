@@ -77,7 +77,8 @@ class ViolationLog:
         with self._lock:
             self._ring.append(v)
             self.total += 1
-        log.info("refused %s %s:%s (%s)%s", protocol, v.host, port if port is not None else "-", detail or reason,
+        log.info("refused %s %s:%s (%s)%s", protocol, v.host, port if port is not None else "-",
+                 f"{reason}: {detail}" if detail else reason,
                  f" for {v.client}" if v.client is not None else "")
         if self._on_violation is not None:
             try:

@@ -113,7 +113,7 @@ def test_serve_refuses_names_resolving_to_guarded_addresses(served, name):
     sock.close()
     assert status_of(head) == 403, head
     assert b"X-Proxy-Error: resolved_address" in head, head
-    assert f"refused http {name}:443 (resolved_address)" in err.readline()
+    assert f"refused http {name}:443 (resolved_address: " in err.readline()
 
 
 @pytest.mark.parametrize("name", ["doc2.test", "rfc1918.test", "doc6.test"])
@@ -122,7 +122,7 @@ def test_serve_socks5_refuses_names_resolving_to_guarded_addresses(served, name)
     sock, reply = socks5_connect(port, name.encode(), 443)
     sock.close()
     assert reply[:2] == b"\x05\x02", reply  # connection not allowed by ruleset
-    assert f"refused socks5 {name}:443 (resolved_address)" in err.readline()
+    assert f"refused socks5 {name}:443 (resolved_address: " in err.readline()
 
 
 @pytest.mark.parametrize("literal", ["203.0.113.10:443", "198.18.0.10:443", "[2001:db8::10]:443", "10.255.255.10:443"])
@@ -133,7 +133,7 @@ def test_serve_refuses_guarded_literals_a_broad_rule_allows(served, literal):
     sock.close()
     assert status_of(head) == 403, head
     assert b"X-Proxy-Error: resolved_address" in head, head
-    assert "(resolved_address)" in err.readline()
+    assert "(resolved_address: " in err.readline()
 
 
 def test_run_refuses_private_by_default_and_says_how_to_admit(tmp_path):

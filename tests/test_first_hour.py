@@ -54,3 +54,24 @@ def test_help_lists_every_subcommand_without_a_traceback():
     assert out.returncode == 0
     for sub in ("run", "serve", "env", "check"):
         assert sub in out.stdout
+
+
+def test_a_name_on_loopback_is_refused_with_its_address_and_the_exact_flag():
+    """Admitting a name that resolves to loopback took guesswork: the 403 and the summary did
+    not say the address, and the hint named --allow-private, which does not help loopback."""
+    from peers import WebServer
+    from test_cli_hooks import _loopback_name
+
+    name = _loopback_name()
+    site = WebServer()
+    try:
+        curl = require_tool("curl")
+        out = kr("run", "--allow", name, "--upstream", "direct", "--", curl, "-sS", f"http://{name}:{site.port}/")
+        flag = f"--allow {name},127.0.0.1:{site.port}"
+        assert f"{name} resolves to 127.0.0.1 (loopback); {flag} admits it" in out.stdout, out.stdout
+        assert f"resolves to 127.0.0.1 (loopback); {flag} admits it" in out.stderr, out.stderr
+        assert "--allow-private" not in out.stdout + out.stderr
+        again = kr("run", *flag.split(" ", 1), "--upstream", "direct", "--", curl, "-sS", f"http://{name}:{site.port}/")
+        assert again.returncode == 0 and "hello from /" in again.stdout, again.stderr
+    finally:
+        site.close()
