@@ -131,6 +131,7 @@ class _Stream:
         self.sock = sock
         self.clock = clock
         self.buf = b""
+        self.sent = 0           # bytes written to the peer (spliced ones included): end events count them
 
     async def fill(self) -> bool:
         """Read more into ``buf``; False at EOF."""
@@ -167,6 +168,7 @@ class _Stream:
                 await self.clock.wait(self.sock, True)
                 continue
             self.clock.touch()
+            self.sent += n
             view = view[n:]
 
 
@@ -246,6 +248,7 @@ async def _copy_body(src: _Stream, dst: _Stream, n: int, scratch: bytearray) -> 
                 await dst.clock.wait(dst.sock, True)
                 continue
             dst.clock.touch()
+            dst.sent += k
             in_pipe -= k
             moved += k
     finally:
@@ -377,6 +380,7 @@ class _Exchange:
         self.upstream_key: tuple[str, int] | None = None
         self.via_proxy: UpstreamConfig | None = None    # the upstream proxy the connection goes to
         self.ticket: Ticket | None = None               # the request being served (its end event)
+        self._marks: tuple[_Stream, int, int] | None = None   # its upstream, and both counts at its start
         self._scratch: bytearray | None = None
         self.sent_any = False       # part of the current response already reached the client
 
@@ -387,10 +391,16 @@ class _Exchange:
         return self._scratch
 
     def end_request(self) -> None:
-        """The end event of the request served last (forwarded bytes are not counted)."""
+        """The end event of the request served last, with its bytes: up, what went to the
+        origin (request head and body); down, what went back to the client."""
         if self.ticket is not None:
-            self.srv._ended(self.ticket, None)
+            moved = None
+            if self._marks is not None:
+                up, up0, down0 = self._marks
+                moved = (up.sent - up0, self.client.sent - down0)
+            self.srv._ended(self.ticket, moved)
             self.ticket = None
+            self._marks = None
 
     def drop_upstream(self) -> None:
         self.end_request()
@@ -507,6 +517,8 @@ class _Exchange:
                 self.upstream, self.upstream_key = _Stream(sock, self.clock), key
                 self.via_proxy = plan.upstream if plan.kind == CHAIN else None
             self.ticket = ticket
+            assert self.upstream is not None
+            self._marks = (self.upstream, self.upstream.sent, self.client.sent)
         except Refusal as r:
             self.drop_upstream()
             await self.refuse(r.http_status, (r.detail or "") if r.address else str(r), method, host, port, r.reason,

@@ -645,3 +645,21 @@ def test_request_trailers_checked_too(fwd, origin):
                  + b"5\r\nhello\r\n0\r\nX-A: 1\r\n folded\r\n\r\n")
     data = _read_all(s)
     assert status_of(data) == 400, data
+
+
+def test_end_events_of_forwarded_requests_carry_their_bytes(fwd, origin):
+    """The end event of each forwarded request had no byte counts."""
+    events: list = []
+    h = fwd(on_event=events.append)
+    body = b"x" * 1000
+    s = send_raw(h.port, f"POST {origin.url('/sha')} HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    head, answer = read_response(s)
+    assert status_of(head) == 200
+    s.sendall(_get(origin.port, origin.url("/bytes/5000"), b"Connection: close\r\n"))
+    rest = b""
+    while chunk := s.recv(65536):
+        rest += chunk
+    wait_until(lambda: len([e for e in events if e.kind == "end"]) == 2, what="two end events")
+    first, second = [e for e in events if e.kind == "end"]
+    assert first.bytes_up > len(body) and first.bytes_down == len(head) + len(answer)
+    assert second.bytes_down == len(rest) and second.bytes_down > 5000 and second.bytes_up > 0
