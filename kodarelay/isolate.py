@@ -152,6 +152,21 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], sigmask: Iterable[int]) -
     SIGPIPE and SIGXFSZ go back to their defaults (Python ignores them). Raises
     ``RunError`` with 127 / 126 when the command is missing / not executable.
     """
+    from .limits import original_open_files_limit
+
+    original = original_open_files_limit()
+    raised = None
+    if original is not None:     # the command gets the open-files limit kodarelay started with
+        import resource
+
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if raised[0] != original:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(original, raised[1]), raised[1]))
+            except (OSError, ValueError):
+                raised = None
+        else:
+            raised = None
     try:
         return os.posix_spawnp(
             argv[0],
@@ -164,6 +179,11 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], sigmask: Iterable[int]) -
         raise RunError(f"{argv[0]}: command not found", EXIT_NOT_FOUND) from None
     except OSError as e:
         raise RunError(f"{argv[0]}: cannot run: {e.strerror or e}", EXIT_NOT_EXECUTABLE) from None
+    finally:
+        if raised is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, raised)
 
 
 def exit_code(status: int) -> int:
@@ -550,6 +570,9 @@ def _exec_fenced(arch: object, argv: list[str], environ: dict[str, str], blocked
         os._exit(EXIT_RUN_FAILED)
     for sig in (*FORWARDED, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
+    from .limits import restore_open_files_limit_for_child
+
+    restore_open_files_limit_for_child()
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
         os.execvpe(argv[0], argv, environ)
@@ -606,6 +629,9 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv[:split])
     cmd = argv[split + 1 :]
     logging.basicConfig(level=logging.WARNING, format="kodarelay (isolate): %(message)s")
+    from .limits import raise_open_files_limit
+
+    raise_open_files_limit()        # the forwarder's; CMD gets the original back before exec
     sigmask = block_signals()
     os.set_inheritable(args.ready_fd, False)
     die_with_parent(args.parent)

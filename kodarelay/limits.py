@@ -8,6 +8,28 @@ import logging
 log = logging.getLogger(__name__)
 
 
+_original_soft: int | None = None
+
+
+def original_open_files_limit() -> int | None:
+    """The RLIMIT_NOFILE soft limit before ``raise_open_files_limit`` first raised it (None if
+    it never ran): what a command started by kodarelay gets back, since programs that loop up
+    to their limit (closing every fd, sizing tables) must not inherit the proxy's."""
+    return _original_soft
+
+
+def restore_open_files_limit_for_child() -> None:
+    """In a child about to execute a command: put the soft limit back to the original."""
+    import resource
+
+    if _original_soft is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(_original_soft, hard), hard))
+        except (OSError, ValueError):
+            pass
+
+
 def raise_open_files_limit() -> tuple[int, int]:
     """Raise this process's RLIMIT_NOFILE soft limit to its hard limit; returns the
     ``(soft, hard)`` pair in force afterwards.
@@ -20,7 +42,10 @@ def raise_open_files_limit() -> tuple[int, int]:
     """
     import resource
 
+    global _original_soft
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _original_soft is None:
+        _original_soft = soft
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -75,3 +75,26 @@ def test_a_name_on_loopback_is_refused_with_its_address_and_the_exact_flag():
         assert again.returncode == 0 and "hello from /" in again.stdout, again.stderr
     finally:
         site.close()
+
+
+@pytest.mark.parametrize("fence_flag", [[], ["--no-isolate"]], ids=["fenced", "unfenced"])
+def test_cmd_gets_the_open_files_limit_kodarelay_started_with(fence_flag):
+    """The command raises its own RLIMIT_NOFILE soft limit; CMD inherited the raised one."""
+    import resource
+    import subprocess
+
+    from test_fence import KR, clean_env
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 512:
+        pytest.skip("the hard limit leaves nothing to raise")
+    if not fence_flag and _fence_works() is not None:
+        pytest.skip(_fence_works())
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    out = subprocess.run([*KR, "run", *fence_flag, "--upstream", "direct", "--", "sh", "-c", "ulimit -Sn"],
+                         env=clean_env(), capture_output=True, text=True, timeout=60, preexec_fn=lower)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "512"
