@@ -262,6 +262,16 @@ _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 # NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE, each with its lock; KEEP_CAPS locked off.
 _SECUREBITS = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+# With capabilities kept (below): NOROOT locked on; the setuid fixup locked *on* (a process that
+# drops to another user loses them, as apt checks), KEEP_CAPS and NO_CAP_AMBIENT_RAISE locked off.
+_SECUREBITS_KEEPING = 0x01 | 0x02 | 0x08 | 0x20 | 0x80
+_PR_CAP_AMBIENT_RAISE = 2
+#: What a fenced CMD keeps when kodarelay runs as root (ids mapped one to one): the file and
+#: identity capabilities that package managers need to drop to their own users (apt's
+#: ``_apt``) and to install files: CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, KILL,
+#: SETGID, SETUID. None of them reaches the network (no NET_*, no SYS_ADMIN, no SETPCAP, no
+#: SYS_PTRACE), the seccomp filter is the same, and they hold only inside CMD's user namespace.
+KEPT_AS_ROOT = (1 << 8) - 1
 _CAP_VERSION_3 = 0x20080522
 _SECCOMP_SET_MODE_FILTER = 1
 _SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
@@ -301,31 +311,40 @@ def _last_cap() -> int:
         return 63  # PR_CAPBSET_DROP of an unknown capability fails with EINVAL, skipped below
 
 
-def drop_privileges() -> None:
-    """Empty every capability set of this process for good, and set ``no_new_privs``."""
+def drop_privileges(keep: int = 0) -> None:
+    """Empty every capability set of this process for good but the ``keep`` mask (kept in the
+    ambient set too, so that it survives ``exec``), and set ``no_new_privs``."""
     libc = _libc()
     _prctl(_PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
-    _prctl(_PR_SET_SECUREBITS, _SECUREBITS, "prctl(PR_SET_SECUREBITS)")  # needs CAP_SETPCAP: before the drop
+    bits = _SECUREBITS_KEEPING if keep else _SECUREBITS
+    _prctl(_PR_SET_SECUREBITS, bits, "prctl(PR_SET_SECUREBITS)")  # needs CAP_SETPCAP: before the drop
     for cap in range(_last_cap() + 1):
+        if keep >> cap & 1:
+            continue
         if libc.prctl(_PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) < 0:
             if ctypes.get_errno() == errno.EINVAL:
                 break
             raise FenceError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(ctypes.get_errno())}")
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
     header = struct.pack("=Ii", _CAP_VERSION_3, 0)
-    data = bytes(24)  # two struct __user_cap_data_struct {effective, permitted, inheritable}, all zero
+    lo, hi = keep & 0xFFFFFFFF, keep >> 32
+    data = struct.pack("=6I", lo, lo, lo, hi, hi, hi)  # {effective, permitted, inheritable} x 2
     _check(libc.capset(ctypes.c_char_p(header), ctypes.c_char_p(data)), "capset")
-    _verify_dropped()
+    for cap in range(64):
+        if keep >> cap & 1:
+            _check(libc.prctl(_PR_CAP_AMBIENT, ctypes.c_ulong(_PR_CAP_AMBIENT_RAISE), ctypes.c_ulong(cap),
+                              ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl(PR_CAP_AMBIENT_RAISE, {cap})")
+    _verify_dropped(keep)
 
 
-def _verify_dropped() -> None:
+def _verify_dropped(keep: int = 0) -> None:
     """Read back what the kernel says, rather than trust the calls above."""
     try:
         with open("/proc/self/status") as f:
             status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
     except OSError as e:
         raise FenceError(e.errno or errno.EIO, f"cannot verify the privilege drop: {e}") from None
-    left = [k for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb") if int(status.get(k, "1"), 16)]
+    left = [k for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb") if int(status.get(k, "1"), 16) & ~keep]
     if left or status.get("NoNewPrivs", "0").strip() != "1":
         raise FenceError(errno.EPERM, f"privileges left after the drop: {', '.join(left) or 'no_new_privs unset'}")
 
@@ -343,9 +362,10 @@ def install_filter(arch: _Arch, *, mediate_unix: bool) -> int | None:
     return fd if mediate_unix else None
 
 
-def apply(arch: _Arch, *, mediate_unix: bool) -> int | None:
-    """Drop every privilege, then install the filter; what CMD's process does right before exec."""
-    drop_privileges()
+def apply(arch: _Arch, *, mediate_unix: bool, keep: int = 0) -> int | None:
+    """Drop every privilege (but ``keep``), then install the filter; what CMD's process does
+    right before exec."""
+    drop_privileges(keep)
     return install_filter(arch, mediate_unix=mediate_unix)
 
 

@@ -230,13 +230,28 @@ def supervise(pid: int) -> int:
 # ── the host side of --isolate ───────────────────────────────────────────────
 
 
-def unshare_argv(unshare: str) -> list[str]:
+def unshare_argv(unshare: str, map_root: bool = True) -> list[str]:
     """``unshare --user --map-root-user --net``: a user namespace whoever runs it.
 
     As root too: the capabilities the helper holds are then those of the new user
-    namespace, never the host's, so nothing in the fence can ``setns`` back out.
+    namespace, never the host's, so nothing in the fence can ``setns`` back out. Without
+    ``map_root`` the ids are mapped by kodarelay itself once the helper asks (root maps the
+    system's ids one to one: ``spawn_isolated``).
     """
-    return [unshare, "--user", "--map-root-user", "--net", "--"]
+    return [unshare, "--user", "--map-root-user", "--net", "--"] if map_root else [unshare, "--user", "--net", "--"]
+
+
+#: The ids a fence started by root maps one to one: the system's users and groups (apt's
+#: ``_apt``, ``nobody``), so that programs that drop to them work fenced.
+ROOT_ID_MAP = "0 0 65536\n"
+
+
+def _map_ids(pid: int) -> None:
+    """Write the helper's id maps (root only: one to one for ``ROOT_ID_MAP``; ``setgroups``
+    stays allowed, as a privileged writer may leave it)."""
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(ROOT_ID_MAP)
 
 
 def fence_unavailable() -> str | None:
@@ -287,13 +302,21 @@ def spawn_isolated(
         raise FenceUnavailable(f"--isolate: {why}; refusing to run CMD unfenced")
     unshare = shutil.which("unshare") or "unshare"
     rfd, wfd = os.pipe()
+    # As root the system's ids are mapped one to one (apt & co. drop to their own users) and
+    # CMD keeps the file capabilities they need (``_fence.KEPT_AS_ROOT``); the helper asks
+    # for its maps on the ready pipe once its namespaces exist, and waits on ``go``.
+    map_ids = os.geteuid() == 0
+    go_r, go_w = os.pipe() if map_ids else (-1, -1)
     try:
         os.set_inheritable(wfd, True)
-        argv = unshare_argv(unshare) + [
+        argv = unshare_argv(unshare, map_root=not map_ids) + [
             sys.executable, "-m", "kodarelay._isolate_child",
             "--uds", uds_path, "--ready-fd", str(wfd), "--parent", str(os.getpid()),
             "--all-proxy-scheme", all_proxy_scheme,
         ]
+        if map_ids:
+            os.set_inheritable(go_r, True)
+            argv += ["--map-fd", str(go_r)]
         if ca_bundle is not None:
             argv += ["--ca-bundle", ca_bundle]
         for path in allow_unix:
@@ -305,9 +328,21 @@ def spawn_isolated(
             pid = spawn(argv, env, sigmask)
         finally:
             os.close(wfd)
+            if map_ids:
+                os.close(go_r)
         ready = _read_ready(rfd, ready_timeout)
+        if ready == "map":
+            try:
+                _map_ids(pid)
+                os.write(go_w, b"g")
+            except OSError as e:
+                ready = f"fail cannot map the fence's ids: {e.strerror or e}"
+            else:
+                ready = _read_ready(rfd, ready_timeout)
     finally:
         os.close(rfd)
+        if map_ids:
+            os.close(go_w)
     if ready == "ok":
         return pid
     try:
@@ -444,7 +479,7 @@ def allow_unprivileged_ports() -> None:
 
 def spawn_fenced(
     cmd: Sequence[str], env: Mapping[str, str], sigmask: Iterable[int], *, allow_unix: Sequence[str] = (),
-    protect: Sequence[str] = (),
+    protect: Sequence[str] = (), keep_caps: bool = False,
 ) -> tuple[int, int | None]:
     """Start CMD fenced; returns the pid to supervise and, with ``allow_unix``, the seccomp
     notification fd for ``UnixGate``.
@@ -489,7 +524,8 @@ def spawn_fenced(
                     if child_chan is not None:
                         child_chan.close()
                     os._exit(supervise_as_init(cmd_pid))
-            _exec_fenced(arch, argv, environ, blocked, mediate, child_chan, wfd)
+            _exec_fenced(arch, argv, environ, blocked, mediate, child_chan, wfd,
+                         _fence.KEPT_AS_ROOT if keep_caps else 0)
         finally:
             os._exit(EXIT_NOT_FOUND)
     os.close(wfd)
@@ -554,13 +590,13 @@ def _ignore_signal(signum: int, frame: object) -> None:
 
 
 def _exec_fenced(arch: object, argv: list[str], environ: dict[str, str], blocked: set[int], mediate: bool,
-                 child_chan: socket.socket | None, wfd: int) -> None:
+                 child_chan: socket.socket | None, wfd: int, keep: int = 0) -> None:
     """CMD's own process: close inherited sockets, drop every privilege, install the filter,
     execute CMD. Reports a failure on ``wfd``; returns only to be ``_exit``-ed."""
     from . import _fence, _fence_mounts
 
     try:
-        notify_fd = _fence.apply(arch, mediate_unix=mediate)  # type: ignore[arg-type]
+        notify_fd = _fence.apply(arch, mediate_unix=mediate, keep=keep)  # type: ignore[arg-type]
         if notify_fd is not None and child_chan is not None:
             socket.send_fds(child_chan, [b"L"], [notify_fd])
             os.close(notify_fd)
@@ -624,14 +660,13 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--all-proxy-scheme", default="socks5h")
     p.add_argument("--allow-unix", action="append", default=[])
     p.add_argument("--protect", action="append", default=[])
+    p.add_argument("--map-fd", type=int)
+    p.add_argument("--ids-mapped", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # CMD follows the first "--", untouched
     args = p.parse_args(argv[:split])
     cmd = argv[split + 1 :]
     logging.basicConfig(level=logging.WARNING, format="kodarelay (isolate): %(message)s")
-    from .limits import raise_open_files_limit
-
-    raise_open_files_limit()        # the forwarder's; CMD gets the original back before exec
     sigmask = block_signals()
     os.set_inheritable(args.ready_fd, False)
     die_with_parent(args.parent)
@@ -642,6 +677,22 @@ def child_main(argv: Sequence[str] | None = None) -> int:
 
     if not cmd:
         return fail("no command given")
+    if args.map_fd is not None:          # root: kodarelay maps our ids, then says go
+        os.write(args.ready_fd, b"map\n")
+        readable, _, _ = select.select([args.map_fd], [], [], READY_TIMEOUT)
+        got = os.read(args.map_fd, 1) if readable else b""
+        os.close(args.map_fd)
+        if got != b"g":
+            return fail("the fence's ids were not mapped")
+        # The capabilities of the namespace were lost at our exec (we were unmapped then):
+        # execute again, as the mapped root, to have them.
+        os.set_inheritable(args.ready_fd, True)
+        i = argv.index("--map-fd")
+        again = [*argv[:i], "--ids-mapped", *argv[i + 2:]]
+        os.execv(sys.executable, [sys.executable, "-m", "kodarelay._isolate_child", *again])
+    from .limits import raise_open_files_limit
+
+    raise_open_files_limit()        # the forwarder's; CMD gets the original back before exec
     try:
         loopback_up()
         forwarder = UdsForwarder(args.uds)  # bound and listening; its thread starts after the fork
@@ -652,7 +703,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     env.update(run_bouquet(forwarder.port, args.ca_bundle, args.all_proxy_scheme))
     try:
         protect = [*args.protect, os.path.dirname(os.path.abspath(__file__))]   # kodarelay's own installation
-        pid, listener = spawn_fenced(cmd, env, sigmask, allow_unix=args.allow_unix, protect=protect)
+        pid, listener = spawn_fenced(cmd, env, sigmask, allow_unix=args.allow_unix, protect=protect,
+                                     keep_caps=args.ids_mapped)
     except FenceError as e:
         return fail(str(e))
     except RunError as e:  # the fence held; CMD itself could not be executed: kodarelay says so

@@ -344,3 +344,52 @@ def _env_with(**extra: str) -> dict[str, str]:
     from test_fence import clean_env
 
     return clean_env(**extra)
+
+
+# ── issue 22: apt fenced as root ─────────────────────────────────────────────
+
+def _local_apt_repo(root) -> str:  # type: ignore[no-untyped-def]
+    """A flat apt repository (an empty Packages and an unsigned Release) in ``root``."""
+    import hashlib
+
+    packages = b""
+    (root / "Packages").write_bytes(packages)
+    (root / "Release").write_text(
+        "Origin: kodarelay-test\nLabel: kodarelay-test\nSuite: stable\nCodename: test\n"
+        "Architectures: amd64 arm64 all\nComponents: main\nDate: Sat, 05 Dec 2026 00:00:00 UTC\n"
+        f"SHA256:\n {hashlib.sha256(packages).hexdigest()} {len(packages)} Packages\n")
+    return str(root)
+
+
+def test_apt_get_update_works_fenced_as_root_with_no_flags(fence, tmp_path):
+    """apt could not drop to its _apt user inside the fence (setgroups / seteuid failed,
+    'Method http has died'): root's fence maps the system's ids and keeps the file and
+    identity capabilities apt needs, none that reaches the network."""
+    import functools
+    import http.server
+    import threading
+
+    if os.geteuid() != 0:
+        pytest.skip("apt's privilege drop is root's")
+    apt = require_tool("apt-get")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=_local_apt_repo(repo))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    state = tmp_path / "state"
+    (state / "lists" / "partial").mkdir(parents=True)
+    (state / "cache").mkdir()
+    sources = tmp_path / "sources.list"
+    sources.write_text(f"deb [trusted=yes] http://localhost:{httpd.server_address[1]}/ ./\n")
+    try:
+        out = kr("run", "--allow", "localhost", "--upstream", "direct", "--", apt, "update",
+                 "-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/nonexistent",
+                 "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "setgroups" not in out.stdout + out.stderr and "has died" not in out.stdout + out.stderr
+    assert any(name.endswith("_Release") for name in os.listdir(state / "lists")), os.listdir(state / "lists")
