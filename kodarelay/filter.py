@@ -38,10 +38,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence, Union
 
 from .hostaddrs import own_addresses
+from .requestrules import RequestPart, split_request_pattern
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 #: A canonical host: a lowercase ASCII name without trailing dot, or an IP address object.
 CanonicalHost = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
-Reason = Literal["allowed", "not_allowed", "denied", "bad_host", "resolved_address"]
+Reason = Literal["allowed", "not_allowed", "denied", "bad_host", "resolved_address", "request_not_allowed",
+                 "request_denied", "bad_path"]
 
 DEFAULT_DEV_ALLOWLIST: tuple[str, ...] = (
     "github.com",
@@ -322,6 +325,7 @@ class _Rule:
     name: str | None = None  # exact name, or the suffix of a wildcard
     wildcard: bool = False
     net: IPNetwork | None = None
+    request: RequestPart | None = None   # methods / path: a request rule (``kodarelay.requestrules``)
 
     def port_matches(self, port: int | None, *, deny: bool) -> bool:
         if self.port is None:
@@ -411,12 +415,29 @@ def _parse_pattern(raw: str, index: int) -> _Rule:
         raise _pattern_error(raw, "must not be empty")
     if not text.isascii():
         raise _pattern_error(raw, "must be ASCII; write IDN labels as punycode (xn--...)")
-    if any(c <= " " or c == "\x7f" for c in text):
-        raise _pattern_error(raw, "contains whitespace or a control byte")
+    if any((c < " " and c != "\t") or c == "\x7f" for c in text):
+        raise _pattern_error(raw, "contains a control byte")
+    if _URL_SCHEME.match(text.lower()) or "@" in text:     # a URL, or scp-like git@host:path
+        hint = url_hint(text)
+        if hint is not None:
+            raise _url_error(raw, hint)
+    text, request, why = split_request_pattern(text)
+    if why is not None:
+        raise _pattern_error(raw, why)
+    if any(c <= " " for c in text):
+        raise _pattern_error(raw, "contains whitespace")
     text = text.lower()
     hint = url_hint(text)
     if hint is not None:
         raise _url_error(raw, hint)
+    rule = _parse_host_pattern(raw, text, index)
+    if request is None:
+        return rule
+    return dataclasses.replace(rule, text=raw.strip(), request=request)
+
+
+def _parse_host_pattern(raw: str, text: str, index: int) -> _Rule:
+    """The host half of a pattern (lower-cased, no methods, no path)."""
 
     port: int | None = None
     bracketed = text.startswith("[")
@@ -500,19 +521,41 @@ class _RuleSet:
             else:
                 self.exact.setdefault(r.name or "", []).append(r)
 
-    def match(self, host: CanonicalHost, port: int | None, *, deny: bool) -> _Rule | None:
+    def _candidates(self, host: CanonicalHost) -> list[_Rule]:
         if isinstance(host, str):
             candidates = list(self.exact.get(host, ()))
             head, dot, parent = host.partition(".")
             if dot and head:
                 candidates += self.wild.get(parent, ())
-        else:
-            candidates = [r for r in self.nets if r.net is not None and host in r.net]
+            return candidates
+        return [r for r in self.nets if r.net is not None and host in r.net]
+
+    def match(self, host: CanonicalHost, port: int | None, *, deny: bool) -> _Rule | None:
+        """The first rule naming ``host:port`` at connection level: every allow rule names its
+        host (request rules included); only host rules deny a whole connection."""
         best: _Rule | None = None
-        for r in candidates:
+        for r in self._candidates(host):
+            if deny and r.request is not None:
+                continue
             if r.port_matches(port, deny=deny) and (best is None or r.index < best.index):
                 best = r
         return best
+
+    def match_request(self, host: CanonicalHost, port: int | None, method: str, path: str, *,
+                      deny: bool) -> _Rule | None:
+        """The first rule matching one request (a host rule matches every request)."""
+        best: _Rule | None = None
+        for r in self._candidates(host):
+            if not r.port_matches(port, deny=deny):
+                continue
+            if r.request is not None and not r.request.matches(method, path):
+                continue
+            if best is None or r.index < best.index:
+                best = r
+        return best
+
+    def has_request_rules(self, host: CanonicalHost, port: int | None) -> bool:
+        return any(r.request is not None and r.port_matches(port, deny=True) for r in self._candidates(host))
 
     def match_address(self, addrs: Iterable[IPAddress], port: int | None, *, deny: bool) -> _Rule | None:
         found = [r for a in addrs if (r := self.match(a, port, deny=deny)) is not None]
@@ -677,12 +720,71 @@ class Filter:
         """True when ``host`` (``host:port``, ``[v6]:port`` or bare v6 accepted) may be reached."""
         return self.explain(host, port).allowed
 
-    def explain(self, host: str, port: int | None = None) -> Decision:
-        """The decision for ``host[:port]`` with the rule that made it; never raises for a str."""
+    def explain(self, host: str, port: int | None = None, method: str | None = None,
+                path: str | None = None) -> Decision:
+        """The decision for ``host[:port]`` with the rule that made it; never raises for a str.
+
+        With ``method`` and / or ``path`` it judges one request to that host (see
+        ``explain_request``); without, the connection: admitted when any allow rule names
+        the host (request rules included) and no host deny rule does."""
+        if method is not None or path is not None:
+            return self.explain_request(host, port, method or "GET", path or "/")
         decision, _ = self._explain(host, port)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("filter %r port=%s -> %s (%s)", host, port, decision.reason, decision.rule)
         return decision
+
+    def explain_request(self, host: str | IPAddress, port: int | None, method: str, path: str) -> Decision:
+        """One request: allowed when an allow rule matches it (a host rule matches every
+        request) and no deny rule does; deny wins. ``request_denied`` for a deny request rule,
+        ``request_not_allowed`` when allow rules name the host but none matches the request,
+        ``bad_path`` for a path that is not plain on a host with request rules. The query
+        string is never matched."""
+        from .requestrules import bad_path
+
+        try:
+            canon, port = parse_target(host, port)
+        except ValueError as e:
+            return Decision(False, None, "bad_host", None, port, str(e))
+        text = str(canon)
+        if self._deny.match(canon, port, deny=True) is not None:
+            rule = self._deny.match(canon, port, deny=True)
+            return Decision(False, rule.text if rule else None, "denied", text, port)
+        if self.has_request_rules(canon, port):
+            why = bad_path(path)
+            if why is not None:
+                return Decision(False, None, "bad_path", text, port, why)
+        rule = self._deny.match_request(canon, port, method, path, deny=True)
+        if rule is not None:
+            return Decision(False, rule.text, "request_denied", text, port)
+        rule = self._allow.match_request(canon, port, method, path, deny=False)
+        if rule is not None:
+            return Decision(True, rule.text, "allowed", text, port)
+        if self._allow.match(canon, port, deny=False) is not None:
+            return Decision(False, None, "request_not_allowed", text, port)
+        return Decision(False, None, "not_allowed", text, port)
+
+    def has_request_rules(self, host: str | IPAddress, port: int | None = None) -> bool:
+        """Whether a request rule (allow or deny) names ``host[:port]``: its requests must then
+        be judged one by one (plain HTTP is; HTTPS needs inspection)."""
+        try:
+            canon, port = parse_target(host, port)
+        except ValueError:
+            return False
+        return self._allow.has_request_rules(canon, port) or self._deny.has_request_rules(canon, port)
+
+    def needs_inspection(self, host: str | IPAddress, port: int | None = None) -> bool:
+        """Whether a tunnel to ``host[:port]`` can only be admitted with its requests judged:
+        a deny request rule names it, or request rules admit it and no host rule does."""
+        try:
+            canon, port = parse_target(host, port)
+        except ValueError:
+            return False
+        if self._deny.has_request_rules(canon, port):
+            return True
+        if not self._allow.has_request_rules(canon, port):
+            return False
+        return not any(r.request is None and r.port_matches(port, deny=False) for r in self._allow._candidates(canon))
 
     def _explain(self, host: str | IPAddress, port: int | None) -> tuple[Decision, CanonicalHost | None]:
         try:

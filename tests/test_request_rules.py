@@ -1,0 +1,115 @@
+"""Request rules in the filter: ``[METHODS ]HOST[:PORT][/PATH]`` and ``read-only HOST``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kodarelay import Filter, PatternError
+from kodarelay.requestrules import bad_path
+
+
+@pytest.mark.parametrize(("pattern", "method", "path", "allowed"), [
+    ("read-only github.com", "GET", "/psf/requests", True),
+    ("read-only github.com", "HEAD", "/", True),
+    ("read-only github.com", "OPTIONS", "/x", True),
+    ("read-only github.com", "POST", "/gists", False),
+    ("GET,HEAD github.com/repos/*", "GET", "/repos/a/b", True),
+    ("GET,HEAD github.com/repos/*", "GET", "/gists", False),
+    ("GET,HEAD github.com/repos/*", "PUT", "/repos/a", False),
+    ("* api.test/v1/*", "DELETE", "/v1/x", True),
+    ("api.test/v1/exact", "PATCH", "/v1/exact", True),
+    ("api.test/v1/exact", "GET", "/v1/exact/more", False),
+    ("api.test/v1/exact", "GET", "/v1/exact?token=1", True),       # the query is never matched
+    ("POST api.test", "POST", "/anything/at/all", True),
+    ("POST api.test", "GET", "/", False),
+    ("api.test/a*z", "GET", "/a/b/c/z", True),                     # * crosses slashes
+    ("10.1.2.3/api/*", "GET", "/api/x", True),
+])
+def test_request_rules_match_method_and_path(pattern, method, path, allowed):
+    f = Filter([pattern])
+    host = pattern.split(" ")[-1].split("/")[0].split(":")[0]
+    d = f.explain(host, 443, method, path)
+    assert d.allowed is allowed, d
+    if not allowed:
+        assert d.reason == "request_not_allowed"
+
+
+def test_connection_level_admits_a_host_any_allow_rule_names():
+    f = Filter(["read-only github.com"], ["DELETE api.test/*"])
+    assert f.explain("github.com", 443).allowed
+    assert not f.explain("api.test", 443).allowed and f.explain("api.test", 443).reason == "not_allowed"
+
+
+def test_deny_wins_and_a_host_deny_refuses_every_request():
+    f = Filter(["*.test"], ["DELETE api.test/*", "gist.test"])
+    assert f.explain("api.test", 443, "GET", "/x").allowed
+    d = f.explain("api.test", 443, "DELETE", "/x")
+    assert not d.allowed and d.reason == "request_denied" and d.rule == "DELETE api.test/*"
+    assert f.explain("gist.test", 443, "GET", "/").reason == "denied"
+    assert not f.explain("gist.test", 443).allowed          # a host deny refuses the connection too
+    assert f.explain("api.test", 443).allowed               # a request deny does not
+
+
+def test_an_ip_literal_keeps_its_cidr_prefix():
+    assert Filter(["10.0.0.0/8"]).explain("10.9.8.7", 443).allowed
+    assert not Filter(["10.0.0.0/8"]).has_request_rules("10.9.8.7", 443)
+    f = Filter(["10.1.2.3/api/*"])
+    assert f.has_request_rules("10.1.2.3", 443) and not f.explain("10.1.2.3", 443, "GET", "/other").allowed
+
+
+@pytest.mark.parametrize("pattern", ["get github.com", "GET github.com/x?y=1", "GET, github.com", "read-only github.com/x",
+                                     "GET github.com some.com", "GET https://github.com/x"])
+def test_bad_request_patterns_name_the_pattern(pattern):
+    with pytest.raises(PatternError) as info:
+        Filter([pattern])
+    assert repr(pattern) in str(info.value)
+
+
+def test_https_url_keeps_its_did_you_mean():
+    with pytest.raises(PatternError, match="did you mean 'pypi.org'"):
+        Filter(["https://pypi.org/simple"])
+
+
+@pytest.mark.parametrize(("path", "bad"), [
+    ("/a/b", False), ("/a/./b", True), ("/a/../b", True), ("/a/..", True), ("/.", True), ("/a\\b", True),
+    ("/a%2fb", True), ("/a%2Fb", True), ("/a%5cb", True), ("/a%2eb", True), ("/a%00", True), ("/a%41", False),
+    ("/a/..b", False), ("/x?q=/../", False),
+])
+def test_bad_paths(path, bad):
+    assert (bad_path(path) is not None) is bad
+
+
+def test_bad_path_is_judged_only_on_hosts_with_request_rules():
+    assert Filter(["read-only a.test"]).explain("a.test", 80, "GET", "/x/../y").reason == "bad_path"
+    assert Filter(["a.test"]).explain("a.test", 80, "GET", "/x/../y").allowed
+
+
+def test_needs_inspection():
+    f = Filter(["read-only github.com", "pypi.org", "GET pypi.org/simple/*", "api.test"], ["DELETE api.test/*"])
+    assert f.needs_inspection("github.com", 443)          # only request rules admit it
+    assert not f.needs_inspection("pypi.org", 443)        # a host rule admits every request
+    assert f.needs_inspection("api.test", 443)            # a deny request rule must see each request
+    assert not f.needs_inspection("other.test", 443)
+
+
+_PATH_ALPHABET = st.sampled_from(list("/ab*.-_") )
+
+
+@settings(max_examples=400, deadline=None)
+@given(rule=st.text(_PATH_ALPHABET, min_size=1, max_size=8), path=st.text(st.sampled_from(list("/ab.-_")), max_size=10))
+def test_the_path_matcher_agrees_with_a_reference(rule: str, path: str) -> None:
+    """``*`` matches any run (slashes included), the rest literally: the same as a regex made
+    by hand, for every rule and path."""
+    rule_path = "/" + rule.lstrip("/")
+    target = "/" + path.lstrip("/")
+    reference = re.fullmatch("".join(".*" if c == "*" else re.escape(c) for c in rule_path), target, re.S)
+    f = Filter([f"GET fuzz.test{rule_path}"])
+    d = f.explain("fuzz.test", 80, "GET", target)
+    if bad_path(target) is not None:
+        assert d.reason == "bad_path"
+    else:
+        assert d.allowed is (reference is not None), (rule_path, target, d)
