@@ -78,6 +78,10 @@ REASON_TEXT = {
     "decider_timeout": "the decider did not answer in time",
     "decider_error": "the decider failed or gave no valid answer",
     "upstream_refused": "the upstream proxy refused it",
+    "needs_inspection": "request rules name this host; a tunnel's requests cannot be read (a host rule tunnels it)",
+    "request_not_allowed": "no --allow rule matches this request's method and path",
+    "request_denied": "a --deny request rule matches it",
+    "bad_path": "the path is not plain (dot segments, backslashes or encoded separators)",
 }
 SUMMARY_LINES = 20
 #: how long ``--ask`` waits for the person at the terminal before refusing

@@ -64,6 +64,8 @@ _ADMIT = {
     "decider_timeout": "the approval hook did not answer in time; --allow {target} admits it without asking",
     "decider_error": "the approval hook failed; --allow {target} admits it without asking",
     "address_type": "send the host name instead (socks5h://), or allow the address with --allow {target}",
+    "needs_inspection": "request rules name this host, and a tunnel's requests cannot be read; "
+                        "tunnel it with a host rule (--allow {target}), or use plain http:// to have each request judged",
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Iterator, NamedTuple, Optional, Tup
 
 from . import relay
 from ._aio import recv_within
-from .dial import DIRECT, REFUSE, Dialer, Plan, Refusal, Resolver
+from .dial import DIRECT, REFUSE, REP_NOT_ALLOWED, Dialer, Plan, Refusal, Resolver
 from .events import Decider, Event, EventStream, OnEvent, Request, next_tunnel_id
 from .filter import Filter
 from .upstream import UpstreamConfig, connect_request
@@ -403,7 +403,9 @@ class ProxyServer:
 
     def _plan_now(self, target: Target) -> Plan | None:
         plan = self.dialer.plan_now(target.host, target.port)
-        return plan if plan is None or not target.literal else _literal_plan(plan)
+        if plan is None:
+            return None
+        return self._tunnel_check(target, plan if not target.literal else _literal_plan(plan))
 
     async def _plan(self, protocol: str, target: Target) -> Plan:
         plan = self._plan_now(target)
@@ -411,7 +413,21 @@ class ProxyServer:
             plan = await self.dialer.plan(Request(protocol, target.method, target.host, target.port, target.client))
             if target.literal:
                 plan = _literal_plan(plan)
+            plan = self._tunnel_check(target, plan)
         return plan
+
+    def _tunnel_check(self, target: Target, plan: Plan) -> Plan:
+        """A tunnel (CONNECT, SOCKS5) to a host whose requests must be judged one by one
+        (request rules name it) is refused ``needs_inspection``: its bytes would pass unread.
+        Forwarded plain HTTP is judged per request instead. Such a refusal is never handed to
+        the engine's cache as an allow (the plan is not the Dialer's)."""
+        if plan.kind == REFUSE or target.method != "CONNECT":
+            return plan
+        if not self.dialer.policy.filter.needs_inspection(plan.host, plan.port):
+            return plan
+        refusal = Refusal(f"{plan.host}:{plan.port} needs inspection", http_status=403, socks_rep=REP_NOT_ALLOWED,
+                          reason="needs_inspection", rule=None, source="rule")
+        return Plan(REFUSE, plan.host, plan.port, refusal, source="rule", ttl=0)
 
     # ── the asyncio path ─────────────────────────────────────────────────────
 

@@ -35,6 +35,10 @@ REASONS = (
     "decider_timeout",
     "decider_error",
     "upstream_refused",
+    "needs_inspection",
+    "request_not_allowed",
+    "request_denied",
+    "bad_path",
 )
 
 

@@ -113,3 +113,28 @@ def test_the_path_matcher_agrees_with_a_reference(rule: str, path: str) -> None:
         assert d.reason == "bad_path"
     else:
         assert d.allowed is (reference is not None), (rule_path, target, d)
+
+
+# ── through the proxy: a tunnel's requests cannot be read ───────────────────
+
+@pytest.mark.parametrize("socks", [False, True], ids=["connect", "socks5"])
+def test_a_tunnel_to_a_host_with_request_rules_is_refused_needs_inspection(start_proxy, echo, socks):
+    """Request rules admit a host at connection level, but a blind tunnel would carry any
+    request: without inspection it is refused, on both front-ends and from the engine's cache."""
+    from peers import http_connect, socks5_connect, status_of
+
+    h = start_proxy(["read-only localhost", "127.0.0.1"], socks5=True)
+    for _ in range(3):                       # the second and third would hit a cached plan
+        if socks:
+            s, reply = socks5_connect(h.port, b"localhost", echo.port)
+            assert reply[1] == 0x02, reply
+        else:
+            s, head = http_connect(h.port, f"localhost:{echo.port}")
+            assert status_of(head) == 403 and b"X-Proxy-Error: needs_inspection" in head, head
+            body = b""
+            while chunk := s.recv(4096):
+                body += chunk
+            assert b"tunnel it with a host rule" in body, body
+        s.close()
+    assert echo.accepted == 0
+    assert [v.reason for v in h.violations()] == ["needs_inspection"] * 3
