@@ -687,6 +687,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         # The capabilities of the namespace were lost at our exec (we were unmapped then):
         # execute again, as the mapped root, to have them.
         os.set_inheritable(args.ready_fd, True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)   # the next run blocks them again itself
         i = argv.index("--map-fd")
         again = [*argv[:i], "--ids-mapped", *argv[i + 2:]]
         os.execv(sys.executable, [sys.executable, "-m", "kodarelay._isolate_child", *again])

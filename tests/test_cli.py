@@ -513,7 +513,7 @@ def test_run_command_not_executable_is_126(tmp_path):
         (["--ca-bundle", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
         # issue 13: a URL said "invalid port '//pypi.org'", a path "invalid CIDR prefix length"
         (["--allow", "https://pypi.org"], "is a URL; patterns are host[:port], e.g. 'pypi.org' or '*.npmjs.org:443' (did you mean 'pypi.org'?)"),
-        (["--allow", "pypi.org/simple"], "has a path; patterns are host[:port], e.g. 'pypi.org' or '*.npmjs.org:443' (did you mean 'pypi.org'?)"),
+        (["--allow", "pypi.org?x=1"], "has a path; patterns are host[:port], e.g. 'pypi.org' or '*.npmjs.org:443' (did you mean 'pypi.org'?)"),
         (["--deny", "https://evil.example:8443/x"], "(did you mean 'evil.example:8443'?)"),
     ],
 )

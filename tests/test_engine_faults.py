@@ -614,7 +614,7 @@ async def test_many_tunnels_leave_no_fd(engine):
             c.close()
             s.close()
     engine.shutdown_engine()
-    assert fds() == start
+    assert fds() <= start       # (another test's objects collected meanwhile may close fds of theirs)
 
 
 
