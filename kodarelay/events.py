@@ -61,10 +61,19 @@ class Event:
     duration: Optional[float] = None
     #: more about ``reason`` (e.g. "upstream refused (403)"); never a path or query
     detail: Optional[str] = None
+    #: the request's path, never its query (None for a tunnel's own events)
+    path: Optional[str] = None
+    #: whether the request was read decrypted (a tunnel's bytes are not)
+    inspected: bool = False
+    #: the origin's status for a forwarded or inspected request's end
+    status: Optional[int] = None
+    #: the names of the secrets swapped into the request
+    secrets: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         """The event as a JSON object (None fields left out)."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+                if v is not None and v != () and not (k == "inspected" and v is False)}
 
 
 _tunnel_ids = itertools.count(1)

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 
 from . import relay
 from ._aio import wait_ready
+from .events import Event
+from .requestrules import shown_path
 from .dial import CHAIN, REP_CONNECTION_REFUSED, Plan, Refusal
 from .serving import HandshakeTimeout, Target, Ticket
 from .upstream import UpstreamConfig, _open_proxy, proxy_authorization
@@ -507,9 +509,23 @@ class _Exchange:
         upgrade = _is_websocket_upgrade(fmap)
         key = (host, port)
         client = _basic_user(fmap.get(b"proxy-authorization", []))
+        # The path is part of the record only where a rule judges it (a host with request
+        # rules); elsewhere events and violations keep host and port only, as a path may carry
+        # a token. Never the query.
+        judged = srv.dialer.policy.filter.has_request_rules(host, port)
+        path = shown_path(origin) if judged else None
+        self.end_request()
+        refused = self._request_refusal(method, host, port, origin) if judged else None
+        if refused is not None:
+            reason, detail, rule = refused
+            srv.record("http", host, port, reason, client, detail, method=method, path=shown_path(origin))
+            srv.emit(Event(time.time(), "refuse", "http", method, host, port, client, reason, rule, "rule",
+                           detail=detail, path=shown_path(origin)))
+            keep = not body and version != "HTTP/1.0" and b"close" not in _tokens(fmap.get(b"connection", []))
+            await self.reply(request_refusal(reason, method, host, port, shown_path(origin), detail, rule, keep))
+            return True if keep else None
         try:
-            self.end_request()
-            plan, ticket = await _judge(srv, method, host, port, client)
+            plan, ticket = await _judge(srv, method, host, port, client, path)
             if self.upstream is None or self.upstream_key != key:
                 self.drop_upstream()
                 sock = await _open_upstream(srv, plan, ticket, method, client)
@@ -574,6 +590,18 @@ class _Exchange:
                         await upload
                     except BaseException:
                         pass
+
+    def _request_refusal(self, method: str, host: str, port: int, origin: str) -> tuple[str, str | None, str | None] | None:
+        """``(reason, detail, rule)`` when request rules refuse this request (its host is
+        admitted by them, the request itself is not), else None: host-level refusals are the
+        plan's to make, with the decider and the guard."""
+        flt = self.srv.dialer.policy.filter
+        if not flt.has_request_rules(host, port):
+            return None
+        decision = flt.explain_request(host, port, method, origin)
+        if decision.reason in ("request_not_allowed", "request_denied", "bad_path"):
+            return decision.reason, decision.detail or None, decision.rule
+        return None
 
     def _rebuild(self, method: str, version: str, origin: str, authority: str,
                  fields: list[tuple[bytes, bytes]], fmap: dict[bytes, list[bytes]], upgrade: bool) -> bytes:
@@ -726,15 +754,37 @@ async def forward_session(srv: ProxyServer, conn: socket.socket, buf: bytes, dea
         ex.drop_upstream()
 
 
+def request_refusal(reason: str, method: str, host: str, port: int, path: str, detail: str | None,
+                    rule: str | None, keep_alive: bool) -> bytes:
+    """A request refused by request rules, written for the reader: ``403`` (``400`` for
+    ``bad_path``) with ``X-Proxy-Error``, one line naming method, host, path and what would
+    admit it; the connection stays open when the refused request had no body."""
+    shown = f"[{host}]" if ":" in host else host
+    where = f"{shown}:{port}{path}"
+    if reason == "request_denied":
+        why = f"a deny rule matches it ({rule})"
+    elif reason == "bad_path":
+        why = f"{detail}; paths must be plain on hosts with request rules"
+    else:
+        why = f"allow it with --allow '{method} {shown}{path}'"
+    body = f"kodarelay: {method} {where} refused ({reason}); {why}\n".encode("ascii", "replace")
+    code, text = (400, "Bad Request") if reason == "bad_path" else (403, "Forbidden")
+    head = (f"HTTP/1.1 {code} {text}\r\nX-Proxy-Error: {reason}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
+    return head.encode("ascii") + body
+
+
 # ── the policy: the one place forwarding asks it ─────────────────────────────
 
 
-async def _judge(srv: ProxyServer, method: str, host: str, port: int, client: str | None) -> tuple[Plan, Ticket]:
+async def _judge(srv: ProxyServer, method: str, host: str, port: int, client: str | None,
+                 path: str | None = None) -> tuple[Plan, Ticket]:
     """The server's one plan for ``host:port`` (filter, decider, guard, upstream), recorded
-    like a CONNECT's (violation and refuse event, or allow event); a refusal is raised."""
+    like a CONNECT's (violation and refuse event, or allow event, with the request's method
+    and ``path``); a refusal is raised."""
     target = Target(host, port, b"", method, client)
     plan = await srv._plan("http", target)
-    ticket = srv._judged("http", target, plan)
+    ticket = srv._judged("http", target, plan, path)
     if ticket is None:
         assert plan.refusal is not None
         raise plan.refusal

@@ -95,9 +95,10 @@ class Protocol:
 class Ticket:
     """An allowed tunnel, from its allow event to its end event."""
 
-    __slots__ = ("id", "protocol", "method", "host", "port", "client", "start")
+    __slots__ = ("id", "protocol", "method", "host", "port", "client", "start", "path")
 
-    def __init__(self, protocol: str, method: str, host: str, port: int, client: str | None) -> None:
+    def __init__(self, protocol: str, method: str, host: str, port: int, client: str | None,
+                 path: str | None = None) -> None:
         self.id = next_tunnel_id()
         self.protocol = protocol
         self.method = method
@@ -105,6 +106,7 @@ class Ticket:
         self.port = port
         self.client = client
         self.start = time.monotonic()
+        self.path = path              # a forwarded request's path (never its query)
 
 
 def default_max_handshakes() -> int:
@@ -332,24 +334,28 @@ class ProxyServer:
         """The protocol of a handshake the engine read."""
         raise NotImplementedError
 
-    def _judged(self, proto: str, target: Target, plan: Plan) -> Ticket | None:
+    def _judged(self, proto: str, target: Target, plan: Plan, path: str | None = None) -> Ticket | None:
         """Record what ``plan`` means (a violation and a refuse event, or an allow event);
-        returns the ticket of an allowed tunnel. Any thread."""
+        returns the ticket of an allowed tunnel. Any thread. ``path``: a forwarded request's
+        (never its query)."""
+        method = target.method if path is not None else None
         if plan.kind == REFUSE:
             r = plan.refusal
             assert r is not None
-            self.record(proto, plan.host, plan.port, r.reason or "refused", target.client, _refusal_detail(r, plan.host, plan.port))
+            detail = _refusal_detail(r, plan.host, plan.port)
+            self.record(proto, plan.host, plan.port, r.reason or "refused", target.client, detail, method=method,
+                        path=path)
             self.emit(Event(time.time(), "refuse", proto, target.method, _printable(plan.host), plan.port,
-                            target.client, r.reason, r.rule, r.source, detail=_refusal_detail(r, plan.host, plan.port)))
+                            target.client, r.reason, r.rule, r.source, detail=detail, path=path))
             return None
-        ticket = Ticket(proto, target.method, plan.host, plan.port, target.client)
+        ticket = Ticket(proto, target.method, plan.host, plan.port, target.client, path)
         self._allowed(ticket, plan)
         return ticket
 
     def _allowed(self, ticket: Ticket, plan: Plan) -> None:
         """The allow event of ``ticket``'s tunnel."""
         self.emit(Event(time.time(), "allow", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
-                        "allowed", plan.rule, plan.source, ticket.id))
+                        "allowed", plan.rule, plan.source, ticket.id, path=ticket.path))
 
     def _reject(self, proto: str, parsed: Reject) -> None:
         """Record a handshake refused before any policy."""
@@ -364,7 +370,8 @@ class ProxyServer:
             return
         up, down = moved if moved is not None else (None, None)
         self.emit(Event(time.time(), "end", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
-                        reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start, detail))
+                        reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start, detail,
+                        path=ticket.path))
 
     def _unreachable(self, proto: str, target: Target, plan: Plan, r: Refusal, ticket: Ticket | None) -> None:
         """An allowed target that could not be reached (or an upstream that said no)."""
@@ -379,8 +386,9 @@ class ProxyServer:
             self._events.emit(event)
 
     def record(self, protocol: str, host: str, port: int | None, reason: str, client: str | None = None,
-               detail: str | None = None, when: float | None = None) -> None:
-        self.violation_log.record(protocol, host, port, reason, client, detail, when)
+               detail: str | None = None, when: float | None = None, method: str | None = None,
+               path: str | None = None) -> None:
+        self.violation_log.record(protocol, host, port, reason, client, detail, when, method, path)
 
     async def open_tunnel(self, protocol: str, host: str, port: int, *, method: str = "CONNECT",
                           client: str | None = None) -> tuple[socket.socket, bytes]:

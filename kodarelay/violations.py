@@ -55,6 +55,9 @@ class Violation:
     client: Optional[str] = None
     #: more about the reason (e.g. "upstream refused (403)"), never a path or query
     detail: Optional[str] = None
+    #: the refused request's method and path (never its query), for request rules
+    method: Optional[str] = None
+    path: Optional[str] = None
 
 
 OnViolation = Callable[[Violation], None]
@@ -73,11 +76,13 @@ class ViolationLog:
         self.total = 0
 
     def record(self, protocol: str, host: str, port: int | None, reason: str, client: str | None = None,
-               detail: str | None = None, when: float | None = None) -> Violation:
+               detail: str | None = None, when: float | None = None, method: str | None = None,
+               path: str | None = None) -> Violation:
         """Store, log and announce one refusal; returns the record. ``when``: the refusal's
         own time when it is recorded later (the engine's batches), else now."""
         v = Violation(time.time() if when is None else when, protocol, _printable(host), port, reason,
-                      None if client is None else _printable(client, 100), detail)
+                      None if client is None else _printable(client, 100), detail, method,
+                      None if path is None else _printable(path, 300))
         with self._lock:
             self._ring.append(v)
             self.total += 1

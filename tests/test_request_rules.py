@@ -138,3 +138,68 @@ def test_a_tunnel_to_a_host_with_request_rules_is_refused_needs_inspection(start
         s.close()
     assert echo.accepted == 0
     assert [v.reason for v in h.violations()] == ["needs_inspection"] * 3
+
+
+# ── forwarded plain HTTP is judged per request ──────────────────────────────
+
+def _read_response(s):  # type: ignore[no-untyped-def]
+    from forward_peers import read_response
+
+    return read_response(s)
+
+
+def test_forwarded_requests_are_judged_one_by_one(start_proxy):
+    from forward_peers import Origin, send_raw
+
+    from peers import status_of, wait_until
+
+    origin = Origin()
+    events: list = []
+    try:
+        h = start_proxy(["read-only localhost"], forward_http=True, on_event=events.append)
+        s = send_raw(h.port, f"GET {origin.url('/repos/a?token=secret')} HTTP/1.1\r\n\r\n".encode())
+        head, body = _read_response(s)
+        assert status_of(head) == 200 and body == b"hello from /repos/a?token=secret\n"
+        s.sendall(f"POST {origin.url('/gists?token=secret')} HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode())
+        head, body = _read_response(s)
+        assert status_of(head) == 403 and b"X-Proxy-Error: request_not_allowed" in head, head
+        assert b"POST localhost:%d/gists refused (request_not_allowed); allow it with --allow 'POST localhost/gists'" % origin.port in body, body
+        assert b"secret" not in head + body
+        s.sendall(f"GET {origin.url('/still-usable')} HTTP/1.1\r\n\r\n".encode())   # the connection stays usable
+        head, body = _read_response(s)
+        assert status_of(head) == 200 and body == b"hello from /still-usable\n"
+        assert [p for (_m, p, *_rest) in origin.seen] == ["/repos/a?token=secret", "/still-usable"]
+        (v,) = h.violations()
+        assert (v.reason, v.method, v.path, v.host) == ("request_not_allowed", "POST", "/gists", "localhost")
+        s.close()
+        wait_until(lambda: len([e for e in events if e.kind == "end"]) >= 2, what="the end events")
+        assert [(e.kind, e.method, e.path) for e in events if e.kind != "end"] == [
+            ("allow", "GET", "/repos/a"), ("refuse", "POST", "/gists"), ("allow", "GET", "/still-usable")]
+        assert all("token" not in repr(e) for e in events)
+    finally:
+        origin.close()
+
+
+def test_forwarded_deny_request_rule_and_bad_path():
+    from forward_peers import Origin, send_raw
+
+    from kodarelay import BuiltInProxy, UpstreamConfig
+    from peers import status_of
+
+    origin = Origin()
+    try:
+        with BuiltInProxy(Filter(["localhost"], ["DELETE localhost/*"]), upstream=UpstreamConfig.direct(),
+                          forward_http=True).start() as h:
+            s = send_raw(h.port, f"DELETE {origin.url('/x')} HTTP/1.1\r\n\r\n".encode())
+            head, body = _read_response(s)
+            assert status_of(head) == 403 and b"request_denied" in head and b"DELETE localhost/*" in body, body
+            s.sendall(f"GET {origin.url('/a/../b')} HTTP/1.1\r\n\r\n".encode())
+            head, body = _read_response(s)
+            assert status_of(head) == 400 and b"X-Proxy-Error: bad_path" in head, head
+            s.sendall(f"GET {origin.url('/a/b')} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+            head, body = _read_response(s)
+            assert status_of(head) == 200
+            assert [p for (_m, p, *_rest) in origin.seen] == ["/a/b"]
+            s.close()
+    finally:
+        origin.close()
