@@ -111,11 +111,28 @@ def _port_type(lo: int) -> Callable[[str], int]:
     return parse
 
 
+_METHOD_ONLY = re.compile(r"\*|[A-Z][A-Z0-9_-]{0,31}")
+
+
 def _patterns(values: Sequence[str] | None) -> list[str]:
-    """Repeated and comma-separated patterns, in order (empty pieces kept: the filter names them)."""
+    """Repeated and comma-separated patterns, in order (empty pieces kept: the filter names them).
+
+    The commas of a request rule's method list stay with it: ``'GET,HEAD github.com/*,pypi.org'``
+    is two patterns."""
     out: list[str] = []
     for value in values or ():
-        out.extend(value.split(","))
+        pieces = value.split(",")
+        i = 0
+        while i < len(pieces):
+            j = i
+            while j + 1 < len(pieces) and _METHOD_ONLY.fullmatch(pieces[j].strip()):
+                j += 1                      # a method list goes on until its "METHOD host" piece
+            if j > i and " " in pieces[j].strip():
+                out.append(",".join(pieces[i:j + 1]))
+                i = j + 1
+            else:
+                out.append(pieces[i])
+                i += 1
     return out
 
 
@@ -646,7 +663,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .filter import is_ip_literal, url_hint
 
     flt = build_filter(args)
-    d = flt.explain(args.target)
+    request = args.method is not None or args.path is not None
+    d = flt.explain(args.target, method=args.method, path=args.path) if request else flt.explain(args.target)
+    if request and d.reason in ("allowed", "request_not_allowed", "request_denied", "bad_path"):
+        where = host_port(d.host or args.target, d.port)
+        verdict = "allowed" if d.allowed else "denied"
+        from .requestrules import shown_path
+
+        print(f"{verdict} {args.method or 'GET'} {where}{shown_path(args.path or '/')} rule={d.rule or '-'} "
+              f"reason={d.reason}")
+        if d.reason == "bad_path":
+            print(f"note: {d.detail}")
+        if d.allowed and flt.needs_inspection(d.host or args.target, d.port):
+            print("note: over https:// only an inspected tunnel can be judged per request; a plain tunnel "
+                  "to this host is refused (needs_inspection)")
+        return 0 if d.allowed else 1
     if d.reason == "bad_host":
         hint = url_hint(args.target)
         if hint is not None:
@@ -902,6 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Judge HOST[:PORT] against the allow / deny rules.",
     )
     check.add_argument("target", metavar="HOST[:PORT]")
+    check.add_argument("--method", help="judge one request with this method (request rules)")
+    check.add_argument("--path", help="judge one request to this path (request rules; a query is ignored)")
     _add_policy_args(check)
     check.set_defaults(func=cmd_check)
     return parser

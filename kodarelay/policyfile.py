@@ -50,8 +50,11 @@ def parse_policy(text: str, name: str = "<policy>") -> Policy:
             continue
         verb, _, pattern = line.partition(" ")
         pattern = pattern.strip()
-        if verb not in ("allow", "deny") or not pattern or " " in pattern:
-            raise PolicyError(f"{name}:{number}: want 'allow PATTERN' or 'deny PATTERN', got {raw.strip()!r}")
+        if verb == "read-only" and pattern:          # shorthand for allow GET,HEAD,OPTIONS HOST/*
+            verb, pattern = "allow", f"read-only {pattern}"
+        if verb not in ("allow", "deny") or not pattern:
+            raise PolicyError(f"{name}:{number}: want 'allow PATTERN', 'deny PATTERN' or 'read-only HOST', "
+                              f"got {raw.strip()!r}")
         try:
             Filter([pattern]) if verb == "allow" else Filter((), [pattern])
         except PatternError as e:

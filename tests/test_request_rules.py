@@ -203,3 +203,38 @@ def test_forwarded_deny_request_rule_and_bad_path():
             s.close()
     finally:
         origin.close()
+
+
+# ── the command and the policy file ─────────────────────────────────────────
+
+def test_check_judges_one_request():
+    from test_cli import kr
+
+    out = kr("check", "github.com:443", "--method", "POST", "--path", "/gists", "--allow", "read-only github.com")
+    assert out.returncode == 1 and out.stdout.startswith("denied POST github.com:443/gists"), out
+    assert "reason=request_not_allowed" in out.stdout
+    out = kr("check", "api.github.com:443", "--method", "HEAD", "--path", "/repos/x?token=1",
+             "--allow", "read-only github.com,GET,HEAD api.github.com/repos/*,pypi.org")
+    assert out.returncode == 0, out
+    assert "rule=GET,HEAD api.github.com/repos/*" in out.stdout and "token" not in out.stdout
+    assert "needs_inspection" in out.stdout
+
+
+def test_comma_lists_keep_a_request_rules_methods():
+    from kodarelay.cli import _patterns
+
+    assert _patterns(["GET,HEAD github.com/*,pypi.org", "a.test,b.test", "*,x.test", "POST,PUT api.test"]) == [
+        "GET,HEAD github.com/*", "pypi.org", "a.test", "b.test", "*", "x.test", "POST,PUT api.test"]
+
+
+def test_policy_file_takes_request_rules_and_read_only_lines(tmp_path):
+    from kodarelay.policyfile import PolicyError, parse_policy
+
+    policy = parse_policy("read-only github.com\nallow POST,PUT api.test/v1/*\ndeny DELETE api.test/*\n")
+    flt = policy.filter()
+    assert flt.explain("github.com", 443, "GET", "/x").allowed
+    assert not flt.explain("github.com", 443, "POST", "/x").allowed
+    assert flt.explain("api.test", 443, "PUT", "/v1/a").allowed
+    assert flt.explain("api.test", 443, "DELETE", "/v1/a").reason == "request_denied"
+    with pytest.raises(PolicyError, match="policy>:1"):
+        parse_policy("allow get github.com\n")
