@@ -424,6 +424,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     flt = build_filter(args)
     upstream = build_upstream(args.upstream)
     ca_bundle = check_ca_bundle(args.ca_bundle)
+    ca_dir: str | None = None
     if not isolate.command_exists(cmd[0]):
         raise CliError(f"{cmd[0]}: command not found", isolate.EXIT_NOT_FOUND)
     fenced, allow_unix = plan_fence(args)
@@ -449,6 +450,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sig is not None:  # told to stop before CMD existed: don't start it
             return 128 + sig
         base = isolate.clean_env(os.environ)
+        if ca_bundle is not None:     # one bundle: the system's roots and the given one
+            ca_dir = _run_ca_dir()
+            ca_bundle = _merged_bundle(ca_bundle, ca_dir, base)
         pid = None
         if fenced:
             try:
@@ -477,6 +481,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             refused.wait_for(refused.value + withdrawn, WITHDRAW_WAIT)
         handle.shutdown()
         hooks.stop()
+        if ca_dir is not None:
+            import shutil
+
+            shutil.rmtree(ca_dir, ignore_errors=True)
     if not args.quiet:
         allowed = hooks.tally.line()
         if allowed is not None and args.verbose:
@@ -488,6 +496,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.learn:
         _report_learned(hooks.tally, args.learn_out, deny_private=not args.allow_private)
     return code
+
+
+def _run_ca_dir() -> str:
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="kodarelay-ca-")
+    os.chmod(directory, 0o755)            # CMD may run as another user (apt's _apt reads it)
+    return directory
+
+
+def _merged_bundle(ca_bundle: str, directory: str, env: dict[str, str]) -> str:
+    """The run's one CA bundle (``kodarelay.cabundle``): the system's roots followed by
+    ``--ca-bundle``; ``env`` gains the WGETRC / APT_CONFIG that name it for wget and apt."""
+    from .cabundle import tool_configs, write_run_bundle
+
+    try:
+        merged = write_run_bundle([ca_bundle], directory)
+        env.update(tool_configs(merged, directory, env))
+    except OSError as e:
+        raise CliError(f"--ca-bundle: cannot write the run's bundle: {e.strerror or e}", 125) from None
+    return str(merged)
 
 
 def _report_learned(tally: Any, out: str | None, deny_private: bool) -> None:

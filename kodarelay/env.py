@@ -34,6 +34,8 @@ _TOOL_CA_KEYS = (
     "NIX_SSL_CERT_FILE",  # nix: fetchers and substituters
     "BUNDLE_SSL_CA_CERT",  # Ruby bundler: ssl_ca_cert
     "npm_config_cafile",  # npm: cafile
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",  # gRPC core (C, Python, Ruby...): its own roots
+    "HTTPLIB2_CA_CERTS",  # httplib2 (google-api-python-client and friends)
 )
 # tools=True: the same proxy under the names other tools read.
 _TOOL_PROXY_KEYS = (
@@ -108,8 +110,9 @@ def proxy_env_vars(
     build tooling that forwards them), ``WS_PROXY`` / ``WSS_PROXY`` (WebSocket clients
     such as Python ``websockets``); and with a bundle ``PIP_CERT`` (pip), ``GIT_SSL_CAINFO``
     (git), ``AWS_CA_BUNDLE`` (AWS CLI / botocore), ``CARGO_HTTP_CAINFO`` (cargo),
-    ``DENO_CERT`` (Deno), ``NIX_SSL_CERT_FILE`` (Nix), ``BUNDLE_SSL_CA_CERT`` (Bundler) and
-    ``npm_config_cafile`` (npm). Raises ``ValueError`` naming a bad port or path.
+    ``DENO_CERT`` (Deno), ``NIX_SSL_CERT_FILE`` (Nix), ``BUNDLE_SSL_CA_CERT`` (Bundler),
+    ``npm_config_cafile`` (npm), ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` (gRPC core) and
+    ``HTTPLIB2_CA_CERTS`` (httplib2). Raises ``ValueError`` naming a bad port or path.
 
     ``client="job-7"`` puts ``job-7:@`` in every proxy URL: clients send it as the user of
     ``Proxy-Authorization: Basic``, and the proxy attributes each request to it. The empty
