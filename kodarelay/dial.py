@@ -235,6 +235,9 @@ class Dialer:
         self.policy = Policy(filter, upstream, deny_private, decider, 0)
         self._plans: dict[tuple[str, int], tuple[float | None, int, Plan]] = {}
         self._remembered: dict[tuple[str, int], bool] = {}
+        #: ``*_always`` answers about single requests, per (method, host, port, path)
+        self._remembered_requests: dict[tuple[str, str, int, str], bool] = {}
+        self._asking_requests: dict[tuple[Any, ...], asyncio.Task[str]] = {}
         self._asking: dict[tuple[int, str, int], asyncio.Future[Any]] = {}
         self._lookups: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
         #: answers of finished lookups, for ``dns_ttl``: a request arriving between a lookup's
@@ -284,6 +287,7 @@ class Dialer:
             generation = self.policy.generation + 1
             self._plans = {}
             self._remembered = {}
+            self._remembered_requests = {}
             self._answers = {}
             self.policy = replace(self.policy, generation=generation, **changes)
         for callback in list(self.on_policy_change):
@@ -471,8 +475,32 @@ class Dialer:
         if answer.endswith("_always"):
             with self._lock:
                 if self.policy.generation == policy.generation:
-                    self._remembered[(request.host, request.port)] = answer == "allow_always"
+                    if request.path is not None:
+                        self._remembered_requests[(request.method, request.host, request.port, request.path)] = \
+                            answer == "allow_always"
+                    else:
+                        self._remembered[(request.host, request.port)] = answer == "allow_always"
         return "allow" if answer.startswith("allow") else "decider_denied"
+
+    async def ask_request(self, request: Request) -> str:
+        """The decider's verdict on one request no request rule matched (``request.path`` set):
+        "allow", or the refusal reason (``request_not_allowed`` without a decider). Concurrent
+        askers of one request share one call; ``*_always`` answers are remembered per
+        (method, host, port, path) until the policy changes."""
+        policy = self.policy
+        if policy.decider is None:
+            return "request_not_allowed"
+        key = (request.method, request.host, request.port, request.path or "/")
+        remembered = self._remembered_requests.get(key)
+        if remembered is not None:
+            return "allow" if remembered else "decider_denied"
+        pending = self._asking_requests.get((policy.generation, *key))
+        if pending is None:
+            pending = asyncio.get_running_loop().create_task(self._call_decider(policy, request))
+            full = (policy.generation, *key)
+            self._asking_requests[full] = pending
+            pending.add_done_callback(lambda _t: self._asking_requests.pop(full, None))
+        return await asyncio.shield(pending)
 
     async def _lookup(self, name: str, port: int) -> list[str]:
         """Resolve ``name`` (one call shared by concurrent askers) within ``connect_timeout``."""

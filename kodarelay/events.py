@@ -30,13 +30,15 @@ OnEvent = Callable[["Event"], None]
 @dataclass(frozen=True)
 class Request:
     """A request the policy judges: ``protocol`` "http" / "socks5", ``method`` "CONNECT" or the
-    forwarded method, ``host`` canonical text, ``port``, ``client`` (attribution) or None."""
+    forwarded method, ``host`` canonical text, ``port``, ``client`` (attribution) or None, and
+    ``path`` (never the query) when one request of a host with request rules is asked about."""
 
     protocol: str
     method: str
     host: str
     port: int
     client: Optional[str] = None
+    path: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -516,6 +516,11 @@ class _Exchange:
         path = shown_path(origin) if judged else None
         self.end_request()
         refused = self._request_refusal(method, host, port, origin) if judged else None
+        if refused is not None and refused[0] == "request_not_allowed" and srv.dialer.policy.decider is not None:
+            from .events import Request
+
+            verdict = await srv.dialer.ask_request(Request("http", method, host, port, client, shown_path(origin)))
+            refused = None if verdict == "allow" else (verdict, None, None)
         if refused is not None:
             reason, detail, rule = refused
             srv.record("http", host, port, reason, client, detail, method=method, path=shown_path(origin))

@@ -238,3 +238,38 @@ def test_policy_file_takes_request_rules_and_read_only_lines(tmp_path):
     assert flt.explain("api.test", 443, "DELETE", "/v1/a").reason == "request_denied"
     with pytest.raises(PolicyError, match="policy>:1"):
         parse_policy("allow get github.com\n")
+
+
+def test_the_decider_is_asked_per_request_and_always_is_remembered_per_request():
+    import asyncio
+
+    from forward_peers import Origin, send_raw
+
+    from kodarelay import BuiltInProxy, UpstreamConfig
+    from peers import status_of
+
+    asked: list = []
+
+    async def decide(request):  # type: ignore[no-untyped-def]
+        asked.append((request.method, request.path))
+        await asyncio.sleep(0)
+        return "allow_always" if request.path == "/ok" else "deny"
+
+    origin = Origin()
+    try:
+        with BuiltInProxy(Filter(["read-only localhost"]), upstream=UpstreamConfig.direct(), forward_http=True,
+                          decider=decide).start() as h:
+            s = send_raw(h.port, f"POST {origin.url('/ok?x=1')} HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode())
+            assert status_of(_read_response(s)[0]) == 200
+            s.sendall(f"POST {origin.url('/ok')} HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode())
+            assert status_of(_read_response(s)[0]) == 200           # remembered: not asked again
+            s.sendall(f"POST {origin.url('/no')} HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode())
+            head, _ = _read_response(s)
+            assert status_of(head) == 403 and b"X-Proxy-Error: decider_denied" in head
+            s.sendall(f"GET {origin.url('/free')} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+            assert status_of(_read_response(s)[0]) == 200           # a rule matched: never asked
+            s.close()
+            assert asked == [("POST", "/ok"), ("POST", "/no")]
+            assert [v.reason for v in h.violations()] == ["decider_denied"]
+    finally:
+        origin.close()
