@@ -29,7 +29,7 @@ grep -q 'kodarelay/_relay\..*\.so' <<<"$wheel_files" || { echo "wheel has no com
 
 # Run the suite from outside the source tree: only the installed wheel is importable.
 mkdir "$work/run"
-cp -r tests pyproject.toml "$work/run/"
+cp -r tests pyproject.toml README.md "$work/run/"
 cd "$work/run"
 KODARELAY_REQUIRE_EXTENSION=1 "$work/venv/bin/python" -c '
 import kodarelay, kodarelay._relay, kodarelay.relay as r, sys
