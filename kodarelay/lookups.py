@@ -5,7 +5,7 @@ a lookup that hangs.
 resolver gives up (often 10-30 s). A fixed pool lets a flood of such names (100 new ones a
 second) fill every thread, and a name that would resolve at once (``/etc/hosts``) then waits
 behind them. So a lookup takes an idle thread if one waits, else a new one, up to
-``MAX_LOOKUP_THREADS`` (small stacks: a parked lookup costs a thread, little memory); only
+``MAX_LOOKUP_THREADS`` (a parked lookup costs a thread and the few stack pages it touched); only
 beyond that do lookups queue (logged). Idle threads exit after ``IDLE_EXIT`` seconds, so a
 flood leaves nothing behind. The hand-off follows ``ThreadPoolExecutor``'s: a thread that goes
 idle posts a token; a submission that takes one is served by an idle thread, else it starts a
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 MAX_LOOKUP_THREADS = 1024
 IDLE_EXIT = 10.0
-STACK_SIZE = 256 * 1024
 
 
 class LookupPool(concurrent.futures.Executor):
@@ -65,18 +64,14 @@ class LookupPool(concurrent.futures.Executor):
         return future
 
     def _start(self) -> None:
-        old = threading.stack_size()
-        try:
-            threading.stack_size(STACK_SIZE)
-        except (ValueError, RuntimeError):
-            pass
+        # (default stacks: ``threading.stack_size`` is process-wide, and changing it around
+        # this start would also shrink a thread another part of the process starts meanwhile;
+        # a parked lookup costs its stack's touched pages only)
         try:
             threading.Thread(target=self._run, name=self._name, daemon=True).start()
         except RuntimeError:
             self._threads -= 1                 # no thread to be had: an idle or busy one serves it later
             log.warning("could not start a lookup thread (%d running)", self._threads)
-        finally:
-            threading.stack_size(old)
 
     def _run(self) -> None:
         while True:
