@@ -644,11 +644,12 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     ca_bundle = check_ca_bundle(args.ca_bundle)
     try:
-        pairs = dict(proxy_env_vars(args.port, ca_bundle, no_proxy=args.no_proxy, tools=args.tools))
+        pairs = dict(proxy_env_vars(args.port, ca_bundle, no_proxy=args.no_proxy, tools=args.tools,
+                                    client=args.client, token=args.token))
+        if args.socks5_port is not None:
+            pairs.update(socks5_env_vars(args.socks5_port, client=args.client, token=args.token))
     except ValueError as e:
         raise CliError(str(e)) from None
-    if args.socks5_port is not None:
-        pairs.update(socks5_env_vars(args.socks5_port))
     sys.stdout.write(format_bouquet(sorted(pairs.items()), args.format))
     return 0
 

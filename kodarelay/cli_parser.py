@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--format", "-f", choices=("sh", "json", "dotenv"), default="sh", help="output format (default sh)")
     env.add_argument("--tools", action="store_true", help="also the names npm, yarn, pip, git, cargo, gRPC, Docker... read")
     env.add_argument("--no-proxy", default="", metavar="LIST", help="NO_PROXY value (default empty: everything goes through the proxy)")
+    env.add_argument("--client", metavar="NAME", help="name this client in every proxy URL (NAME:@, or NAME:TOKEN@ with --token)")
+    env.add_argument("--token", metavar="TOKEN", help="the client's token (password) in every proxy URL; needs --client")
 
     check = sub.add_parser(
         "check", help="show whether a host is allowed, and by which rule", epilog=CHECK_EPILOG, formatter_class=fmt,

@@ -91,6 +91,7 @@ def proxy_env_vars(
     no_proxy: str = DEFAULT_NO_PROXY,
     tools: bool = False,
     client: str | None = None,
+    token: str | None = None,
 ) -> list[tuple[str, str]]:
     """The HTTP(S) proxy bouquet for a proxy on ``127.0.0.1:port``, sorted by key.
 
@@ -119,8 +120,10 @@ def proxy_env_vars(
     password is deliberate: requests (and pip) drop a proxy user that has no password, and
     git prompts for one. With a client, ``GIT_HTTP_PROXY_AUTHMETHOD=basic`` is set too: git
     (libcurl's "anyauth") otherwise waits for a 407 challenge before it sends the user.
+    ``token="..."`` is the client's password (``NAME:TOKEN@``, percent-encoded), for a proxy
+    that checks one; a token without a client is a ``ValueError``.
     """
-    url = f"http://{_userinfo(client)}127.0.0.1:{_check_port(port)}"
+    url = f"http://{_userinfo(client, token)}127.0.0.1:{_check_port(port)}"
     if not isinstance(no_proxy, str) or "\x00" in no_proxy:
         raise ValueError(f"no_proxy must be a str without NUL bytes, got {no_proxy!r}")
     proxy_keys = ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"]
@@ -138,18 +141,25 @@ def proxy_env_vars(
     return sorted(env.items())
 
 
-def _userinfo(client: str | None) -> str:
-    """``client@`` for a proxy URL (percent-encoded), or nothing."""
+def _userinfo(client: str | None, token: str | None = None) -> str:
+    """``client:token@`` for a proxy URL (each percent-encoded; the token empty when not
+    given), or nothing."""
     if client is None:
+        if token is not None:
+            raise ValueError("a token needs a client name (client=...)")
         return ""
-    if not isinstance(client, str) or not client or any(c < " " or c == "\x7f" for c in client):
-        raise ValueError(f"client must be a non-empty printable str, got {client!r}")
+    for what, value in (("client", client), ("token", token)):
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or any(c < " " or c == "\x7f" for c in value):
+            raise ValueError(f"{what} must be a non-empty printable str")     # (never echo a token)
     from urllib.parse import quote
 
-    return quote(client, safe="") + ":@"
+    return quote(client, safe="") + ":" + quote(token or "", safe="") + "@"
 
 
-def socks5_env_vars(port: int, *, scheme: str = "socks5h", client: str | None = None) -> list[tuple[str, str]]:
+def socks5_env_vars(port: int, *, scheme: str = "socks5h", client: str | None = None,
+                    token: str | None = None) -> list[tuple[str, str]]:
     """``ALL_PROXY`` / ``all_proxy`` for a proxy on ``127.0.0.1:port``, sorted by key.
 
     The default ``socks5h://`` makes the client send the hostname, not an address it
@@ -160,7 +170,7 @@ def socks5_env_vars(port: int, *, scheme: str = "socks5h", client: str | None = 
     """
     if scheme not in _SOCKS_SCHEMES:
         raise ValueError(f"scheme must be one of {_SOCKS_SCHEMES}, got {scheme!r}")
-    url = f"{scheme}://{_userinfo(client)}127.0.0.1:{_check_port(port)}"
+    url = f"{scheme}://{_userinfo(client, token)}127.0.0.1:{_check_port(port)}"
     return sorted([("ALL_PROXY", url), ("all_proxy", url)])
 
 

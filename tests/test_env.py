@@ -173,3 +173,37 @@ def test_reexported() -> None:
     assert kodarelay.MitmConfig is MitmConfig
     assert kodarelay.DEFAULT_NO_PROXY == DEFAULT_NO_PROXY
     assert kodarelay.PROXY_PORT_ENV_KEY == PROXY_PORT_ENV_KEY
+
+
+def test_client_and_token_go_into_every_proxy_url_percent_encoded():
+    from kodarelay import proxy_env_vars, socks5_env_vars
+
+    env = dict(proxy_env_vars(3128, client="job 7", token="s3cr/t:@", tools=True))
+    assert env["HTTPS_PROXY"] == "http://job%207:s3cr%2Ft%3A%40@127.0.0.1:3128"
+    assert env["npm_config_proxy"] == env["HTTPS_PROXY"] and env["GIT_HTTP_PROXY_AUTHMETHOD"] == "basic"
+    assert dict(socks5_env_vars(1080, client="job", token="t"))["ALL_PROXY"] == "socks5h://job:t@127.0.0.1:1080"
+    with pytest.raises(ValueError, match="needs a client"):
+        proxy_env_vars(3128, token="t")
+    with pytest.raises(ValueError) as info:
+        proxy_env_vars(3128, client="job", token="bad\ntoken")
+    assert "bad" not in str(info.value)               # a token is never echoed
+
+
+def test_curl_sends_the_client_and_its_token(tmp_path):
+    """A real client reads the URL and sends ``Proxy-Authorization: Basic`` with both."""
+    import base64
+    import subprocess
+
+    from kodarelay import proxy_env_vars
+    from peers import CannedProxy, require_tool
+
+    curl = require_tool("curl")
+    upstream = CannedProxy(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    try:
+        env = {"PATH": "/usr/bin:/bin", **dict(proxy_env_vars(upstream.port, client="job-7", token="tok/en", no_proxy=""))}
+        subprocess.run([curl, "-s", "-o", "/dev/null", "--max-time", "10", "https://pkg.test/"], env=env, timeout=20)
+        (head,) = upstream.requests
+        expected = base64.b64encode(b"job-7:tok/en")
+        assert b"Proxy-Authorization: Basic " + expected in head, head
+    finally:
+        upstream.close()
