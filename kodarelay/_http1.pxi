@@ -45,7 +45,7 @@ cdef list _parse_fields(bytes head, Py_ssize_t start):
         if colon <= pos:
             raise HeadError(400, "malformed header line")
         for i in range(pos, colon):
-            if not _is_tchar(p[i]):
+            if not _tchar(p[i]):
                 raise HeadError(400, "malformed header name")
         vs = colon + 1
         ve = eol

@@ -8,14 +8,6 @@
 # delivered to Python as before. Concurrent misses for one key all go to Python, which
 # coalesces them (one resolution per name).
 
-cdef inline bint _tchar(unsigned char c) noexcept nogil:
-    if (c >= 0x30 and c <= 0x39) or (c >= 0x41 and c <= 0x5A) or (c >= 0x61 and c <= 0x7A):
-        return True
-    return (c == 0x21 or c == 0x23 or c == 0x24 or c == 0x25 or c == 0x26 or c == 0x27 or c == 0x2A
-            or c == 0x2B or c == 0x2D or c == 0x2E or c == 0x5E or c == 0x5F or c == 0x60 or c == 0x7C
-            or c == 0x7E)
-
-
 cdef inline unsigned char _lower(unsigned char c) noexcept nogil:
     return c + 32 if c >= 0x41 and c <= 0x5A else c
 

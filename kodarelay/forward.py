@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from . import relay
 from ._aio import wait_ready
+from ._relay_py import _TOKEN_CHARS
 from .events import Event
 from .requestrules import shown_path
 from .dial import CHAIN, REP_CONNECTION_REFUSED, Plan, Refusal
@@ -82,7 +83,6 @@ NOT_IN_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b
                              b"max-forwards", b"cache-control", b"age", b"expires", b"date", b"location",
                              b"retry-after", b"vary", b"warning"})
 MAX_TRAILERS = 64
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 class _BadRequest(Exception):
@@ -263,7 +263,7 @@ def _trailer_field(line: bytes) -> tuple[bytes, bytes]:
     ``token: value`` field (no obs-fold, no control byte, no space before the colon)."""
     body = line[:-2]
     name, colon, value = body.partition(b":")
-    if not colon or not name or any(c not in _TCHAR for c in name):
+    if not colon or not name or any(c not in _TOKEN_CHARS for c in name):
         raise _BadRequest("malformed trailer field")
     if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
         raise _BadRequest("control byte in a trailer field")
