@@ -47,6 +47,7 @@ from . import relay
 from ._aio import wait_ready
 from ._relay_py import _TOKEN_CHARS
 from .events import Event
+from .replies import basic_user, refusal_reply
 from .requestrules import shown_path
 from .dial import CHAIN, REP_CONNECTION_REFUSED, Plan, Refusal
 from .serving import HandshakeTimeout, Target, Ticket
@@ -347,8 +348,6 @@ def _body_framing(fields: dict[bytes, list[bytes]]) -> int | None:
 
 
 def _basic_user(values: list[bytes]) -> str | None:
-    from .server import basic_user
-
     return basic_user(values[0]) if values else None
 
 
@@ -419,8 +418,6 @@ class _Exchange:
 
     async def refuse(self, code: int, what: str, method: str = "", host: str = "", port: int | None = None,
                      reason: str | None = None, address: str | None = None, private: bool = False) -> None:
-        from .server import refusal_reply
-
         await self.reply(refusal_reply(code, reason, host, port, method, what, address, private))
 
     # ── the request loop ────────────────────────────────────────────────────
@@ -449,11 +446,9 @@ class _Exchange:
                 await self.refuse(e.status, str(e))
                 return None
             if method == "CONNECT":
-                from .server import connect_request_tail
-
                 self.drop_upstream()
                 client = _basic_user(_field_map(fields).get(b"proxy-authorization", []))
-                return await connect_request_tail(srv, self.client.sock, target, self.client.buf, client)
+                return await srv.connect_after_forward(self.client.sock, target, self.client.buf, client)
             self.clock.start_exchange()
             outcome = await self._forward_one(method, target, version, fields)
             if outcome is None:

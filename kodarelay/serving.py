@@ -158,7 +158,7 @@ def _refusal_detail(r: Refusal, host: str, port: int | None) -> str | None:
     """What a violation and its event say beyond the reason: for the guard, the address and
     the exact flag that would admit it."""
     if r.reason == "resolved_address" and r.address and r.detail:
-        from .server import _is_literal, admit_resolved
+        from .replies import _is_literal, admit_resolved
 
         literal = _is_literal(host)
         shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -500,6 +500,11 @@ class ProxyServer:
 
     async def handover(self, conn: socket.socket, parsed: Handover) -> Handoff | None:
         """Serve a connection handed over by its protocol (``Server`` forwards plain HTTP)."""
+        raise NotImplementedError
+
+    async def connect_after_forward(self, conn: socket.socket, target: str, early: bytes,
+                                    client: str | None) -> Handoff | None:
+        """A CONNECT after forwarded requests on one connection (only ``Server`` forwards)."""
         raise NotImplementedError
 
     async def _run(self, conn: socket.socket,
