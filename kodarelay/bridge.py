@@ -28,8 +28,8 @@ import socket
 import stat
 import tempfile
 import threading
-import time
 
+from ._aio import accept_forever
 from .relay import DEFAULT_IDLE_TIMEOUT, DEFAULT_TOTAL_TIMEOUT, relay_with_timeouts
 
 log = logging.getLogger(__name__)
@@ -37,27 +37,8 @@ log = logging.getLogger(__name__)
 #: Longest AF_UNIX path Linux accepts (``sun_path`` is 108 bytes including the NUL).
 MAX_UDS_PATH_BYTES = 107
 
-# Errors that concern only the one connection being accepted: retry at once. Anything else
-# (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...) may persist, so pause before accepting again.
-_PER_CONNECTION_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+#: Pause after an accept error that may persist (EMFILE, ENOBUFS, ...; ``_aio.accept_forever``).
 _ACCEPT_BACKOFF = 0.1
-
-
-class _Throttle:
-    """Lets a repeated log message through at most once per ``interval`` seconds."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self.suppressed = 0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now >= self._next:
-            self._next = now + self._interval
-            return True
-        self.suppressed += 1
-        return False
 
 
 def _check_path_length(path: str) -> None:
@@ -216,32 +197,15 @@ class UdsBridge:
         return f"<UdsBridge {self.path} -> 127.0.0.1:{self.tcp_port} {state}>"
 
     async def _accept_loop(self) -> None:
-        throttle = _Throttle()
-        while True:
-            try:
-                conn, _ = await self._loop.sock_accept(self._listener)
-            except asyncio.CancelledError:
-                raise
-            except OSError as e:
-                if self._closed or e.errno in (errno.EBADF, errno.EINVAL):
-                    return
-                if throttle.ready():
-                    log.warning(
-                        "UDS bridge %s: accept failed (%s); still accepting (%d similar suppressed)",
-                        self.path, e, throttle.suppressed,
-                    )
-                    throttle.suppressed = 0
-                if e.errno not in _PER_CONNECTION_ERRNOS:
-                    await asyncio.sleep(_ACCEPT_BACKOFF)
-                continue
-            if self._closed:
-                conn.close()
-                return
-            conn.setblocking(False)
-            socks = [conn]
-            task = self._loop.create_task(self._forward(conn, socks))
-            self._conns[task] = socks
-            task.add_done_callback(self._forget)
+        await accept_forever(self._listener, self._accepted, what=f"UDS bridge {self.path}", log=log,
+                             backoff=_ACCEPT_BACKOFF, closed=lambda: self._closed)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        socks = [conn]
+        task = self._loop.create_task(self._forward(conn, socks))
+        self._conns[task] = socks
+        task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         # Also covers a task cancelled before it ever ran: its sockets still get closed.

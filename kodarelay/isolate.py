@@ -433,22 +433,17 @@ class UdsForwarder:
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
+        from ._aio import accept_forever
+
         loop = asyncio.get_running_loop()
-        last_warning = 0.0
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(self._lsock)
-            except OSError as e:
-                if e.errno in (errno.EBADF, errno.EINVAL):
-                    return
-                if time.monotonic() - last_warning >= 1.0:  # EMFILE bursts: one line a second
-                    last_warning = time.monotonic()
-                    log.warning("isolate forwarder: accept failed (%s); retrying", e)
-                await asyncio.sleep(0.1)
-                continue
+
+        def accepted(conn: socket.socket) -> None:
             task = loop.create_task(self._pipe(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+        await accept_forever(self._lsock, accepted, what="isolate forwarder", log=log, backoff=0.1,
+                             closed=lambda: False)
 
     async def _pipe(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()

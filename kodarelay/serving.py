@@ -16,7 +16,7 @@ import time
 from typing import Any, Awaitable, Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from . import relay
-from ._aio import recv_within
+from ._aio import Throttle, accept_forever, log_accept_error, recv_within
 from .dial import DIRECT, REFUSE, REP_NOT_ALLOWED, Dialer, Plan, Refusal, Resolver
 from .events import Decider, Event, EventStream, OnEvent, Request, next_tunnel_id
 from .filter import Filter
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 LISTEN_HOST = "127.0.0.1"
 BACKLOG = 1024
 ACCEPT_BACKOFF = 0.05
-_ACCEPT_RETRYABLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
 #: how a tunnel normally ends: the peer left (never worth more than a debug line)
 _NORMAL_ENDS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN}
 
@@ -214,7 +213,7 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._serve_task: asyncio.Task[Any] | None = None
         self._closed = False
-        self._last_accept_error_log = 0.0
+        self._accept_throttle = Throttle()
         self._front: Any = None            # the engine's listener (compiled front-end)
         #: tunnels the engine dialled and relays, each with what reports its end
         self._native: dict[Any, Callable[[BaseException | None, Any], None]] = {}
@@ -307,21 +306,8 @@ class ProxyServer:
                     self._front = None
             return
         try:
-            while not self._closed:
-                try:
-                    conn, _addr = await self._loop.sock_accept(self._lsock)
-                except OSError as e:
-                    if self._closed:
-                        break
-                    if e.errno in (errno.EMFILE, errno.ENFILE) and self._shed_oldest():
-                        await asyncio.sleep(0)      # let the shed connection close, then retry
-                        continue
-                    if e.errno not in _ACCEPT_RETRYABLE:
-                        log.error("accept on port %d failed: %s", self._port, e)
-                    self._log_accept_error(e)
-                    await asyncio.sleep(ACCEPT_BACKOFF)
-                    continue
-                self._spawn(conn)
+            await accept_forever(self._lsock, self._spawn, what=f"port {self._port}", log=log,
+                                 backoff=ACCEPT_BACKOFF, closed=lambda: self._closed, shed=self._shed_oldest)
         except asyncio.CancelledError:
             if not self._closed:
                 raise
@@ -641,10 +627,7 @@ class ProxyServer:
             if not self._closed and self._serve_task is not None:
                 self._start_front()
         elif err and not self._closed:
-            e = OSError(err, os.strerror(err))
-            if err not in _ACCEPT_RETRYABLE:
-                log.error("accept on port %d failed: %s", self._port, e)
-            self._log_accept_error(e)
+            log_accept_error(log, self._accept_throttle, f"port {self._port}", OSError(err, os.strerror(err)))
             if err in (errno.EMFILE, errno.ENFILE):
                 self._shed_oldest()         # a client waiting on its decider / lookup frees an fd
         for item in items:
@@ -785,12 +768,6 @@ class ProxyServer:
         """Keep a strong reference to ``task`` while it runs: asyncio holds tasks only weakly."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _log_accept_error(self, e: OSError) -> None:
-        now = time.monotonic()
-        if now - self._last_accept_error_log >= 1.0:
-            self._last_accept_error_log = now
-            log.warning("accept on port %d failed (%s); backing off and retrying", self._port, e)
 
     async def recv_some(self, conn: socket.socket, deadline: float, n: int = 4096) -> bytes:
         """Read up to ``n`` bytes before the handshake ``deadline`` (loop time)."""
