@@ -168,7 +168,7 @@ def proxy_options(args: argparse.Namespace) -> dict[str, Any]:
 def log_event(event: Any) -> None:
     """``-v``: one line per admitted tunnel; ``-vv``: its end too. Refusals are not repeated
     here: the ``kodarelay.violations`` logger already says each once."""
-    where = host_port(event.host, event.port)
+    where = host_port(event.host, event.port) + (getattr(event, "path", None) or "")   # a judged request's path
     what = event_label(event)
     if event.kind == "allow":
         why = f"{event.source} {event.rule}" if event.rule else str(event.source)

@@ -273,3 +273,22 @@ def test_the_decider_is_asked_per_request_and_always_is_remembered_per_request()
             assert [v.reason for v in h.violations()] == ["decider_denied"]
     finally:
         origin.close()
+
+
+def test_verbose_run_names_the_path_of_a_judged_request():
+    """``-v`` says which request a request rule admitted (the path, never the query)."""
+    from forward_peers import Origin
+
+    from peers import require_tool
+    from test_cli import kr
+
+    curl = require_tool("curl")
+    origin = Origin()
+    try:
+        out = kr("run", "-v", "--allow", "read-only localhost", "--upstream", "direct", "--",
+                 curl, "-sS", origin.url("/repos/a?token=abc"))
+        assert out.returncode == 0, out.stderr
+        assert f"allowed http GET localhost:{origin.port}/repos/a (rule read-only localhost)" in out.stderr, out.stderr
+        assert "token" not in out.stderr
+    finally:
+        origin.close()
