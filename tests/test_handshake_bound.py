@@ -164,3 +164,51 @@ def test_clients_waiting_on_the_decider_count_as_handshakes(start_proxy, echo):
     gate.set()
     for w in waiting:
         w.close()
+
+
+_DECIDER_FLOOD_CHILD = '''
+import asyncio, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+from kodarelay import BuiltInProxy, Filter, UpstreamConfig
+
+async def slow(request):
+    await asyncio.sleep(60)
+    return "deny"
+
+with BuiltInProxy(Filter(["localhost"]), upstream=UpstreamConfig.direct(), decider=slow).start() as h:
+    print(h.port, flush=True)
+    sys.stdin.read()
+'''
+
+
+def test_a_decider_flood_against_a_small_fd_limit_does_not_starve_clients(echo):
+    """Issue 17 item 7, as the attacker ran it: 700 ask-worthy CONNECTs and a decider that
+    takes a minute, the proxy under a 512-fd limit. On the native front-end the waiting
+    clients escaped ``max_handshakes`` and held every fd, so a rule-allowed client timed out;
+    it is served at once on either front-end (the child inherits KODARELAY_NO_NATIVE_FRONTEND)."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _DECIDER_FLOOD_CHILD], env=clean_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    flood: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for i in range(700):
+            s = connect(port)
+            s.sendall(f"CONNECT ask{i}.test:443 HTTP/1.1\r\n\r\n".encode())
+            flood.append(s)
+        for _ in range(3):
+            t0 = time.monotonic()
+            s, head = http_connect(port, f"localhost:{echo.port}")
+            assert status_of(head) == 200, head
+            s.sendall(b"ok")
+            assert recv_exact(s, 2) == b"ok"
+            s.close()
+            assert time.monotonic() - t0 < 5
+        assert proc.poll() is None
+    finally:
+        for s in flood:
+            s.close()
+        proc.kill()
+        proc.wait(DEADLINE)
