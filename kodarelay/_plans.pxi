@@ -227,7 +227,9 @@ cdef void _plans_clear(PlanCache *c) noexcept nogil:
 
 cdef void _refusal_queue(Completer *cm, Listener *l, int proto, const char *host, int hostn, int port,
                          const char *reason, int status) noexcept nogil:
-    """Queue one refusal for Python (bounded: the oldest is dropped and counted)."""
+    """Queue one refusal for Python, stamped with the time it happens (bounded: beyond
+    REFUSAL_RING pending the oldest is dropped, and counted in ``ring_dropped``, which reaches
+    ``ViolationLog.count_unrecorded``: a summary never undercounts)."""
     cdef Refusal *r
     cdef timespec ts
     cdef int i
@@ -328,8 +330,9 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     kind = p.kind
     if kind == PLAN_REFUSE:
         c.refused += 1
-        _send_all_nb(h.fd, p.reply, p.replyn)
+        # recorded (with its own time) before the client has the refusal, as Python does
         _refusal_queue(w.completer, l, h.proto, p.rhost, p.rhostn, port, p.reason, 0)
+        _send_all_nb(h.fd, p.reply, p.replyn)
         pthread_mutex_unlock(&c.mu)
         _close_fd(&h.fd)
         free(h)

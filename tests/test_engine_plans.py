@@ -478,3 +478,51 @@ def test_engine_refusals_keep_their_own_time_and_no_count_is_lost(start_proxy) -
     (v,) = h.violations()
     assert v.time == then and v.host == "refused.test" and v.reason == "not_allowed"
     assert h.refused_total == 8
+
+
+def test_a_refusal_flood_served_from_the_cache_keeps_every_count_and_its_own_time(start_proxy) -> None:
+    """Issue 17 item 16, end to end through a server: while the completer is held up (here in
+    ``on_violation``), refusals served from a cached plan pile up beyond the engine's ring of
+    1,024. Every one is counted (``refused_total``, the summary's first line), and each record
+    carries the time it was refused at, not the time Python got round to it."""
+    import time as _time
+
+    from kodarelay.cli import summarize
+
+    if os.environ.get("KODARELAY_NO_NATIVE_FRONTEND"):
+        pytest.skip("the native front-end is off")
+    armed = threading.Event()
+    release = threading.Event()
+    blocked = threading.Event()
+
+    def on_violation(v: Any) -> None:
+        if armed.is_set() and not release.is_set():
+            blocked.set()
+            release.wait(30)
+
+    h = start_proxy(["localhost"], on_violation=on_violation)
+    server = h._servers[0]
+    s, head = http_tunnel(h.port, b"refused.test:443")            # decided in Python, then cached
+    assert b" 403 " in head
+    s.close()
+    wait_until(lambda: server._front is not None and server._front.plan_stats()["plans"] >= 1,
+               what="the refusal plan in the engine")
+    armed.set()
+    n = 1500
+    try:
+        for i in range(n):
+            s, head = http_tunnel(h.port, b"refused.test:443")
+            assert b" 403 " in head, (i, head)
+            s.close()
+        refused_by = _time.time()
+        assert server._front.plan_stats()["refused"] >= n - 1   # served by the engine itself
+        assert blocked.wait(10)
+    finally:
+        release.set()
+    wait_until(lambda: h.refused_total == n + 1, what="every refusal to be counted")
+    records = h.violations()
+    assert 1024 <= len(records) <= n + 1
+    late = [v.time for v in records if v.time > refused_by]
+    assert not late, f"{len(late)} records carry their delivery time"
+    lines = summarize(records, h.refused_total)
+    assert lines[0] == f"refused {n + 1} connections:"
