@@ -4,6 +4,7 @@
 # untouched) and run the engine and server tests with the ASan runtime preloaded into Python.
 # Any ASan / UBSan report fails the run (halt_on_error, and the log is checked after).
 #   bash scripts/sanitize.sh [extra pytest args]
+#   bash scripts/sanitize.sh tests/test_handshake_bound.py [-k ...]   # only the tests named
 #   KODARELAY_SANITIZE=thread bash scripts/sanitize.sh   # ThreadSanitizer (see the README)
 #
 # Leak detection is off (detect_leaks=0): CPython's own allocations at exit (interned
@@ -24,6 +25,15 @@ else
     TESTS=(tests/test_relay.py tests/test_engine_faults.py tests/test_native_frontend.py
            tests/test_engine_plans.py tests/test_engine_policy.py tests/test_http_server.py
            tests/test_socks5.py tests/test_hostile.py tests/test_handshake_bound.py)
+fi
+# test paths among the arguments (tests/..., with or without ::name) replace the default list
+ARGS=()
+PICKED=()
+for a in "$@"; do
+    case "$a" in tests/*) PICKED+=("$a") ;; *) ARGS+=("$a") ;; esac
+done
+if [ ${#PICKED[@]} -gt 0 ]; then
+    TESTS=("${PICKED[@]}")
 fi
 [ -f "$RUNTIME" ] || { echo "sanitize.sh: no sanitizer runtime ($RUNTIME): apt-get install gcc" >&2; exit 2; }
 
@@ -53,7 +63,7 @@ ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:log_path=$logdir/a
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$logdir/ubsan" \
 TSAN_OPTIONS="halt_on_error=0:log_path=$logdir/tsan:second_deadlock_stack=1:suppressions=$PWD/scripts/tsan.supp" \
 KODARELAY_REQUIRE_EXTENSION=1 KODARELAY_REQUIRE_PEERS=${KODARELAY_REQUIRE_PEERS:-0} \
-    "$VENV/bin/pytest" -q -p no:cacheprovider "$@" "${TESTS[@]}" || status=$?
+    "$VENV/bin/pytest" -q -p no:cacheprovider ${ARGS[@]+"${ARGS[@]}"} "${TESTS[@]}" || status=$?
 if compgen -G "$logdir/*" >/dev/null; then
     echo "== sanitizer reports" >&2
     cat "$logdir"/* >&2
