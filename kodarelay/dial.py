@@ -21,9 +21,10 @@ plan and remembered decider answer before the next request is judged (``Policy``
 immutable snapshot, swapped atomically, so no request is judged by a mix of old and new).
 
 Resolution runs on lookup threads of kodarelay's own (not the event loop's default executor;
-one per lookup in flight, ``kodarelay.lookups``) and concurrent lookups of one name share one
-call, so a name whose DNS never answers delays only the clients that asked for it, even in a
-flood of such names.
+one per lookup in flight, at most ``PER_ZONE`` at once per zone, fresh zones first when all
+are taken: ``kodarelay.lookups``), each within ``connect_timeout``, and concurrent lookups of
+one name share one call, so a name whose DNS never answers delays only the clients that asked
+for it (or for its zone), even in a flood of such names.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, List, Optional
 
 from .events import Decider, Request
-from .lookups import LookupPool
+from .lookups import LookupPool, lookup_zone, zone_of
 from .filter import Decision, Filter, _parse_resolved, canonical_host
 from .upstream import UpstreamConfig, UpstreamError, bypasses_proxy, connect_upstream, open_tcp
 
@@ -164,7 +165,8 @@ _pool_lock = threading.Lock()
 
 def resolver_pool() -> LookupPool:
     """kodarelay's own lookup threads (created on first use, shared by every server): one per
-    lookup in flight, so a name that never answers delays nobody else (``kodarelay.lookups``)."""
+    lookup in flight, a share per zone, so a name that never answers delays nobody else
+    (``kodarelay.lookups``)."""
     global _pool
     if _pool is None:
         with _pool_lock:
@@ -522,6 +524,10 @@ class Dialer:
         return addresses
 
     async def resolve(self, name: str, port: int) -> list[str]:
+        """The resolver's answer within ``connect_timeout`` (each lookup's deadline; a lookup
+        still queued for a thread then is dropped). Blocking calls the resolver makes on
+        ``resolver_pool()`` count against ``name``'s zone share (``kodarelay.lookups``)."""
+        token = lookup_zone.set(zone_of(name))
         try:
             addresses = await asyncio.wait_for(self.resolver(name, port), self.connect_timeout)
         except (OSError, asyncio.TimeoutError, UnicodeError, ValueError) as e:
@@ -529,6 +535,8 @@ class Dialer:
                 f"cannot resolve {name}: {e or type(e).__name__}", http_status=502, socks_rep=REP_HOST_UNREACHABLE,
                 reason="resolve_failed", source="guard",
             ) from None
+        finally:
+            lookup_zone.reset(token)
         if not addresses:
             raise Refusal(
                 f"{name} has no address", http_status=502, socks_rep=REP_HOST_UNREACHABLE, reason="resolve_failed",
