@@ -10,6 +10,7 @@
 #include <string.h>
 #include <errno.h>
 #include <unistd.h>
+#include <poll.h>
 
 typedef struct { struct sockaddr_storage ss; socklen_t len; } kr_addr;
 
@@ -39,6 +40,13 @@ static int kr_connect(const kr_addr *a, int *err) {
 }
 
 static int kr_accept(int lfd) { return accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); }
+
+/* a connection waits in lfd's accept queue (accept4 fails with EMFILE before it looks: out
+ * of fds, an empty queue reads as EMFILE too) */
+static int kr_pending(int lfd) {
+    struct pollfd p = { lfd, POLLIN, 0 };
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
 
 static int kr_has_crlfcrlf(const char *buf, size_t from, size_t len) {
     return memmem(buf + from, len - from, "\r\n\r\n", 4) != NULL;

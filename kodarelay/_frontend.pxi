@@ -205,9 +205,11 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
                 continue
             if e == EAGAIN:
                 return
+            if (e == EMFILE or e == ENFILE) and not kr_pending(l.fd):
+                return                        # nobody waits (accept4 takes the fd first): shed nothing
             if (e == EMFILE or e == ENFILE) and l.head != NULL:
+                l.shed += 1                   # (counted before the client can see it)
                 _hs_timeout(w, l, l.head)     # out of fds: shed the oldest (slowest) handshake, retry
-                l.shed += 1
                 continue
             # EMFILE, ENFILE, ...: never stop accepting; back off and re-arm
             l.accept_err = e
@@ -217,8 +219,8 @@ cdef void _l_accept(Worker *w, Listener *l, double now) noexcept nogil:
             l.retry_at = now + ACCEPT_BACKOFF
             return
         while l.nhs >= l.max_hs and l.head != NULL:
-            _hs_timeout(w, l, l.head)         # at the bound: the oldest (slowest) goes first
             l.shed += 1
+            _hs_timeout(w, l, l.head)         # at the bound: the oldest (slowest) goes first
         h = <Hs *>malloc(sizeof(Hs))
         if h == NULL:
             close(fd)

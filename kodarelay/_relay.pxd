@@ -117,6 +117,7 @@ cdef extern from "_engine.h" nogil:
     int kr_addr_set(kr_addr *a, const char *txt, int port)
     int kr_connect(const kr_addr *a, int *err)
     int kr_accept(int lfd)
+    int kr_pending(int lfd)
     int kr_has_crlfcrlf(const char *buf, size_t frm, size_t len)
     int kr_load_int(const int *p)
     void kr_store_int(int *p, int v)
