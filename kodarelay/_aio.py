@@ -10,9 +10,11 @@ connect is usually ready before anything needs to wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -102,6 +104,13 @@ def log_accept_error(log: logging.Logger, throttle: Throttle, what: str, e: OSEr
         throttle.suppressed = 0
 
 
+def has_pending(lsock: socket.socket) -> bool:
+    """A connection waits in ``lsock``'s accept queue (``poll`` needs no fd of its own)."""
+    p = select.poll()
+    p.register(lsock.fileno(), select.POLLIN)
+    return bool(p.poll(0))
+
+
 async def accept_forever(lsock: socket.socket, on_conn: Callable[[socket.socket], None], *, what: str,
                          log: logging.Logger, backoff: float, closed: Callable[[], bool],
                          shed: Callable[[], bool] | None = None) -> None:
@@ -118,6 +127,12 @@ async def accept_forever(lsock: socket.socket, on_conn: Callable[[socket.socket]
         except OSError as e:
             if closed() or e.errno in (errno.EBADF, errno.EINVAL):
                 return
+            if e.errno in (errno.EMFILE, errno.ENFILE) and not has_pending(lsock):
+                # accept4 takes an fd before it looks at the queue: out of fds, an empty queue
+                # fails too. Nobody waits, so shed nobody; wait for someone (or a while)
+                with contextlib.suppress(TimeoutError):
+                    await wait_ready(lsock, False, 1.0)
+                continue
             if e.errno in (errno.EMFILE, errno.ENFILE) and shed is not None and shed():
                 await asyncio.sleep(0)          # let the shed connection close, then retry
                 continue

@@ -200,6 +200,45 @@ def test_a_handshake_shed_for_want_of_fds_in_the_same_batch_is_not_touched_again
         d.close()
 
 
+def test_out_of_fds_one_handshake_goes_per_newcomer(start_proxy, echo):
+    """Out of fds, the oldest handshake is shed so that a newcomer gets in, and only one:
+    accept fails with EMFILE before it looks at the queue, so the accept after the newcomer
+    (nobody waiting) used to shed another handshake for nobody. Both front-ends."""
+    import os
+
+    h = start_proxy(["localhost"], max_handshakes=1000)
+    drippers = _drip(h.port, 6)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for _ in range(3):
+        s = connect(h.port)                      # settled: every dripper was accepted before it
+        s.sendall(b"CONNECT refused.test:443 HTTP/1.1\r\n\r\n")
+        while s.recv(4096):
+            pass
+        s.close()
+        newcomer = socket.socket()               # its fd now: none is free once the limit is set
+        top = max(int(n) for n in os.listdir("/proc/self/fd"))
+        fillers = []
+        while (fd := os.dup(0)) <= top:
+            fillers.append(fd)
+        os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))
+        try:
+            newcomer.connect(("127.0.0.1", h.port))
+            old = drippers.pop(0)
+            wait_until(lambda: _closed_by_proxy(old), what="the oldest handshake to be shed for its fd")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for fd in fillers:
+                os.close(fd)
+        old.close()
+        newcomer.sendall(b"CONNECT localhost:1 HTTP/1.1\r\n")
+        drippers.append(newcomer)
+    assert not any(_closed_by_proxy(d) for d in drippers)
+    _served_at_once(h.port, echo)
+    for d in drippers:
+        d.close()
+
+
 def test_clients_waiting_on_the_decider_count_as_handshakes(start_proxy, echo):
     """Issue 17 item 7: on the native front-end, clients waiting on a slow decider escaped
     ``max_handshakes`` (so under a small fd limit a rule-allowed client timed out); they count,
