@@ -666,7 +666,9 @@ class ProxyServer:
         plan = self._plan_now(parsed)
         if plan is None:
             # Waiting on a lookup or the decider, the client still counts as a handshake (as on
-            # the asyncio front-end): at ``max_handshakes`` the oldest waiting one is shed.
+            # the asyncio front-end): at ``max_handshakes`` the oldest waiting one is shed. (The
+            # engine bounds the handshakes it is still reading by the same number, so on this
+            # front-end at most twice ``max_handshakes`` connections are in a handshake.)
             while len(self._handshaking) >= self.max_handshakes and self._shed_oldest():
                 pass
             task = self._loop.create_task(self._serve_native_later(h, proto, parsed, gen))
