@@ -81,6 +81,9 @@ REASON_TEXT = {
     "request_not_allowed": "no --allow rule matches this request's method and path",
     "request_denied": "a --deny request rule matches it",
     "bad_path": "the path is not plain (dot segments, backslashes or encoded separators)",
+    "sni_mismatch": "a captured TLS connection whose SNI names another host than the one it was made to",
+    "host_mismatch": "a captured HTTP request whose Host names another host than the one it was made to",
+    "unknown_address": "a captured connection to a synthetic address the fence's DNS did not give out",
 }
 SUMMARY_LINES = 20
 #: how long ``--ask`` waits for the person at the terminal before refusing
@@ -407,6 +410,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not isolate.command_exists(cmd[0]):
         raise CliError(f"{cmd[0]}: command not found", isolate.EXIT_NOT_FOUND)
     fenced, allow_unix = plan_fence(args)
+    capture = fenced and getattr(args, "capture", False)
     scheme = all_proxy_scheme(args)
     refused = _Counter()
     count = refused.add
@@ -417,7 +421,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         handle = BuiltInProxy(
             hooks.filter, upstream=upstream, socks5=True, forward_http=args.forward_http, on_violation=count,
-            violation_capacity=4096, **hooks.options, **proxy_options(args)
+            violation_capacity=4096, capture=capture, **hooks.options, **proxy_options(args)
         ).start()
     except (OSError, TimeoutError) as e:
         hooks.stop()
@@ -433,6 +437,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ca_dir = _run_ca_dir()
             ca_bundle = _merged_bundle(ca_bundle, ca_dir, base)
         pid = None
+        fence_info: dict[str, object] = {}
         if fenced:
             try:
                 if handle.uds_path is None:
@@ -440,6 +445,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pid = isolate.spawn_isolated(
                     cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle,
                     all_proxy_scheme=scheme, allow_unix=allow_unix, protect=hooks.files_read_or_written(),
+                    **_capture_options(capture, handle, hooks.filter, args), info=fence_info,
                 )
             except isolate.FenceUnavailable as e:
                 if args.isolate:
@@ -471,7 +477,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in summarize(handle.violations(), max(refused.value, handle.refused_total), hooks.reason_text):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
         if fenced and ((code != 0 and not refused.value) or args.verbose):
-            print(f"kodarelay: {FENCE_NOTE}", file=sys.stderr)
+            print(f"kodarelay: {CAPTURE_NOTE if fence_info.get('capture') else FENCE_NOTE}", file=sys.stderr)
     if args.learn:
         _report_learned(hooks.tally, args.learn_out, deny_private=not args.allow_private)
     return code
@@ -526,6 +532,23 @@ FENCE_NOTE = (
 )
 
 
+CAPTURE_NOTE = (
+    "CMD ran fenced: only the proxy led out; direct connections were captured and judged by it "
+    "(refusals are listed above as capture) and Unix sockets were refused (not listed above)"
+)
+
+
+def _capture_options(capture: bool, handle: Any, flt: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``spawn_isolated``'s capture arguments: the proxy's capture socket and the ports
+    (``kodarelay.capture``: 80, 443, each ``--allow`` port, each ``--capture-port``)."""
+    path = getattr(handle, "capture_path", None)
+    if not capture or path is None:
+        return {}
+    from .capture import capture_ports
+
+    return {"capture_path": os.fspath(path), "capture_ports": capture_ports(flt, args.capture_port or ())}
+
+
 def plan_fence(args: argparse.Namespace) -> tuple[bool, list[str]]:
     """Whether to try the fence, and the ``--allow-unix`` paths (absolute).
 
@@ -540,6 +563,10 @@ def plan_fence(args: argparse.Namespace) -> tuple[bool, list[str]]:
     for path in allow_unix:
         if len(os.fsencode(path)) > 107:
             raise CliError(f"--allow-unix: path too long for a Unix socket: {path!r}")
+    if getattr(args, "capture_port", None):
+        if args.isolate is False or not getattr(args, "capture", True):
+            raise CliError("--capture-port needs the fence's capture; it means nothing with "
+                           + ("--no-isolate" if args.isolate is False else "--no-capture"))
     if args.isolate is False:
         if allow_unix:
             raise CliError("--allow-unix needs the fence; it means nothing with --no-isolate")

@@ -220,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unix", action="append", metavar="PATH",
         help="let fenced CMD connect to this Unix socket (repeatable); no other is reachable",
     )
+    run.add_argument(
+        "--no-capture", dest="capture", action="store_false", default=True,
+        help="fenced CMD's direct connections get no route (the default brings those to ports 80, 443 and "
+             "each --allow port to the proxy, with the fence's own DNS)",
+    )
+    run.add_argument(
+        "--capture-port", action="append", type=_port_type(1), metavar="N",
+        help="also capture fenced CMD's direct connections to port N (repeatable)",
+    )
     run.add_argument("--quiet", "-q", action="store_true", help="no refusal summary, no warnings")
     run.add_argument("--learn", action="store_true",
                      help="admit everything deny rules and the guard do not refuse, then print the --allow flags "
