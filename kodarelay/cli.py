@@ -438,6 +438,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ca_bundle = _merged_bundle(ca_bundle, ca_dir, base)
         pid = None
         fence_info: dict[str, object] = {}
+        captured = _capture_options(capture, handle, hooks.filter, args)
         if fenced:
             try:
                 if handle.uds_path is None:
@@ -445,7 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pid = isolate.spawn_isolated(
                     cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle,
                     all_proxy_scheme=scheme, allow_unix=allow_unix, protect=hooks.files_read_or_written(),
-                    **_capture_options(capture, handle, hooks.filter, args), info=fence_info,
+                    **captured, info=fence_info,
                 )
             except isolate.FenceUnavailable as e:
                 if args.isolate:
@@ -477,7 +478,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in summarize(handle.violations(), max(refused.value, handle.refused_total), hooks.reason_text):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
         if fenced and ((code != 0 and not refused.value) or args.verbose):
-            print(f"kodarelay: {CAPTURE_NOTE if fence_info.get('capture') else FENCE_NOTE}", file=sys.stderr)
+            note = capture_note(fence_info.get("capture_ports") or ()) if fence_info.get("capture") else FENCE_NOTE  # type: ignore[arg-type]
+            print(f"kodarelay: {note}", file=sys.stderr)
     if args.learn:
         _report_learned(hooks.tally, args.learn_out, deny_private=not args.allow_private)
     return code
@@ -532,10 +534,12 @@ FENCE_NOTE = (
 )
 
 
-CAPTURE_NOTE = (
-    "CMD ran fenced: only the proxy led out; direct connections were captured and judged by it "
-    "(refusals are listed above as capture) and Unix sockets were refused (not listed above)"
-)
+def capture_note(ports: Sequence[int]) -> str:
+    """The fence line when capture was on: captured ports were judged, the rest had no route."""
+    shown = ", ".join(str(p) for p in ports)
+    return (f"CMD ran fenced: only the proxy led out; direct connections to port {shown} were captured and "
+            "judged by it (listed above as capture), to other ports they had no route; Unix sockets were "
+            "refused (not listed above)")
 
 
 def _capture_options(capture: bool, handle: Any, flt: Any, args: argparse.Namespace) -> dict[str, Any]:

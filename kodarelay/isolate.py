@@ -301,7 +301,8 @@ def spawn_isolated(
     Returns once the helper reported CMD started in the fence. Raises ``FenceUnavailable``
     (and leaves no process behind, CMD never started) when the fence cannot be made.
     With ``capture_path`` (the proxy's capture socket) the fence captures ``capture_ports``
-    (``kodarelay.capture``); ``info["capture"]`` then says whether capture was set up.
+    (``kodarelay.capture``); ``info["capture"]`` then says whether capture was set up, and
+    ``info["capture_ports"]`` which ports it listens on.
     """
     why = fence_unavailable()
     if why is not None:
@@ -353,9 +354,10 @@ def spawn_isolated(
         os.close(rfd)
         if map_ids:
             os.close(go_w)
-    if ready in ("ok", "ok capture"):
+    if ready == "ok" or ready.startswith("ok capture"):
         if info is not None:
-            info["capture"] = ready == "ok capture"
+            info["capture"] = ready != "ok"
+            info["capture_ports"] = [int(p) for p in ready[len("ok capture "):].split(",") if p.isdigit()]
         return pid
     try:
         os.kill(pid, signal.SIGKILL)
@@ -726,7 +728,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         capture.start()
     if listener is not None:
         UnixGate(listener, args.allow_unix, deadline=_connect_deadline()).start()
-    os.write(args.ready_fd, b"ok capture\n" if capture is not None else b"ok\n")
+    ok = "ok" if capture is None else "ok capture " + ",".join(str(p) for p in capture.ports)
+    os.write(args.ready_fd, ok.encode("ascii") + b"\n")
     os.close(args.ready_fd)
     return supervise(pid)
 
