@@ -73,7 +73,7 @@ CAPTURE = CaptureProtocol()
 
 def capture_uds_path(pid: int, port: int) -> str:
     """The capture socket of proxy ``port`` of process ``pid``, beside its UDS bridge."""
-    return os.path.join(tempfile.gettempdir(), f"kodarelay-{pid}-{port}-capture.sock")
+    return os.path.join(tempfile.gettempdir(), f"kodarelay-capture-{pid}-{port}.sock")
 
 
 def client_hello_sni(data: bytes) -> tuple[bool, str | None]:
