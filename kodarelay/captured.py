@@ -183,8 +183,11 @@ async def capture_session(srv: ProxyServer, conn: socket.socket) -> Handoff | No
         refuse(srv, host, port, "unknown_address", "a synthetic address the fence's DNS did not give out")
         return None
     if port == 80:
+        import asyncio
+
         from . import forward
 
+        srv._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]   # as a Handover
         return await forward.captured_session(srv, conn, host, port, early, deadline)
     if port == 443:
         complete, sni = client_hello_sni(early)
@@ -235,7 +238,13 @@ class CaptureSocket:
         async def session(c: socket.socket) -> Handoff | None:
             return await capture_session(srv, c)
 
-        srv._track(srv._loop.create_task(srv._run(conn, session)))
+        # A capture counts as a handshake until judged, as on the proxy's port: at
+        # ``max_handshakes`` the oldest is shed (a CMD opening connections that never send).
+        while len(srv._handshaking) >= srv.max_handshakes and srv._shed_oldest():
+            pass
+        task = srv._loop.create_task(srv._run(conn, session))
+        srv._handshaking[task] = None
+        srv._track(task)
 
     def close(self) -> None:
         """Stop accepting and unlink the path (if still ours); on the server's loop or after it stopped."""

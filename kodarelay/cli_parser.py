@@ -63,7 +63,10 @@ variables are removed. Plain-http requests are forwarded, judged like a CONNECT
 
 CMD runs fenced by default (Linux): in its own network and user namespaces (unshare)
 whose only way out is the proxy, with no capability, and no Unix socket but the ones
---allow-unix names: a client that ignores the proxy variables gets no connection at all.
+--allow-unix names. A client that ignores the proxy variables is captured: the fence
+answers DNS with synthetic addresses, and its connections to ports 80, 443, each --allow
+port and each --capture-port reach the proxy, judged like the rest (--no-capture: they
+get no connection at all; CMD cannot listen on a captured port).
 Where the fence cannot be made, kodarelay says so in one line and runs CMD unfenced;
 --isolate refuses instead (exit 125), --no-isolate never fences.
 

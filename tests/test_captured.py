@@ -147,3 +147,30 @@ def test_the_capture_socket_goes_with_the_proxy(site):
     assert path is not None and os.path.exists(path)
     handle.shutdown()
     assert not os.path.exists(path)
+
+
+def test_captures_that_never_send_are_bounded_like_handshakes(site):
+    """A capture on 443 waits for the ClientHello; at ``max_handshakes`` the oldest such wait
+    is shed, and a new capture is still served."""
+    handle = BuiltInProxy(Filter([f"127.0.0.1:{site.port}"]), upstream=UpstreamConfig.direct(), capture=True,
+                          max_handshakes=2).start()
+    try:
+        server = handle._servers[0]
+        waiting = []
+        for n in range(1, 4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(DEADLINE)
+            s.connect(handle.capture_path)
+            s.sendall(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n")
+            waiting.append(s)
+            if n < 3:
+                wait_until(lambda: len(server._handshaking) == n, what=f"{n} captures waiting")
+        assert waiting[0].recv(10) == b""            # the oldest was shed at the third
+        assert len(server._handshaking) == 2
+        got = captured(handle.capture_path, f"127.0.0.1:{site.port}",
+                       b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert got.endswith(b"hello from /after\n")
+        for s in waiting:
+            s.close()
+    finally:
+        handle.shutdown()
