@@ -75,26 +75,26 @@ class Capture:
         except OSError as e:                # no IPv6 in this kernel: IPv4 capture still works
             log.info("capture: no IPv6 local route (%s); IPv6 connections are not captured", e)
             self.ipv6 = False
-        try:
-            with open(resolv_conf, encoding="utf-8", errors="replace") as f:
-                servers = nameservers(f.read())
-        except OSError:
-            servers = nameservers("")
-        netlink.add_address(FENCE_ADDRESS)
-        for addr in servers:
-            if ":" in addr and not self.ipv6:
-                continue
-            netlink.add_address(addr)
-        self.nameservers = [a for a in servers if self.ipv6 or ":" not in a]
-        self.dns = DnsServer(self.table, self.nameservers, dns_port)
         self._listeners: list[socket.socket] = []
         self.ports: list[int] = []
+        self.dns: DnsServer | None = None
         try:
+            try:
+                with open(resolv_conf, encoding="utf-8", errors="replace") as f:
+                    servers = nameservers(f.read())
+            except OSError:
+                servers = nameservers("")
+            netlink.add_address(FENCE_ADDRESS)
+            self.nameservers = [a for a in servers if self.ipv6 or ":" not in a]
+            for addr in self.nameservers:
+                netlink.add_address(addr)
+            self.dns = DnsServer(self.table, self.nameservers, dns_port)
             for port in ports:
                 if self._listen(port):
                     self.ports.append(port)
         except BaseException:
             self.close()
+            self._remove_routes()       # no half capture: connections get no route again
             raise
         self._tasks: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._run, name="kodarelay-capture", daemon=True)
@@ -124,7 +124,15 @@ class Capture:
     def close(self) -> None:
         for s in self._listeners:
             s.close()
-        self.dns.close()
+        if self.dns is not None:
+            self.dns.close()
+
+    def _remove_routes(self) -> None:
+        for network in ("0.0.0.0/0", "::/0") if self.ipv6 else ("0.0.0.0/0",):
+            try:
+                netlink.delete_local_route(network)
+            except OSError as e:
+                log.warning("capture: cannot remove the local route %s: %s", network, e.strerror or e)
 
     def start(self) -> Capture:
         self._thread.start()
@@ -143,6 +151,7 @@ class Capture:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+        assert self.dns is not None
         await asyncio.gather(
             self.dns.serve(),
             *(accept_forever(s, accepted, what="capture", log=log, backoff=0.1, closed=lambda: False)

@@ -387,3 +387,28 @@ def test_port_443_checks_the_sni(own_netns, name, tmp_path):
     assert str(res["stdout"]).splitlines() == ["hello from /tls", "refused SSLEOFError"]
     assert res["https"] == [["/tls", name]]
     assert f"{name}:443  sni_mismatch: the TLS SNI names evil.test" in str(res["stderr"])
+
+
+def test_where_capture_cannot_be_set_up_one_line_says_so_and_no_route_is_left(fence):
+    """The helper's own step, in a namespace of the test's: the fence's nameserver port is
+    taken, so capture fails; it says so in one line and takes its routes away again."""
+    code = """
+        import errno, socket, sys
+        from kodarelay import isolate, netlink
+        from kodarelay.fencedns import nameservers
+        isolate.loopback_up()
+        server = nameservers(open("/etc/resolv.conf").read())[0]
+        netlink.add_address(server)
+        taken = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
+        taken.bind((server, 53))
+        print(isolate._set_up_capture("/nonexistent.sock", [80]))
+        try:
+            socket.create_connection(("192.0.2.1", 80), timeout=5)
+            print("connected")
+        except OSError as e:
+            print(errno.errorcode[e.errno])
+    """
+    out = subprocess.run([shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--net", "--",
+                          *py(code)], capture_output=True, text=True, timeout=RUN_TIMEOUT, env=clean_env())
+    assert out.stdout.splitlines() == ["None", "ENETUNREACH"], out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("kodarelay: fence: capture is off ("), out.stderr
