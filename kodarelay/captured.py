@@ -47,6 +47,7 @@ from .dial import Refusal
 from .events import Event
 from .fencedns import POOL, canonical_name
 from .serving import HandshakeTimeout, Protocol, Target
+from .violations import _printable
 
 if TYPE_CHECKING:
     from .serving import Handoff, ProxyServer
@@ -201,7 +202,7 @@ async def capture_session(srv: ProxyServer, conn: socket.socket) -> Handoff | No
             early += chunk
             complete, sni = client_hello_sni(early)
         if sni is not None and canonical_name(sni) != canonical_name(host):
-            refuse(srv, host, port, "sni_mismatch", f"the TLS SNI names {sni}")
+            refuse(srv, host, port, "sni_mismatch", f"the TLS SNI names {_printable(sni)}")
             return None
     return await srv.serve_parsed(conn, CAPTURE, Target(host, port, early, "CONNECT", None))
 

@@ -52,6 +52,7 @@ from .requestrules import shown_path
 from .dial import CHAIN, REP_CONNECTION_REFUSED, Plan, Refusal
 from .serving import HandshakeTimeout, Target, Ticket
 from .upstream import UpstreamConfig, _open_proxy, proxy_authorization
+from .violations import _printable
 
 if TYPE_CHECKING:
     from .serving import Handoff, ProxyServer
@@ -489,7 +490,7 @@ class _Exchange:
         fmap = _field_map(fields)
         wrong = [v for v in fmap.get(b"host", []) if not host_header_names(v, host)]
         if wrong:
-            named = wrong[0].decode("ascii", "backslashreplace")
+            named = _printable(wrong[0].decode("latin-1"))
             refuse(self.srv, host, port, "host_mismatch", f"Host names {named}", method)
             try:
                 keep = _body_framing(fmap) is None
@@ -551,7 +552,8 @@ class _Exchange:
             return None
         upgrade = _is_websocket_upgrade(fmap)
         key = (host, port)
-        client = _basic_user(fmap.get(b"proxy-authorization", []))
+        # (a captured request names no client: its Proxy-Authorization was meant for no proxy)
+        client = _basic_user(fmap.get(b"proxy-authorization", [])) if self.origin is None else None
         # The path is part of the record only where a rule judges it (a host with request
         # rules); elsewhere events and violations keep host and port only, as a path may carry
         # a token. Never the query.

@@ -174,3 +174,16 @@ def test_captures_that_never_send_are_bounded_like_handshakes(site):
             s.close()
     finally:
         handle.shutdown()
+
+
+def test_an_sni_naming_another_host_is_refused_and_shown_escaped(proxy):
+    handle, _seen = proxy
+    hello = client_hello("evil.test")
+    forged = hello.replace(b"evil.test", b"evil\x1b[31m")     # same length: every length field holds
+    assert captured(handle.capture_path, "good.test:443", forged) == b""
+    assert captured(handle.capture_path, "good.test:443", client_hello("GOOD.test")) == b""   # judged: no rule
+    wait_until(lambda: len(handle.violations()) == 2, what="two violations")
+    first, second = handle.violations()
+    assert (first.protocol, first.host, first.port, first.reason) == ("capture", "good.test", 443, "sni_mismatch")
+    assert first.detail == "the TLS SNI names evil\\x1b[31m"
+    assert (second.reason, second.host) == ("not_allowed", "good.test")
