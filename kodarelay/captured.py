@@ -19,12 +19,15 @@ Each capture is judged as a CONNECT to ``host:port`` (filter, decider, guard, up
 ``needs_inspection`` for hosts with request rules), recorded with protocol ``"capture"``:
 
 * **443**: the TLS ClientHello is read first; when it carries an SNI naming another host
-  than ``host``, the connection is refused (``sni_mismatch``). No SNI (or not TLS): judged
-  by ``host`` alone.
+  than ``host``, the connection is refused (``sni_mismatch``; so is any SNI on a connection
+  CMD made to a literal address: a name is not that address). No SNI, not TLS, or no hello
+  within ``handshake_timeout``: judged by ``host`` alone.
 * **80**: served by plain-HTTP forwarding (``kodarelay.forward``), one request at a time:
   each request's ``Host`` (when present) must name ``host``, else ``421`` with reason
   ``host_mismatch`` (the connection stays usable when the request had no body); refusals
-  are the usual ``403`` with a body. Request rules judge each request.
+  are the usual ``403`` with a body. Request rules judge each request. An absolute-form
+  request must name ``host`` too, and a ``CONNECT`` is a ``400``: the origin is no proxy. A
+  captured request names no client (a ``Proxy-Authorization`` there was meant for no proxy).
 * **other ports**: judged without reading the client's bytes (server-first protocols work).
 * A refusal on any port but 80 closes the connection, with no byte written.
 * A synthetic address the fence no longer knows (``198.18.0.0/15``, handed over as a
