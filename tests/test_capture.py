@@ -412,3 +412,26 @@ def test_where_capture_cannot_be_set_up_one_line_says_so_and_no_route_is_left(fe
                           *py(code)], capture_output=True, text=True, timeout=RUN_TIMEOUT, env=clean_env())
     assert out.stdout.splitlines() == ["None", "ENETUNREACH"], out.stderr
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("kodarelay: fence: capture is off ("), out.stderr
+
+
+def test_port_80_takes_no_proxy_requests(own_netns, name, tmp_path):
+    """A captured connection to port 80 is a connection to that origin: a CONNECT, or an
+    absolute-form request naming another host, is a 400 and never reaches anyone."""
+    code = f"""
+        import socket
+        for request in (b"CONNECT evil.test:443 HTTP/1.1\\r\\nHost: evil.test:443\\r\\n\\r\\n",
+                        b"GET http://evil.test/x HTTP/1.1\\r\\nHost: {name}\\r\\n\\r\\n",
+                        b"GET http://{name}/abs HTTP/1.1\\r\\nHost: {name}\\r\\nConnection: close\\r\\n\\r\\n"):
+            with socket.create_connection(({name!r}, 80), timeout=10) as s:
+                s.sendall(request)
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+                print(data.split(b"\\r\\n")[0].decode(), data.splitlines()[-1].decode())
+    """
+    res = in_netns(name, tmp_path, "--upstream", "direct", "--allow", f"{name},127.0.0.1:80", "--", *py(code))
+    assert res["rc"] == 0, res["stderr"]
+    lines = str(res["stdout"]).splitlines()
+    assert lines[0].startswith("HTTP/1.1 400 ") and lines[1].startswith("HTTP/1.1 400 ")
+    assert lines[2] == "HTTP/1.1 200 OK hello from /abs"
+    assert res["http"] == [["/abs", name]]
