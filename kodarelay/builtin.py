@@ -80,6 +80,8 @@ class _BuiltIn:
         self.port = port
         self.startup_timeout = startup_timeout
         self.upstream = upstream
+        #: ``capture=True`` (``kodarelay run``'s fence): also a capture socket (``kodarelay.captured``)
+        self.capture = bool(options.pop("capture", False))
         self.options = options
 
     async def _bind(self) -> ProxyServer:
@@ -97,6 +99,8 @@ class _BuiltIn:
                 bridge = await spawn_uds_bridge(proxy_uds_path(os.getpid(), server.port), server.port)
             except Exception as e:  # the bridge is optional: the TCP port still serves
                 log.warning("could not attach the UDS bridge for port %d: %s", server.port, e)
+            if bridge is not None and self.capture:
+                bridge = _with_capture(server, bridge)
         return server, bridge
 
     async def spawn(self) -> ProxyHandle:
@@ -157,7 +161,7 @@ class _BuiltIn:
         return self._handle(server, bridge, stop)
 
     def _handle(self, server: ProxyServer, bridge: Any, stop: Callable[[], None]) -> ProxyHandle:
-        return ProxyHandle(
+        handle = ProxyHandle(
             server.port,
             "builtin",
             stop,
@@ -165,6 +169,32 @@ class _BuiltIn:
             violations=server.violations,
             servers=(server,),
         )
+        handle.capture_path = getattr(bridge, "capture_path", None)
+        return handle
+
+
+class _BridgeAndCapture:
+    """The UDS bridge and the capture socket beside it, closed together (``capture=True``)."""
+
+    def __init__(self, bridge: Any, capture: Any) -> None:
+        self.bridge = bridge
+        self.capture = capture
+        self.path = bridge.path
+        self.capture_path = capture.path
+
+    def close(self) -> None:
+        self.capture.close()
+        self.bridge.close()
+
+
+def _with_capture(server: ProxyServer, bridge: Any) -> Any:
+    from .captured import open_capture_socket
+
+    try:
+        return _BridgeAndCapture(bridge, open_capture_socket(server))
+    except Exception as e:      # capture is optional: the fence then holds as before
+        log.warning("could not open the capture socket for port %d: %s", server.port, e)
+        return bridge
 
 
 def _close_without_loop(server: ProxyServer, bridge: Any) -> None:

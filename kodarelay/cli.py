@@ -81,6 +81,9 @@ REASON_TEXT = {
     "request_not_allowed": "no --allow rule matches this request's method and path",
     "request_denied": "a --deny request rule matches it",
     "bad_path": "the path is not plain (dot segments, backslashes or encoded separators)",
+    "sni_mismatch": "a captured TLS connection whose SNI names another host than the one it was made to",
+    "host_mismatch": "a captured HTTP request whose Host names another host than the one it was made to",
+    "unknown_address": "a captured connection to a synthetic address the fence's DNS did not give out",
 }
 SUMMARY_LINES = 20
 #: how long ``--ask`` waits for the person at the terminal before refusing
@@ -407,6 +410,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not isolate.command_exists(cmd[0]):
         raise CliError(f"{cmd[0]}: command not found", isolate.EXIT_NOT_FOUND)
     fenced, allow_unix = plan_fence(args)
+    capture = fenced and getattr(args, "capture", False)
     scheme = all_proxy_scheme(args)
     refused = _Counter()
     count = refused.add
@@ -417,7 +421,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         handle = BuiltInProxy(
             hooks.filter, upstream=upstream, socks5=True, forward_http=args.forward_http, on_violation=count,
-            violation_capacity=4096, **hooks.options, **proxy_options(args)
+            violation_capacity=4096, capture=capture, **hooks.options, **proxy_options(args)
         ).start()
     except (OSError, TimeoutError) as e:
         hooks.stop()
@@ -433,6 +437,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             ca_dir = _run_ca_dir()
             ca_bundle = _merged_bundle(ca_bundle, ca_dir, base)
         pid = None
+        fence_info: dict[str, object] = {}
+        captured = _capture_options(capture, handle, hooks.filter, args)
         if fenced:
             try:
                 if handle.uds_path is None:
@@ -440,6 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pid = isolate.spawn_isolated(
                     cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle,
                     all_proxy_scheme=scheme, allow_unix=allow_unix, protect=hooks.files_read_or_written(),
+                    **captured, info=fence_info,
                 )
             except isolate.FenceUnavailable as e:
                 if args.isolate:
@@ -471,7 +478,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in summarize(handle.violations(), max(refused.value, handle.refused_total), hooks.reason_text):
             print(f"kodarelay: {line}" if not line.startswith("  ") else line, file=sys.stderr)
         if fenced and ((code != 0 and not refused.value) or args.verbose):
-            print(f"kodarelay: {FENCE_NOTE}", file=sys.stderr)
+            note = capture_note(fence_info.get("capture_ports") or ()) if fence_info.get("capture") else FENCE_NOTE  # type: ignore[arg-type]
+            print(f"kodarelay: {note}", file=sys.stderr)
     if args.learn:
         _report_learned(hooks.tally, args.learn_out, deny_private=not args.allow_private)
     return code
@@ -526,6 +534,25 @@ FENCE_NOTE = (
 )
 
 
+def capture_note(ports: Sequence[int]) -> str:
+    """The fence line when capture was on: captured ports were judged, the rest had no route."""
+    shown = ", ".join(str(p) for p in ports)
+    return (f"CMD ran fenced: only the proxy led out; direct connections to port {shown} were captured and "
+            "judged by it (listed above as capture), to other ports they had no route; Unix sockets were "
+            "refused (not listed above)")
+
+
+def _capture_options(capture: bool, handle: Any, flt: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``spawn_isolated``'s capture arguments: the proxy's capture socket and the ports
+    (``kodarelay.capture``: 80, 443, each ``--allow`` port, each ``--capture-port``)."""
+    path = getattr(handle, "capture_path", None)
+    if not capture or path is None:
+        return {}
+    from .capture import capture_ports
+
+    return {"capture_path": os.fspath(path), "capture_ports": capture_ports(flt, args.capture_port or ())}
+
+
 def plan_fence(args: argparse.Namespace) -> tuple[bool, list[str]]:
     """Whether to try the fence, and the ``--allow-unix`` paths (absolute).
 
@@ -540,6 +567,10 @@ def plan_fence(args: argparse.Namespace) -> tuple[bool, list[str]]:
     for path in allow_unix:
         if len(os.fsencode(path)) > 107:
             raise CliError(f"--allow-unix: path too long for a Unix socket: {path!r}")
+    if getattr(args, "capture_port", None):
+        if args.isolate is False or not getattr(args, "capture", True):
+            raise CliError("--capture-port needs the fence's capture; it means nothing with "
+                           + ("--no-isolate" if args.isolate is False else "--no-capture"))
     if args.isolate is False:
         if allow_unix:
             raise CliError("--allow-unix needs the fence; it means nothing with --no-isolate")

@@ -63,7 +63,10 @@ variables are removed. Plain-http requests are forwarded, judged like a CONNECT
 
 CMD runs fenced by default (Linux): in its own network and user namespaces (unshare)
 whose only way out is the proxy, with no capability, and no Unix socket but the ones
---allow-unix names: a client that ignores the proxy variables gets no connection at all.
+--allow-unix names. A client that ignores the proxy variables is captured: the fence
+answers DNS with synthetic addresses, and its connections to ports 80, 443, each --allow
+port and each --capture-port reach the proxy, judged like the rest (--no-capture: they
+get no connection at all; CMD cannot listen on a captured port).
 Where the fence cannot be made, kodarelay says so in one line and runs CMD unfenced;
 --isolate refuses instead (exit 125), --no-isolate never fences.
 
@@ -219,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--allow-unix", action="append", metavar="PATH",
         help="let fenced CMD connect to this Unix socket (repeatable); no other is reachable",
+    )
+    run.add_argument(
+        "--no-capture", dest="capture", action="store_false", default=True,
+        help="fenced CMD's direct connections get no route (the default brings those to ports 80, 443 and "
+             "each --allow port to the proxy, with the fence's own DNS)",
+    )
+    run.add_argument(
+        "--capture-port", action="append", type=_port_type(1), metavar="N",
+        help="also capture fenced CMD's direct connections to port N (repeatable)",
     )
     run.add_argument("--quiet", "-q", action="store_true", help="no refusal summary, no warnings")
     run.add_argument("--learn", action="store_true",

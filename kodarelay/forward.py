@@ -52,6 +52,7 @@ from .requestrules import shown_path
 from .dial import CHAIN, REP_CONNECTION_REFUSED, Plan, Refusal
 from .serving import HandshakeTimeout, Target, Ticket
 from .upstream import UpstreamConfig, _open_proxy, proxy_authorization
+from .violations import _printable
 
 if TYPE_CHECKING:
     from .serving import Handoff, ProxyServer
@@ -373,8 +374,11 @@ def _drop_set(fields: dict[bytes, list[bytes]], keep_upgrade: bool) -> set[bytes
 class _Exchange:
     """One client connection's requests, forwarded one after another."""
 
-    def __init__(self, srv: ProxyServer, conn: socket.socket) -> None:
+    def __init__(self, srv: ProxyServer, conn: socket.socket, proto: str = "http",
+                 origin: tuple[str, int] | None = None) -> None:
         self.srv = srv
+        self.proto = proto          # what events and violations name ("capture" for a captured port 80)
+        self.origin = origin        # a captured connection's host and port: every request goes there
         self.clock = _Idle(srv.idle_timeout, srv.total_timeout)
         self.client = _Stream(conn, self.clock)
         self.upstream: _Stream | None = None
@@ -442,10 +446,17 @@ class _Exchange:
             try:
                 method, target, version, fields = relay.parsers.parse_http_head(head)
             except HeadError as e:
-                srv.record("http", "", None, "bad_request")
+                srv.record(self.proto, "", None, "bad_request")
                 await self.refuse(e.status, str(e))
                 return None
-            if method == "CONNECT":
+            if self.origin is not None:
+                admitted = await self._captured_target(method, target, version, fields)
+                if not isinstance(admitted, str):
+                    if admitted:
+                        continue
+                    return None
+                target = admitted
+            elif method == "CONNECT":
                 self.drop_upstream()
                 client = _basic_user(_field_map(fields).get(b"proxy-authorization", []))
                 return await srv.connect_after_forward(self.client.sock, target, self.client.buf, client)
@@ -456,6 +467,44 @@ class _Exchange:
             if isinstance(outcome, tuple):
                 return outcome
 
+    async def _captured_target(self, method: str, target: str, version: str,
+                               fields: list[tuple[bytes, bytes]]) -> str | bool:
+        """A captured request's absolute-form target (``kodarelay.captured``: it always goes to
+        the captured host, whose name its ``Host`` must give); else it was refused: True when
+        the connection goes on (no body), False when it ends."""
+        from .captured import host_header_names, refuse
+
+        host, port = self.origin  # type: ignore[misc]
+        shown = f"[{host}]" if ":" in host else host
+        origin = target
+        if not target.startswith("/"):
+            try:
+                named, _port, _authority, origin = relay.parsers.parse_absolute_target(target)
+            except HeadError:
+                named = ""
+            if method == "CONNECT" or not host_header_names(named.encode("ascii", "replace"), host):
+                self.srv.record(self.proto, host, port, "bad_request")
+                await self.refuse(400, "a captured connection takes origin-form requests to its own host", method,
+                                  host, port)
+                return False
+        fmap = _field_map(fields)
+        wrong = [v for v in fmap.get(b"host", []) if not host_header_names(v, host)]
+        if wrong:
+            named = _printable(wrong[0].decode("latin-1"))
+            refuse(self.srv, host, port, "host_mismatch", f"Host names {named}", method)
+            try:
+                keep = _body_framing(fmap) is None
+            except _BadRequest:
+                keep = False
+            keep = keep and version != "HTTP/1.0" and b"close" not in _tokens(fmap.get(b"connection", []))
+            body = (f"kodarelay: {method} refused (host_mismatch): this connection was made to {shown}, "
+                    f"its Host names {named}\n").encode("ascii", "replace")
+            await self.reply((f"HTTP/1.1 421 Misdirected Request\r\nX-Proxy-Error: host_mismatch\r\n"
+                              f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                              f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n").encode("ascii") + body)
+            return keep
+        return f"http://{shown}{'' if port == 80 else f':{port}'}{origin}"
+
     async def _read_head(self, deadline: float) -> bytes | None:
         srv = self.srv
         client = self.client
@@ -463,7 +512,7 @@ class _Exchange:
             try:
                 end = relay.parsers.http_head_end(client.buf, MAX_HEAD)
             except HeadError as e:
-                srv.record("http", "", None, "bad_request")
+                srv.record(self.proto, "", None, "bad_request")
                 await self.refuse(e.status, "request head too large")
                 return None
             if end >= 0:
@@ -486,7 +535,7 @@ class _Exchange:
         try:
             host, port, authority, origin = relay.parsers.parse_absolute_target(target)
         except HeadError as e:
-            srv.record("http", "", None, "bad_request")
+            srv.record(self.proto, "", None, "bad_request")
             await self.refuse(400, str(e), method)
             return None
         fmap = _field_map(fields)
@@ -498,12 +547,13 @@ class _Exchange:
             if named is not None:
                 raise _BadRequest(f"Connection names {named.decode('ascii', 'replace')}, which is not hop-by-hop")
         except _BadRequest as e:
-            srv.record("http", host, port, "bad_request")
+            srv.record(self.proto, host, port, "bad_request")
             await self.refuse(400, str(e), method, host, port)
             return None
         upgrade = _is_websocket_upgrade(fmap)
         key = (host, port)
-        client = _basic_user(fmap.get(b"proxy-authorization", []))
+        # (a captured request names no client: its Proxy-Authorization was meant for no proxy)
+        client = _basic_user(fmap.get(b"proxy-authorization", [])) if self.origin is None else None
         # The path is part of the record only where a rule judges it (a host with request
         # rules); elsewhere events and violations keep host and port only, as a path may carry
         # a token. Never the query.
@@ -514,21 +564,21 @@ class _Exchange:
         if refused is not None and refused[0] == "request_not_allowed" and srv.dialer.policy.decider is not None:
             from .events import Request
 
-            verdict = await srv.dialer.ask_request(Request("http", method, host, port, client, shown_path(origin)))
+            verdict = await srv.dialer.ask_request(Request(self.proto, method, host, port, client, shown_path(origin)))
             refused = None if verdict == "allow" else (verdict, None, None)
         if refused is not None:
             reason, detail, rule = refused
-            srv.record("http", host, port, reason, client, detail, method=method, path=shown_path(origin))
-            srv.emit(Event(time.time(), "refuse", "http", method, host, port, client, reason, rule, "rule",
+            srv.record(self.proto, host, port, reason, client, detail, method=method, path=shown_path(origin))
+            srv.emit(Event(time.time(), "refuse", self.proto, method, host, port, client, reason, rule, "rule",
                            detail=detail, path=shown_path(origin)))
             keep = not body and version != "HTTP/1.0" and b"close" not in _tokens(fmap.get(b"connection", []))
             await self.reply(request_refusal(reason, method, host, port, shown_path(origin), detail, rule, keep))
             return True if keep else None
         try:
-            plan, ticket = await _judge(srv, method, host, port, client, path)
+            plan, ticket = await _judge(srv, method, host, port, client, path, self.proto)
             if self.upstream is None or self.upstream_key != key:
                 self.drop_upstream()
-                sock = await _open_upstream(srv, plan, ticket, method, client)
+                sock = await _open_upstream(srv, plan, ticket, method, client, self.proto)
                 sock.setblocking(False)
                 self.upstream, self.upstream_key = _Stream(sock, self.clock), key
                 self.via_proxy = plan.upstream if plan.kind == CHAIN else None
@@ -578,7 +628,7 @@ class _Exchange:
             self.drop_upstream()
             log.info("http forward to %s:%d: request body failed: %s", host, port, failed[0])
             if isinstance(failed[0], _BadRequest) and not self.sent_any:
-                srv.record("http", host, port, "bad_request")
+                srv.record(self.proto, host, port, "bad_request")
                 await self.refuse(400, str(failed[0]), method, host, port)
             return None
         finally:
@@ -754,6 +804,20 @@ async def forward_session(srv: ProxyServer, conn: socket.socket, buf: bytes, dea
         ex.drop_upstream()
 
 
+async def captured_session(srv: ProxyServer, conn: socket.socket, host: str, port: int, buf: bytes,
+                           deadline: float) -> Handoff | None:
+    """Serve the requests of a captured plain-HTTP connection to ``host:port`` (``kodarelay.captured``):
+    each one judged and forwarded as above, recorded with protocol ``"capture"``."""
+    from .captured import PROTOCOL
+
+    ex = _Exchange(srv, conn, PROTOCOL, (host, port))
+    ex.client.buf = buf
+    try:
+        return await ex.run(deadline)
+    finally:
+        ex.drop_upstream()
+
+
 def request_refusal(reason: str, method: str, host: str, port: int, path: str, detail: str | None,
                     rule: str | None, keep_alive: bool) -> bytes:
     """A request refused by request rules, written for the reader: ``403`` (``400`` for
@@ -778,13 +842,13 @@ def request_refusal(reason: str, method: str, host: str, port: int, path: str, d
 
 
 async def _judge(srv: ProxyServer, method: str, host: str, port: int, client: str | None,
-                 path: str | None = None) -> tuple[Plan, Ticket]:
+                 path: str | None = None, proto: str = "http") -> tuple[Plan, Ticket]:
     """The server's one plan for ``host:port`` (filter, decider, guard, upstream), recorded
     like a CONNECT's (violation and refuse event, or allow event, with the request's method
     and ``path``); a refusal is raised."""
     target = Target(host, port, b"", method, client)
-    plan = await srv._plan("http", target)
-    ticket = srv._judged("http", target, plan, path)
+    plan = await srv._plan(proto, target)
+    ticket = srv._judged(proto, target, plan, path)
     if ticket is None:
         assert plan.refusal is not None
         raise plan.refusal
@@ -792,7 +856,7 @@ async def _judge(srv: ProxyServer, method: str, host: str, port: int, client: st
 
 
 async def _open_upstream(srv: ProxyServer, plan: Plan, ticket: Ticket, method: str,
-                         client: str | None) -> socket.socket:
+                         client: str | None, proto: str = "http") -> socket.socket:
     """Execute an allowed plan: connect to the checked addresses, or to the upstream proxy
     itself (which then gets the absolute-form request with its Basic credentials)."""
     target = Target(plan.host, plan.port, b"", method, client)
@@ -803,14 +867,14 @@ async def _open_upstream(srv: ProxyServer, plan: Plan, ticket: Ticket, method: s
         except (OSError, asyncio.TimeoutError) as e:
             r = Refusal(f"cannot reach upstream proxy {plan.upstream}: {e}", http_status=502,
                         socks_rep=REP_CONNECTION_REFUSED)
-            srv._unreachable("http", target, plan, r, ticket)
+            srv._unreachable(proto, target, plan, r, ticket)
             raise r from None
     try:
         sock, _ = await srv.dialer.connect(plan)
     except Refusal as r:
-        srv._unreachable("http", target, plan, r, ticket)
+        srv._unreachable(proto, target, plan, r, ticket)
         raise
     return sock
 
 
-__all__ = ["forward_session"]
+__all__ = ["captured_session", "forward_session"]

@@ -32,6 +32,9 @@ class ProxyHandle:
     HTTP proxy on Linux, else None.
     """
 
+    #: the capture socket beside the UDS bridge (``BuiltInProxy(..., capture=True)``), else None
+    capture_path: str | None = None
+
     def __init__(
         self,
         port: int,

@@ -52,6 +52,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .env import proxy_env_vars, socks5_env_vars
 from .relay import DEFAULT_IDLE_TIMEOUT, DEFAULT_TOTAL_TIMEOUT, relay_with_timeouts
@@ -291,11 +292,17 @@ def spawn_isolated(
     allow_unix: Sequence[str] = (),
     protect: Sequence[str] = (),
     ready_timeout: float = READY_TIMEOUT,
+    capture_path: str | None = None,
+    capture_ports: Sequence[int] = (),
+    info: dict[str, object] | None = None,
 ) -> int:
     """Start CMD fenced (see the module docstring) with ``uds_path`` its only way out; returns the helper pid.
 
     Returns once the helper reported CMD started in the fence. Raises ``FenceUnavailable``
     (and leaves no process behind, CMD never started) when the fence cannot be made.
+    With ``capture_path`` (the proxy's capture socket) the fence captures ``capture_ports``
+    (``kodarelay.capture``); ``info["capture"]`` then says whether capture was set up, and
+    ``info["capture_ports"]`` which ports it listens on.
     """
     why = fence_unavailable()
     if why is not None:
@@ -323,6 +330,10 @@ def spawn_isolated(
             argv += ["--allow-unix", path]
         for path in protect:
             argv += ["--protect", os.path.abspath(path)]
+        if capture_path is not None:
+            argv += ["--capture", capture_path]
+            for port in capture_ports:
+                argv += ["--capture-port", str(port)]
         argv += ["--", *cmd]
         try:
             pid = spawn(argv, env, sigmask)
@@ -343,7 +354,10 @@ def spawn_isolated(
         os.close(rfd)
         if map_ids:
             os.close(go_w)
-    if ready == "ok":
+    if ready == "ok" or ready.startswith("ok capture"):
+        if info is not None:
+            info["capture"] = ready != "ok"
+            info["capture_ports"] = [int(p) for p in ready[len("ok capture "):].split(",") if p.isdigit()]
         return pid
     try:
         os.kill(pid, signal.SIGKILL)
@@ -657,6 +671,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--protect", action="append", default=[])
     p.add_argument("--map-fd", type=int)
     p.add_argument("--ids-mapped", action="store_true")
+    p.add_argument("--capture")
+    p.add_argument("--capture-port", type=int, action="append", default=[])
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # CMD follows the first "--", untouched
     args = p.parse_args(argv[:split])
@@ -695,6 +711,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot set up loopback in the namespace: {e}")
     allow_unprivileged_ports()
+    capture = _set_up_capture(args.capture, args.capture_port) if args.capture else None
     env = clean_env(os.environ)
     env.update(run_bouquet(forwarder.port, args.ca_bundle, args.all_proxy_scheme))
     try:
@@ -707,8 +724,24 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         os.write(args.ready_fd, f"exec {e.exit_code} {e}".replace("\n", " ").encode(errors="replace") + b"\n")
         return e.exit_code
     forwarder.start()
+    if capture is not None:
+        capture.start()
     if listener is not None:
         UnixGate(listener, args.allow_unix, deadline=_connect_deadline()).start()
-    os.write(args.ready_fd, b"ok\n")
+    ok = "ok" if capture is None else "ok capture " + ",".join(str(p) for p in capture.ports)
+    os.write(args.ready_fd, ok.encode("ascii") + b"\n")
     os.close(args.ready_fd)
     return supervise(pid)
+
+
+def _set_up_capture(capture_path: str, ports: Sequence[int]) -> Any:
+    """``kodarelay.capture.Capture`` bound (its thread starts after CMD's fork), or None and
+    one line on stderr: the fence then holds as before."""
+    from .capture import Capture, capture_ports
+
+    try:
+        return Capture(capture_path, capture_ports(None, ports))
+    except OSError as e:
+        _fence_note(f"capture is off ({e.strerror or e}): a client that ignores the proxy variables "
+                    "gets no connection")
+        return None

@@ -190,11 +190,12 @@ def test_cmd_cannot_reach_into_the_helper(fence, tmp_path):
 
 
 def test_cmd_may_bind_low_ports_on_its_own_loopback(fence):
-    """No capability, yet a dev server on port 80 inside the fence works (the namespace's sysctl)."""
+    """No capability, yet a dev server on port 81 inside the fence works (the namespace's sysctl).
+    (80 and 443 are capture's unless --no-capture: tests/test_capture.py.)"""
     code = """
         import socket
-        s = socket.socket(); s.bind(("127.0.0.1", 80)); s.listen()
-        with socket.create_connection(("127.0.0.1", 80), timeout=5):
+        s = socket.socket(); s.bind(("127.0.0.1", 81)); s.listen()
+        with socket.create_connection(("127.0.0.1", 81), timeout=5):
             print("ok")
     """
     out = kr("run", "--upstream", "direct", "--", *py(code))
