@@ -39,6 +39,9 @@ _EXPORTS = {
     "Event": "events",
     "BuiltInProxy": "builtin",
     "BuiltInSocks5Proxy": "builtin",
+    # inspection
+    "CertificateAuthority": "ca",
+    "InspectionUnavailable": "ca",
     # upstream
     "UpstreamConfig": "upstream",
     "parse_proxy_url": "upstream",

@@ -156,10 +156,11 @@ def _stale_synthetic(host: str) -> bool:
 
 
 def refuse(srv: ProxyServer, host: str, port: int | None, reason: str, detail: str | None = None,
-           method: str = "CONNECT", path: str | None = None) -> None:
-    """Record a capture refused by capture's own checks (a violation and a refuse event)."""
-    srv.record(PROTOCOL, host, port, reason, None, detail, method=method if path else None, path=path)
-    srv.emit(Event(time.time(), "refuse", PROTOCOL, method, host, port, None, reason, None, "default",
+           method: str = "CONNECT", path: str | None = None, protocol: str = PROTOCOL) -> None:
+    """Record a capture refused by capture's own checks (a violation and a refuse event);
+    an inspected tunnel's requests are checked the same way under their own ``protocol``."""
+    srv.record(protocol, host, port, reason, None, detail, method=method if path else None, path=path)
+    srv.emit(Event(time.time(), "refuse", protocol, method, host, port, None, reason, None, "default",
                    detail=detail, path=path))
 
 

@@ -131,6 +131,10 @@ class _Idle:
 class _Stream:
     """A non-blocking socket with a read-ahead buffer (bounded by the callers)."""
 
+    #: bytes on the socket are the bytes of the stream (splice and ``recv_into`` may be used);
+    #: False for TLS (``kodarelay.tlsstream``), which is read and written through its methods
+    raw = True
+
     def __init__(self, sock: socket.socket, clock: _Idle) -> None:
         self.sock = sock
         self.clock = clock
@@ -184,6 +188,17 @@ async def _copy(src: _Stream, dst: _Stream, n: int | None, scratch: bytearray) -
         head, src.buf = src.buf[:take], src.buf[take:]
         await dst.send(head)
         moved += take
+    if not src.raw:
+        while n is None or moved < n:
+            if not await src.fill():
+                if n is None:
+                    return moved
+                raise ConnectionResetError(f"peer closed after {moved} of {n} body bytes")
+            take = len(src.buf) if n is None else min(n - moved, len(src.buf))
+            head, src.buf = src.buf[:take], src.buf[take:]
+            await dst.send(head)
+            moved += take
+        return moved
     view = memoryview(scratch)
     sock = src.sock
     while n is None or moved < n:
@@ -203,6 +218,18 @@ async def _copy(src: _Stream, dst: _Stream, n: int | None, scratch: bytearray) -
     return moved
 
 
+async def _pipe(a: _Stream, b: _Stream, scratch: bytearray) -> None:
+    """Copy both ways until either side ends (a WebSocket inside a decrypted tunnel)."""
+    a.clock.until = float("inf")         # a tunnel now: the idle clock alone ends it
+    tasks = [asyncio.ensure_future(_copy(a, b, None, scratch)), asyncio.ensure_future(_copy(b, a, None, bytearray(CHUNK)))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 _SPLICE_MIN = 256 * 1024      # bodies at least this long move socket -> pipe -> socket
 _PIPE_SIZE = 1 << 20
 _splice_ok = hasattr(os, "splice")
@@ -212,7 +239,7 @@ async def _copy_body(src: _Stream, dst: _Stream, n: int, scratch: bytearray) -> 
     """``n`` body bytes from ``src`` to ``dst``: spliced in the kernel when the body is long
     (no copy through Python), copied through ``scratch`` otherwise or where splice is refused."""
     global _splice_ok
-    if n < _SPLICE_MIN or not _splice_ok:
+    if n < _SPLICE_MIN or not _splice_ok or not (src.raw and dst.raw):
         await _copy(src, dst, n, scratch)
         return
     if src.buf:
@@ -388,6 +415,8 @@ class _Exchange:
         self._marks: tuple[_Stream, int, int] | None = None   # its upstream, and both counts at its start
         self._scratch: bytearray | None = None
         self.sent_any = False       # part of the current response already reached the client
+        #: the inspected tunnel these requests came in (their events share its id), if any
+        self.tunnel: Ticket | None = None
 
     @property
     def scratch(self) -> bytearray:
@@ -491,9 +520,9 @@ class _Exchange:
         wrong = [v for v in fmap.get(b"host", []) if not host_header_names(v, host)]
         if wrong:
             named = _printable(wrong[0].decode("latin-1"))
-            refuse(self.srv, host, port, "host_mismatch", f"Host names {named}", method)
+            refuse(self.srv, host, port, "host_mismatch", f"Host names {named}", method, protocol=self.proto)
             try:
-                keep = _body_framing(fmap) is None
+                keep = not _body_framing(fmap)     # no body (none, or Content-Length: 0)
             except _BadRequest:
                 keep = False
             keep = keep and version != "HTTP/1.0" and b"close" not in _tokens(fmap.get(b"connection", []))
@@ -518,6 +547,15 @@ class _Exchange:
             if end >= 0:
                 head, client.buf = client.buf[:end], client.buf[end:]
                 return head
+            if not client.raw:
+                try:
+                    left = deadline - asyncio.get_running_loop().time()
+                    if left <= 0 or not await asyncio.wait_for(client.fill(), left):
+                        return None
+                except (asyncio.TimeoutError, TimeoutError):
+                    await self.refuse(408, "request head not received in time")
+                    return None
+                continue
             try:
                 chunk = await srv.recv_some(client.sock, deadline, MAX_HEAD)
             except HandshakeTimeout:
@@ -557,7 +595,8 @@ class _Exchange:
         # The path is part of the record only where a rule judges it (a host with request
         # rules); elsewhere events and violations keep host and port only, as a path may carry
         # a token. Never the query.
-        judged = srv.dialer.policy.filter.has_request_rules(host, port)
+        inspected = self.tunnel is not None
+        judged = inspected or srv.dialer.policy.filter.has_request_rules(host, port)
         path = shown_path(origin) if judged else None
         self.end_request()
         refused = self._request_refusal(method, host, port, origin) if judged else None
@@ -570,18 +609,17 @@ class _Exchange:
             reason, detail, rule = refused
             srv.record(self.proto, host, port, reason, client, detail, method=method, path=shown_path(origin))
             srv.emit(Event(time.time(), "refuse", self.proto, method, host, port, client, reason, rule, "rule",
-                           detail=detail, path=shown_path(origin)))
+                           self.tunnel.id if self.tunnel is not None else None, detail=detail, path=shown_path(origin),
+                           inspected=inspected))
             keep = not body and version != "HTTP/1.0" and b"close" not in _tokens(fmap.get(b"connection", []))
             await self.reply(request_refusal(reason, method, host, port, shown_path(origin), detail, rule, keep))
             return True if keep else None
         try:
-            plan, ticket = await _judge(srv, method, host, port, client, path, self.proto)
+            plan, ticket = await _judge(srv, method, host, port, client, path, self.proto, self.tunnel)
             if self.upstream is None or self.upstream_key != key:
                 self.drop_upstream()
-                sock = await _open_upstream(srv, plan, ticket, method, client, self.proto)
-                sock.setblocking(False)
-                self.upstream, self.upstream_key = _Stream(sock, self.clock), key
-                self.via_proxy = plan.upstream if plan.kind == CHAIN else None
+                self.upstream = await self._connect(plan, ticket, method, client)
+                self.upstream_key = key
             self.ticket = ticket
             assert self.upstream is not None
             self._marks = (self.upstream, self.upstream.sent, self.client.sent)
@@ -641,6 +679,14 @@ class _Exchange:
                     except BaseException:
                         pass
 
+    async def _connect(self, plan: Plan, ticket: Ticket, method: str, client: str | None) -> _Stream:
+        """The upstream of an allowed request: the origin, or the upstream proxy itself
+        (which then gets the absolute-form request); a refusal is raised."""
+        sock = await _open_upstream(self.srv, plan, ticket, method, client, self.proto)
+        sock.setblocking(False)
+        self.via_proxy = plan.upstream if plan.kind == CHAIN else None
+        return _Stream(sock, self.clock)
+
     def _request_refusal(self, method: str, host: str, port: int, origin: str) -> tuple[str, str | None, str | None] | None:
         """``(reason, detail, rule)`` when request rules refuse this request (its host is
         admitted by them, the request itself is not), else None: host-level refusals are the
@@ -688,6 +734,12 @@ class _Exchange:
                     if not upgrade:
                         raise _BadUpstream("101 without an upgrade request")
                     await self.client.send(self._response_head(head, fields, fmap, True, False))
+                    if self.ticket is not None:
+                        self.ticket.status = 101
+                    if not (up.raw and self.client.raw):
+                        await _pipe(self.client, up, self.scratch)    # a decrypted WebSocket: copied here
+                        self.drop_upstream()
+                        return None
                     sock = up.sock
                     self.upstream = None
                     self.upstream_key = None
@@ -699,6 +751,8 @@ class _Exchange:
                     self.sent_any = True
                     continue
                 break
+            if self.ticket is not None:
+                self.ticket.status = status
             named = _connection_names_framing(fmap)
             if named is not None:
                 raise _BadUpstream(f"response Connection names {named.decode('ascii', 'replace')}")
@@ -842,13 +896,13 @@ def request_refusal(reason: str, method: str, host: str, port: int, path: str, d
 
 
 async def _judge(srv: ProxyServer, method: str, host: str, port: int, client: str | None,
-                 path: str | None = None, proto: str = "http") -> tuple[Plan, Ticket]:
+                 path: str | None = None, proto: str = "http", tunnel: Ticket | None = None) -> tuple[Plan, Ticket]:
     """The server's one plan for ``host:port`` (filter, decider, guard, upstream), recorded
     like a CONNECT's (violation and refuse event, or allow event, with the request's method
     and ``path``); a refusal is raised."""
     target = Target(host, port, b"", method, client)
     plan = await srv._plan(proto, target)
-    ticket = srv._judged(proto, target, plan, path)
+    ticket = srv._judged(proto, target, plan, path, tunnel, tunnel is not None)
     if ticket is None:
         assert plan.refusal is not None
         raise plan.refusal

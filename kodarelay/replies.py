@@ -86,7 +86,7 @@ def refusal_reply(code: int, reason: str | None = None, host: str = "", port: in
         return status_line(code, reason if code == 403 else None)
     body = (text + "\n").encode("ascii", "replace")
     head = f"HTTP/1.1 {code} {REASONS[code]}\r\n"
-    if code == 403 and reason is not None:
+    if reason is not None:
         head += f"X-Proxy-Error: {reason}\r\n"
     head += f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     return head.encode("ascii") + body

@@ -13,7 +13,7 @@ import socket
 import threading
 import os
 import time
-from typing import Any, Awaitable, Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Any, Awaitable, Callable, Iterable, Iterator, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from . import relay
 from ._aio import Throttle, accept_forever, log_accept_error, recv_within
@@ -94,11 +94,12 @@ class Protocol:
 class Ticket:
     """An allowed tunnel, from its allow event to its end event."""
 
-    __slots__ = ("id", "protocol", "method", "host", "port", "client", "start", "path")
+    __slots__ = ("id", "protocol", "method", "host", "port", "client", "start", "path", "inspected", "status")
 
     def __init__(self, protocol: str, method: str, host: str, port: int, client: str | None,
-                 path: str | None = None) -> None:
-        self.id = next_tunnel_id()
+                 path: str | None = None, tunnel: Ticket | None = None, inspected: bool = False) -> None:
+        # a request inside an inspected tunnel shares that tunnel's id (SPEC: events for requests)
+        self.id: int = tunnel.id if tunnel is not None else next_tunnel_id()
         self.protocol = protocol
         self.method = method
         self.host = host
@@ -106,6 +107,8 @@ class Ticket:
         self.client = client
         self.start = time.monotonic()
         self.path = path              # a forwarded request's path (never its query)
+        self.inspected = inspected    # decrypted (the tunnel itself, or a request in one)
+        self.status: int | None = None   # the origin's status, for a request's end event
 
 
 def default_max_handshakes() -> int:
@@ -197,9 +200,20 @@ class ProxyServer:
         decider_timeout: float = 60.0,
         on_event: OnEvent | None = None,
         max_handshakes: int | None = None,
+        inspect: Any = None,
+        inspect_hosts: Iterable[str] = (),
+        no_inspect: Iterable[str] = (),
+        upstream_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(filter, Filter):
             raise TypeError(f"filter must be a kodarelay.Filter, not {type(filter).__name__}")
+        from .inspection import Inspection
+
+        #: what this server decrypts (``kodarelay.inspection``); None: nothing
+        self.inspection: Inspection | None = None
+        if inspect is not None or inspect_hosts or no_inspect or upstream_ca is not None:
+            self.inspection = Inspection(inspect, inspect_hosts, no_inspect, upstream_ca)
+            self.inspection.check(filter)
         self._lsock = lsock
         self._loop = asyncio.get_running_loop()
         self.handshake_timeout = handshake_timeout
@@ -320,10 +334,11 @@ class ProxyServer:
         """The protocol of a handshake the engine read."""
         raise NotImplementedError
 
-    def _judged(self, proto: str, target: Target, plan: Plan, path: str | None = None) -> Ticket | None:
+    def _judged(self, proto: str, target: Target, plan: Plan, path: str | None = None,
+                tunnel: Ticket | None = None, inspected: bool = False) -> Ticket | None:
         """Record what ``plan`` means (a violation and a refuse event, or an allow event);
         returns the ticket of an allowed tunnel. Any thread. ``path``: a forwarded request's
-        (never its query)."""
+        (never its query); ``tunnel``: the inspected tunnel a request came in."""
         method = target.method if path is not None else None
         if plan.kind == REFUSE:
             r = plan.refusal
@@ -332,16 +347,17 @@ class ProxyServer:
             self.record(proto, plan.host, plan.port, r.reason or "refused", target.client, detail, method=method,
                         path=path)
             self.emit(Event(time.time(), "refuse", proto, target.method, _printable(plan.host), plan.port,
-                            target.client, r.reason, r.rule, r.source, detail=detail, path=path))
+                            target.client, r.reason, r.rule, r.source, tunnel.id if tunnel is not None else None,
+                            detail=detail, path=path, inspected=inspected))
             return None
-        ticket = Ticket(proto, target.method, plan.host, plan.port, target.client, path)
+        ticket = Ticket(proto, target.method, plan.host, plan.port, target.client, path, tunnel, inspected)
         self._allowed(ticket, plan)
         return ticket
 
     def _allowed(self, ticket: Ticket, plan: Plan) -> None:
         """The allow event of ``ticket``'s tunnel."""
         self.emit(Event(time.time(), "allow", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
-                        "allowed", plan.rule, plan.source, ticket.id, path=ticket.path))
+                        "allowed", plan.rule, plan.source, ticket.id, path=ticket.path, inspected=ticket.inspected))
 
     def _reject(self, proto: str, parsed: Reject) -> None:
         """Record a handshake refused before any policy."""
@@ -357,7 +373,7 @@ class ProxyServer:
         up, down = moved if moved is not None else (None, None)
         self.emit(Event(time.time(), "end", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
                         reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start, detail,
-                        path=ticket.path))
+                        path=ticket.path, inspected=ticket.inspected, status=ticket.status))
 
     def _unreachable(self, proto: str, target: Target, plan: Plan, r: Refusal, ticket: Ticket | None) -> None:
         """An allowed target that could not be reached (or an upstream that said no)."""
@@ -417,11 +433,29 @@ class ProxyServer:
         the engine's cache as an allow (the plan is not the Dialer's)."""
         if plan.kind == REFUSE or target.method != "CONNECT":
             return plan
-        if not self.dialer.policy.filter.needs_inspection(plan.host, plan.port):
+        if not self.dialer.policy.filter.needs_inspection(plan.host, plan.port) or self._inspects(target, plan):
             return plan
         refusal = Refusal(f"{plan.host}:{plan.port} needs inspection", http_status=403, socks_rep=REP_NOT_ALLOWED,
                           reason="needs_inspection", rule=None, source="rule")
         return Plan(REFUSE, plan.host, plan.port, refusal, source="rule", ttl=0)
+
+    def _inspects(self, target: Target, plan: Plan) -> bool:
+        """Whether an allowed tunnel is decrypted and its requests judged (``kodarelay.inspection``)."""
+        insp = self.inspection
+        return (insp is not None and plan.kind != REFUSE and target.method == "CONNECT"
+                and insp.wants(self.dialer.policy.filter, plan.host, plan.port))
+
+    async def _inspect(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
+                       ticket: Ticket) -> Handoff | None:
+        """An allowed tunnel to an inspected host: answered as any other, then served
+        request by request (no longer a handshake: never shed as one)."""
+        from .inspection import inspect_session
+
+        self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        opened = await self._connect_plan(conn, proto, target, plan, ticket)
+        if opened is None:
+            return None
+        return await inspect_session(self, conn, proto.name, plan, ticket, target.early, opened[0], opened[1])
 
     # ── the asyncio path ─────────────────────────────────────────────────────
 
@@ -436,11 +470,13 @@ class ProxyServer:
             self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             return await self.handover(conn, parsed)
         plan = await self._plan(proto.name, parsed)
-        ticket = self._judged(proto.name, parsed, plan)
+        ticket = self._judged(proto.name, parsed, plan, inspected=self._inspects(parsed, plan))
         if ticket is None:
             assert plan.refusal is not None
             await self.send_quietly(conn, proto.refusal_reply(plan.refusal, plan.host, plan.port))
             return None
+        if self._inspects(parsed, plan):
+            return await self._inspect(conn, proto, parsed, plan, ticket)
         opened = await self._connect_plan(conn, proto, parsed, plan, ticket)
         if opened is None:
             return None
@@ -562,6 +598,8 @@ class ProxyServer:
         front = self._front
         if front is None or gen is None or self._events is not None or target.literal or target.method != "CONNECT":
             return
+        if self.inspection is not None and plan.kind != REFUSE and self._inspects(target, plan):
+            return                      # decrypted on the asyncio path, never spliced blind
         ttl = self.dialer.cached_for(target.host, target.port, plan)
         if ttl == 0:
             return
@@ -610,7 +648,7 @@ class ProxyServer:
                 if isinstance(parsed, Target) and not self._closed:
                     gen = self._engine_generation()
                     plan = self._plan_now(parsed)
-                    if plan is not None and plan.kind == DIRECT:
+                    if plan is not None and plan.kind == DIRECT and not self._inspects(parsed, plan):
                         # the engine has the plan before the client has its answer (a client
                         # that asks again at once must find it)
                         self._engine_plan(h, proto, parsed, plan, gen)
@@ -698,12 +736,13 @@ class ProxyServer:
             assert plan.refusal is not None
             h.reply_and_close(proto.refusal_reply(plan.refusal, plan.host, plan.port))
             return
-        if plan.kind == DIRECT and self._dial_native(h, proto, target, plan):
+        inspected = self._inspects(target, plan)
+        if plan.kind == DIRECT and not inspected and self._dial_native(h, proto, target, plan):
             return
-        ticket = self._judged(proto.name, target, plan)
+        ticket = self._judged(proto.name, target, plan, inspected=inspected)
         assert ticket is not None
         conn = socket.socket(fileno=h.detach())      # taken now: nothing else may answer it
-        self._track(self._loop.create_task(self._run_detached(conn, proto, target, plan, ticket)))
+        self._track(self._loop.create_task(self._run_detached(conn, proto, target, plan, ticket, inspected)))
 
     def _dial_native(self, h: Any, proto: Protocol, target: Target, plan: Plan) -> bool:
         """``h.dial`` the plan's checked addresses and track the tunnel; False when the engine
@@ -756,10 +795,17 @@ class ProxyServer:
         return True
 
     async def _run_detached(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
-                            ticket: Ticket) -> None:
-        """The asyncio path for a native handshake (chaining, or an address the engine cannot take)."""
+                            ticket: Ticket, inspected: bool = False) -> None:
+        """The asyncio path for a native handshake (chaining, an inspected host, or an
+        address the engine cannot take)."""
         with _connection_ends(conn):
             conn.setblocking(False)
+            if inspected:
+                handoff = await self._inspect(conn, proto, target, plan, ticket)
+                if handoff is not None:
+                    upstream, to_upstream, to_client, req = handoff
+                    await self._relay(conn, upstream, to_upstream, to_client, req)
+                return
             opened = await self._connect_plan(conn, proto, target, plan, ticket)
             if opened is not None:
                 await self._relay(conn, opened[0], target.early, opened[1], ticket)
