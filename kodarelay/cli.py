@@ -164,8 +164,42 @@ def all_proxy_scheme(args: argparse.Namespace, socks_port: bool = False) -> str:
 
 def proxy_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword options for the built-in proxies that come from the policy flags (``--events``,
-    ``--policy`` and friends are ``_Hooks``')."""
+    ``--policy`` and friends are ``_Hooks``'; inspection's are ``inspection_options``')."""
     return {"deny_private": not args.allow_private}
+
+
+def inspection_options(args: argparse.Namespace, flt: Any) -> dict[str, Any]:
+    """``inspect=`` and friends when something needs a CA: a request rule in the filter, or
+    ``--inspect``. The CA lives in memory for the run unless ``--ca-dir`` keeps it. (A request
+    rule that a ``--policy`` reload adds later, with no CA made at start, is refused
+    ``needs_inspection`` until the next start.)"""
+    from .inspection import needs_ca
+
+    inspect = list(getattr(args, "inspect", None) or ())
+    never = list(getattr(args, "no_inspect", None) or ())
+    upstream_ca = getattr(args, "upstream_ca", None)
+    if upstream_ca is not None and not os.path.isfile(upstream_ca):
+        raise CliError(f"--upstream-ca: no such file: {upstream_ca!r}")
+    options: dict[str, Any] = {}
+    if never:
+        options["no_inspect"] = never
+    if upstream_ca is not None:
+        options["upstream_ca"] = upstream_ca
+    if not inspect and not needs_ca(flt) and not getattr(args, "ca_dir", None):
+        return options
+    from .ca import CertificateAuthority, InspectionUnavailable
+
+    try:
+        ca = CertificateAuthority.in_dir(args.ca_dir) if getattr(args, "ca_dir", None) else \
+            CertificateAuthority.generate()
+    except InspectionUnavailable as e:
+        raise CliError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise CliError(f"--ca-dir: {e}") from None
+    options["inspect"] = ca
+    if inspect:
+        options["inspect_hosts"] = inspect
+    return options
 
 
 def log_event(event: Any) -> None:
@@ -417,12 +451,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     args.learn = args.learn or args.learn_out is not None
     hooks = _Hooks(args, flt, learn=args.learn)
+    try:
+        inspection = inspection_options(args, hooks.filter)
+    except CliError:
+        hooks.stop()
+        raise
     sigmask = isolate.block_signals()  # before the proxy thread starts, so it inherits the mask
     try:
         handle = BuiltInProxy(
             hooks.filter, upstream=upstream, socks5=True, forward_http=args.forward_http, on_violation=count,
-            violation_capacity=4096, capture=capture, **hooks.options, **proxy_options(args)
+            violation_capacity=4096, capture=capture, **hooks.options, **proxy_options(args), **inspection
         ).start()
+    except ValueError as e:
+        hooks.stop()
+        raise CliError(str(e)) from None
     except (OSError, TimeoutError) as e:
         hooks.stop()
         raise CliError(f"cannot start the proxy: {e}", isolate.EXIT_RUN_FAILED) from None
@@ -433,9 +475,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sig is not None:  # told to stop before CMD existed: don't start it
             return 128 + sig
         base = isolate.clean_env(os.environ)
-        if ca_bundle is not None:     # one bundle: the system's roots and the given one
+        run_ca = inspection.get("inspect")
+        if ca_bundle is not None or run_ca is not None:
+            # one bundle: the system's roots, the given one, and the run's inspection CA
             ca_dir = _run_ca_dir()
-            ca_bundle = _merged_bundle(ca_bundle, ca_dir, base)
+            ca_bundle = _merged_bundle(ca_bundle, ca_dir, base, run_ca)
         pid = None
         fence_info: dict[str, object] = {}
         captured = _capture_options(capture, handle, hooks.filter, args)
@@ -493,13 +537,21 @@ def _run_ca_dir() -> str:
     return directory
 
 
-def _merged_bundle(ca_bundle: str, directory: str, env: dict[str, str]) -> str:
+def _merged_bundle(ca_bundle: str | None, directory: str, env: dict[str, str], run_ca: Any = None) -> str:
     """The run's one CA bundle (``kodarelay.cabundle``): the system's roots followed by
-    ``--ca-bundle``; ``env`` gains the WGETRC / APT_CONFIG that name it for wget and apt."""
+    ``--ca-bundle`` and the inspection CA's certificate; ``env`` gains the WGETRC /
+    APT_CONFIG that name it for wget and apt."""
     from .cabundle import tool_configs, write_run_bundle
 
     try:
-        merged = write_run_bundle([ca_bundle], directory)
+        extra = [ca_bundle] if ca_bundle is not None else []
+        if run_ca is not None:
+            own = os.path.join(directory, "kodarelay-ca.pem")
+            with open(own, "wb") as f:
+                f.write(run_ca.cert_pem)
+            os.chmod(own, 0o644)
+            extra.append(own)
+        merged = write_run_bundle(extra, directory)
         env.update(tool_configs(merged, directory, env))
     except OSError as e:
         raise CliError(f"--ca-bundle: cannot write the run's bundle: {e.strerror or e}", 125) from None
@@ -612,7 +664,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     hooks = _Hooks(args, flt)
     flt = hooks.filter
-    options: dict[str, Any] = {"upstream": upstream, "on_violation": count, **hooks.options, **proxy_options(args)}
+    try:
+        inspection = inspection_options(args, flt)
+    except CliError:
+        hooks.stop()
+        raise
+    options: dict[str, Any] = {"upstream": upstream, "on_violation": count, **hooks.options, **proxy_options(args),
+                               **inspection}
+    ca_dir: str | None = None
+    if inspection.get("inspect") is not None:
+        # clients of a serve need the CA in a file: the --ca-dir's own bundle, else one of the run's
+        ca_dir = None if args.ca_dir else _run_ca_dir()
+        directory = args.ca_dir or ca_dir
+        assert directory is not None
+        ca_bundle = _merged_bundle(ca_bundle, directory, {}, inspection["inspect"])
     separate_socks = args.socks5_port is not None and (args.socks5_port == 0 or args.socks5_port != args.port)
     scheme = all_proxy_scheme(args, socks_port=separate_socks)
     isolate.block_signals()  # SIGINT / SIGTERM wait for sigwaitinfo below; threads inherit the mask
@@ -624,6 +689,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             if separate_socks:
                 handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, **options).start())
+        except ValueError as e:
+            raise CliError(f"serve: {e}") from None
         except OSError as e:
             port = args.port if len(handles) == 0 else args.socks5_port
             raise CliError(f"serve: cannot listen on 127.0.0.1:{port}: {e.strerror or e}", EXIT_SERVE_FAILED) from None
@@ -662,6 +729,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for h in handles:
             h.shutdown()
         hooks.stop()
+        if ca_dir is not None:
+            import shutil
+
+            shutil.rmtree(ca_dir, ignore_errors=True)
     total = max(refused.value, sum(h.refused_total for h in handles))
     print(f"kodarelay: stopped ({total} refused)", file=sys.stderr)
     return 0

@@ -142,6 +142,16 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
         help="scheme of ALL_PROXY (default http: the port speaks both, and httpx / gRPC reject socks5h; "
         "socks5h for SOCKS-only setups; serve --socks5-port defaults to socks5h at that port)",
     )
+    p.add_argument("--inspect", action="append", metavar="PATTERN",
+                   help="decrypt tunnels to these hosts for the audit trail (request rules and secrets decrypt "
+                        "their hosts without it); needs kodarelay[inspect]")
+    p.add_argument("--no-inspect", action="append", metavar="PATTERN",
+                   help="never decrypt these hosts (clients that pin certificates); a request rule on one is an error")
+    p.add_argument("--ca-dir", metavar="DIR",
+                   help="keep the inspection CA in DIR (ca.pem, ca-key.pem 0600; made on first use) instead of a "
+                        "new one in memory per run")
+    p.add_argument("--upstream-ca", metavar="FILE",
+                   help="verify inspected origins against FILE instead of the system's trust store")
     p.add_argument("--verbose", "-v", action="count", default=0, help="log more (-vv: debug)")
     p.add_argument("--policy", metavar="FILE",
                    help="rules from FILE ('allow PATTERN' / 'deny PATTERN' lines, # comments), reloaded when it "

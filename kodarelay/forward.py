@@ -884,7 +884,8 @@ def request_refusal(reason: str, method: str, host: str, port: int, path: str, d
     elif reason == "bad_path":
         why = f"{detail}; paths must be plain on hosts with request rules"
     else:
-        why = f"allow it with --allow '{method} {shown}{path}'"
+        at = shown if port in (80, 443) else f"{shown}:{port}"
+        why = f"allow it with --allow '{method} {at}{path}'"
     body = f"kodarelay: {method} {where} refused ({reason}); {why}\n".encode("ascii", "replace")
     code, text = (400, "Bad Request") if reason == "bad_path" else (403, "Forbidden")
     head = (f"HTTP/1.1 {code} {text}\r\nX-Proxy-Error: {reason}\r\nContent-Type: text/plain\r\n"

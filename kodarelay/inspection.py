@@ -119,6 +119,11 @@ def _request_rule_host(pattern: str) -> str | None:
     return host or None
 
 
+def needs_ca(flt: Filter) -> bool:
+    """Whether some rule of ``flt`` is a request rule (its host's requests must be read)."""
+    return any(_request_rule_host(p) is not None for p in (*flt.allow_patterns, *flt.deny_patterns))
+
+
 def first_bytes(buf: bytes) -> str | None:
     """What a tunnel's first bytes carry: "tls", "http", "other", or None (need more)."""
     if not buf:

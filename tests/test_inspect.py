@@ -321,3 +321,67 @@ def test_many_tunnels_at_once(start_proxy, ca, run_ca, origin, bundle):
     for t in threads:
         t.join(DEADLINE)
     assert not errors, errors
+
+
+# ── the command ──────────────────────────────────────────────────────────────
+
+CLIENT = """
+import json, os, ssl, sys, urllib.request, urllib.error
+port = int(sys.argv[1])
+out = {}
+for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "PIP_CERT",
+            "GIT_SSL_CAINFO", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", "HTTPLIB2_CA_CERTS"):
+    out[var] = os.environ.get(var)
+ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+out["get"] = json.loads(opener.open(f"https://localhost:{port}/read").read())["path"]
+try:
+    opener.open(urllib.request.Request(f"https://localhost:{port}/write", data=b"x", method="POST"))
+except urllib.error.HTTPError as e:
+    out["post"] = [e.code, e.headers.get("X-Proxy-Error")]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("fence", ["--no-isolate", "--isolate"])
+def test_run_inspects_the_hosts_request_rules_name(ca, origin, tmp_path, fence):
+    from test_cli import kr
+    from test_fence import _fence_works
+
+    if fence == "--isolate" and _fence_works() is not None:
+        pytest.skip(_fence_works())
+    out = kr("run", "--upstream", "direct", fence, "--allow", f"read-only localhost:{origin.port}",
+             "--upstream-ca", str(ca[0]), "--", sys.executable, "-c", CLIENT, str(origin.port))
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["get"] == "/read" and seen["post"] == [403, "request_not_allowed"]
+    bundles = {v for k, v in seen.items() if k.isupper()}
+    assert len(bundles) == 1 and None not in bundles              # every CA variable names one bundle
+    assert "request_not_allowed" in out.stderr                     # the summary lists the refusal
+
+
+def test_run_usage_errors_are_one_line(ca, tmp_path):
+    from test_cli import assert_one_line_error, kr
+
+    out = kr("run", "--upstream", "direct", "--allow", "read-only api.test", "--no-inspect", "api.test",
+             "--", "true")
+    assert out.returncode == 2
+    assert_one_line_error(out.stderr, "never decrypts")
+    out = kr("run", "--upstream", "direct", "--allow", "localhost", "--upstream-ca", str(tmp_path / "nope.pem"),
+             "--", "true")
+    assert out.returncode == 2
+    assert_one_line_error(out.stderr, "--upstream-ca")
+
+
+def test_ca_dir_keeps_one_ca_across_runs(ca, origin, tmp_path):
+    from test_cli import kr
+
+    d = tmp_path / "ca"
+    for _ in range(2):
+        out = kr("run", "--upstream", "direct", "--no-isolate", "--allow", f"read-only localhost:{origin.port}",
+                 "--upstream-ca", str(ca[0]), "--ca-dir", str(d), "--", sys.executable, "-c", CLIENT,
+                 str(origin.port))
+        assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(os.stat(d / "ca-key.pem").st_mode) == 0o600
+    bundle = json.loads(out.stdout)["SSL_CERT_FILE"]
+    assert not os.path.exists(bundle)                              # the run's bundle went with the run

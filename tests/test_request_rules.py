@@ -163,7 +163,7 @@ def test_forwarded_requests_are_judged_one_by_one(start_proxy):
         s.sendall(f"POST {origin.url('/gists?token=secret')} HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode())
         head, body = _read_response(s)
         assert status_of(head) == 403 and b"X-Proxy-Error: request_not_allowed" in head, head
-        assert b"POST localhost:%d/gists refused (request_not_allowed); allow it with --allow 'POST localhost/gists'" % origin.port in body, body
+        assert b"POST localhost:%d/gists refused (request_not_allowed); allow it with --allow 'POST localhost:%d/gists'" % (origin.port, origin.port) in body, body
         assert b"secret" not in head + body
         s.sendall(f"GET {origin.url('/still-usable')} HTTP/1.1\r\n\r\n".encode())   # the connection stays usable
         head, body = _read_response(s)
