@@ -42,6 +42,8 @@ _EXPORTS = {
     # inspection
     "CertificateAuthority": "ca",
     "InspectionUnavailable": "ca",
+    "Secret": "secrets",
+    "secret_env": "secrets",
     # upstream
     "UpstreamConfig": "upstream",
     "parse_proxy_url": "upstream",

@@ -50,6 +50,7 @@ from .events import Event
 from .replies import basic_user, refusal_reply
 from .requestrules import shown_path
 from .dial import CHAIN, REP_CONNECTION_REFUSED, Plan, Refusal
+from .secrets import Leak
 from .serving import HandshakeTimeout, Target, Ticket
 from .upstream import UpstreamConfig, _open_proxy, proxy_authorization
 from .violations import _printable
@@ -417,6 +418,8 @@ class _Exchange:
         self.sent_any = False       # part of the current response already reached the client
         #: the inspected tunnel these requests came in (their events share its id), if any
         self.tunnel: Ticket | None = None
+        #: the client's requests arrive decrypted from TLS (secrets are swapped only then)
+        self.over_tls = False
 
     @property
     def scratch(self) -> bytearray:
@@ -597,25 +600,33 @@ class _Exchange:
         # a token. Never the query.
         inspected = self.tunnel is not None
         judged = inspected or srv.dialer.policy.filter.has_request_rules(host, port)
-        path = shown_path(origin) if judged else None
+        shown = shown_path(origin) if srv.secrets is None else srv.secrets.redact(shown_path(origin))
+        path = shown if judged else None
         self.end_request()
         refused = self._request_refusal(method, host, port, origin) if judged else None
         if refused is not None and refused[0] == "request_not_allowed" and srv.dialer.policy.decider is not None:
             from .events import Request
 
-            verdict = await srv.dialer.ask_request(Request(self.proto, method, host, port, client, shown_path(origin)))
+            verdict = await srv.dialer.ask_request(Request(self.proto, method, host, port, client, shown))
             refused = None if verdict == "allow" else (verdict, None, None)
+        swapped: tuple[str, ...] = ()
+        if refused is None and srv.secrets is not None:
+            outcome = srv.secrets.check(host, port, origin, fields, self.over_tls)
+            if isinstance(outcome, Leak):
+                refused = (outcome.reason, f"secret {outcome.name}", ",".join(outcome.hosts))
+            elif outcome is not None:
+                origin, fields, swapped = outcome
         if refused is not None:
             reason, detail, rule = refused
-            srv.record(self.proto, host, port, reason, client, detail, method=method, path=shown_path(origin))
+            srv.record(self.proto, host, port, reason, client, detail, method=method, path=shown)
             srv.emit(Event(time.time(), "refuse", self.proto, method, host, port, client, reason, rule, "rule",
-                           self.tunnel.id if self.tunnel is not None else None, detail=detail, path=shown_path(origin),
+                           self.tunnel.id if self.tunnel is not None else None, detail=detail, path=shown,
                            inspected=inspected))
             keep = not body and version != "HTTP/1.0" and b"close" not in _tokens(fmap.get(b"connection", []))
-            await self.reply(request_refusal(reason, method, host, port, shown_path(origin), detail, rule, keep))
+            await self.reply(request_refusal(reason, method, host, port, shown, detail, rule, keep))
             return True if keep else None
         try:
-            plan, ticket = await _judge(srv, method, host, port, client, path, self.proto, self.tunnel)
+            plan, ticket = await _judge(srv, method, host, port, client, path, self.proto, self.tunnel, swapped)
             if self.upstream is None or self.upstream_key != key:
                 self.drop_upstream()
                 self.upstream = await self._connect(plan, ticket, method, client)
@@ -729,6 +740,8 @@ class _Exchange:
             while True:
                 head = await self._read_response_head(up, upload)
                 status, fields = relay.parsers.parse_response_head(head)
+                if self.over_tls and self.srv.secrets is not None:
+                    fields = self.srv.secrets.unswap(host, port, fields)
                 fmap = _field_map(fields)
                 if status == 101:
                     if not upgrade:
@@ -881,6 +894,10 @@ def request_refusal(reason: str, method: str, host: str, port: int, path: str, d
     where = f"{shown}:{port}{path}"
     if reason == "request_denied":
         why = f"a deny rule matches it ({rule})"
+    elif reason == "secret_leak":
+        why = f"it carries the phantom of {detail}, which goes only to {rule}"
+    elif reason == "secret_plaintext":
+        why = f"the phantom of {detail} is swapped for its value only over HTTPS; use https://"
     elif reason == "bad_path":
         why = f"{detail}; paths must be plain on hosts with request rules"
     else:
@@ -897,13 +914,14 @@ def request_refusal(reason: str, method: str, host: str, port: int, path: str, d
 
 
 async def _judge(srv: ProxyServer, method: str, host: str, port: int, client: str | None,
-                 path: str | None = None, proto: str = "http", tunnel: Ticket | None = None) -> tuple[Plan, Ticket]:
+                 path: str | None = None, proto: str = "http", tunnel: Ticket | None = None,
+                 secrets: tuple[str, ...] = ()) -> tuple[Plan, Ticket]:
     """The server's one plan for ``host:port`` (filter, decider, guard, upstream), recorded
     like a CONNECT's (violation and refuse event, or allow event, with the request's method
     and ``path``); a refusal is raised."""
     target = Target(host, port, b"", method, client)
     plan = await srv._plan(proto, target)
-    ticket = srv._judged(proto, target, plan, path, tunnel, tunnel is not None)
+    ticket = srv._judged(proto, target, plan, path, tunnel, tunnel is not None, secrets)
     if ticket is None:
         assert plan.refusal is not None
         raise plan.refusal

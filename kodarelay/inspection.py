@@ -44,6 +44,7 @@ from .dial import REP_NOT_ALLOWED, Plan, Refusal
 from .events import Event
 from .filter import Filter
 from .forward import _Exchange, _Stream
+from .secrets import SecretSet
 from .serving import HandshakeTimeout, Target, Ticket
 from .tlsstream import TlsStream
 
@@ -59,7 +60,7 @@ class Inspection:
     """What a server decrypts and with which CA (``BuiltInProxy(inspect=…)`` and friends)."""
 
     def __init__(self, ca: CertificateAuthority | None, hosts: Iterable[str] = (), never: Iterable[str] = (),
-                 upstream_ca: str | os.PathLike[str] | None = None) -> None:
+                 upstream_ca: str | os.PathLike[str] | None = None, secrets: SecretSet | None = None) -> None:
         hosts, never = tuple(hosts), tuple(never)
         if ca is not None and not isinstance(ca, CertificateAuthority):
             raise TypeError(f"inspect must be a kodarelay.CertificateAuthority, not {type(ca).__name__}")
@@ -69,6 +70,7 @@ class Inspection:
         self.hosts = Filter(allow=hosts) if hosts else None
         self.never = Filter(allow=never) if never else None
         self.upstream_ca = upstream_ca
+        self.secrets = secrets          # their hosts are decrypted too
         self._origin_ctx: ssl.SSLContext | None = None
 
     @property
@@ -84,12 +86,19 @@ class Inspection:
         """Whether a tunnel to ``host:port`` is decrypted (``ca`` given, not ``no_inspect``)."""
         if self.ca is None or self.never_inspects(host, port):
             return False
-        return flt.needs_inspection(host, port) or (self.hosts is not None and self.hosts.allows(host, port))
+        return (flt.needs_inspection(host, port) or (self.hosts is not None and self.hosts.allows(host, port))
+                or (self.secrets is not None and self.secrets.for_host(host, port)))
 
     def check(self, flt: Filter) -> None:
         """``ValueError`` when a request rule names a host ``no_inspect`` never decrypts."""
         if self.never is None:
             return
+        for s in self.secrets.secrets if self.secrets is not None else ():
+            for pattern in s.hosts:
+                name = "a" + pattern[1:] if pattern.startswith("*.") else pattern
+                if self.never_inspects(name.split(":")[0] if name.count(":") == 1 else name, None):
+                    raise ValueError(f"secret {s.name} goes to {pattern}, a host that --no-inspect never decrypts: "
+                                     "its phantom could never be swapped")
         for pattern in (*flt.allow_patterns, *flt.deny_patterns):
             host = _request_rule_host(pattern)
             if host is not None and self.never_inspects(host, None):
@@ -147,6 +156,7 @@ class InspectedExchange(_Exchange):
         super().__init__(srv, conn, proto, (plan.host, plan.port))
         self.tunnel = tunnel
         self.tls = tls
+        self.over_tls = tls
         self.pending = pending          # the origin dialled for the tunnel's answer
         self.up_total = 0
 

@@ -94,10 +94,12 @@ class Protocol:
 class Ticket:
     """An allowed tunnel, from its allow event to its end event."""
 
-    __slots__ = ("id", "protocol", "method", "host", "port", "client", "start", "path", "inspected", "status")
+    __slots__ = ("id", "protocol", "method", "host", "port", "client", "start", "path", "inspected", "status",
+                 "secrets")
 
     def __init__(self, protocol: str, method: str, host: str, port: int, client: str | None,
-                 path: str | None = None, tunnel: Ticket | None = None, inspected: bool = False) -> None:
+                 path: str | None = None, tunnel: Ticket | None = None, inspected: bool = False,
+                 secrets: tuple[str, ...] = ()) -> None:
         # a request inside an inspected tunnel shares that tunnel's id (SPEC: events for requests)
         self.id: int = tunnel.id if tunnel is not None else next_tunnel_id()
         self.protocol = protocol
@@ -109,6 +111,7 @@ class Ticket:
         self.path = path              # a forwarded request's path (never its query)
         self.inspected = inspected    # decrypted (the tunnel itself, or a request in one)
         self.status: int | None = None   # the origin's status, for a request's end event
+        self.secrets = secrets        # the names of the secrets swapped into the request
 
 
 def default_max_handshakes() -> int:
@@ -204,15 +207,22 @@ class ProxyServer:
         inspect_hosts: Iterable[str] = (),
         no_inspect: Iterable[str] = (),
         upstream_ca: str | os.PathLike[str] | None = None,
+        secrets: Iterable[Any] = (),
     ) -> None:
         if not isinstance(filter, Filter):
             raise TypeError(f"filter must be a kodarelay.Filter, not {type(filter).__name__}")
         from .inspection import Inspection
+        from .secrets import SecretSet
 
+        #: the phantom secrets swapped on inspected requests (``kodarelay.secrets``); None: none
+        self.secrets: SecretSet | None = SecretSet(list(secrets)) if secrets else None
+        if self.secrets is not None and inspect is None:
+            raise ValueError("secrets need inspect= (a kodarelay.CertificateAuthority): they are swapped only in "
+                             "decrypted requests")
         #: what this server decrypts (``kodarelay.inspection``); None: nothing
         self.inspection: Inspection | None = None
         if inspect is not None or inspect_hosts or no_inspect or upstream_ca is not None:
-            self.inspection = Inspection(inspect, inspect_hosts, no_inspect, upstream_ca)
+            self.inspection = Inspection(inspect, inspect_hosts, no_inspect, upstream_ca, self.secrets)
             self.inspection.check(filter)
         self._lsock = lsock
         self._loop = asyncio.get_running_loop()
@@ -335,7 +345,8 @@ class ProxyServer:
         raise NotImplementedError
 
     def _judged(self, proto: str, target: Target, plan: Plan, path: str | None = None,
-                tunnel: Ticket | None = None, inspected: bool = False) -> Ticket | None:
+                tunnel: Ticket | None = None, inspected: bool = False,
+                secrets: tuple[str, ...] = ()) -> Ticket | None:
         """Record what ``plan`` means (a violation and a refuse event, or an allow event);
         returns the ticket of an allowed tunnel. Any thread. ``path``: a forwarded request's
         (never its query); ``tunnel``: the inspected tunnel a request came in."""
@@ -350,14 +361,15 @@ class ProxyServer:
                             target.client, r.reason, r.rule, r.source, tunnel.id if tunnel is not None else None,
                             detail=detail, path=path, inspected=inspected))
             return None
-        ticket = Ticket(proto, target.method, plan.host, plan.port, target.client, path, tunnel, inspected)
+        ticket = Ticket(proto, target.method, plan.host, plan.port, target.client, path, tunnel, inspected, secrets)
         self._allowed(ticket, plan)
         return ticket
 
     def _allowed(self, ticket: Ticket, plan: Plan) -> None:
         """The allow event of ``ticket``'s tunnel."""
         self.emit(Event(time.time(), "allow", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
-                        "allowed", plan.rule, plan.source, ticket.id, path=ticket.path, inspected=ticket.inspected))
+                        "allowed", plan.rule, plan.source, ticket.id, path=ticket.path, inspected=ticket.inspected,
+                        secrets=ticket.secrets))
 
     def _reject(self, proto: str, parsed: Reject) -> None:
         """Record a handshake refused before any policy."""
@@ -373,7 +385,7 @@ class ProxyServer:
         up, down = moved if moved is not None else (None, None)
         self.emit(Event(time.time(), "end", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
                         reason, None, None, ticket.id, up, down, time.monotonic() - ticket.start, detail,
-                        path=ticket.path, inspected=ticket.inspected, status=ticket.status))
+                        path=ticket.path, inspected=ticket.inspected, status=ticket.status, secrets=ticket.secrets))
 
     def _unreachable(self, proto: str, target: Target, plan: Plan, r: Refusal, ticket: Ticket | None) -> None:
         """An allowed target that could not be reached (or an upstream that said no)."""
