@@ -114,13 +114,13 @@ def read_only(path: str) -> None:
     _mount(None, path, None, flags)
 
 
-def private_hosts(text: str = HOSTS_TEXT) -> None:
-    """CMD's own ``/etc/hosts``: a file with ``text`` bound over it, on a memfd or, where a
-    memfd cannot be bound, on a tmpfs mounted (privately) for the purpose and let go."""
-    fd = os.memfd_create("kodarelay-hosts", 0)
+def bind_content(content: bytes, target: str) -> None:
+    """A file holding ``content`` bound over ``target``, on a memfd or, where a memfd cannot
+    be bound, on a tmpfs mounted (privately) for the purpose and let go."""
+    fd = os.memfd_create("kodarelay-file", 0)
     try:
-        os.write(fd, text.encode("ascii"))
-        _mount(f"/proc/self/fd/{fd}", HOSTS, None, _MS_BIND)
+        os.write(fd, content)
+        _mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND)
         return
     except OSError:
         pass
@@ -128,17 +128,22 @@ def private_hosts(text: str = HOSTS_TEXT) -> None:
         os.close(fd)
     import tempfile
 
-    where = tempfile.mkdtemp(prefix="kodarelay-hosts-")
+    where = tempfile.mkdtemp(prefix="kodarelay-file-")
     try:
         _mount("tmpfs", where, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
         try:
-            with open(os.path.join(where, "hosts"), "w", encoding="ascii") as f:
-                f.write(text)
-            _mount(os.path.join(where, "hosts"), HOSTS, None, _MS_BIND)
+            with open(os.path.join(where, "file"), "wb") as f:
+                f.write(content)
+            _mount(os.path.join(where, "file"), target, None, _MS_BIND)
         finally:
             _libc().umount2(os.fsencode(where), ctypes.c_int(2))     # MNT_DETACH: the bind keeps the file
     finally:
         os.rmdir(where)
+
+
+def private_hosts(text: str = HOSTS_TEXT) -> None:
+    """CMD's own ``/etc/hosts``: a file with ``text`` bound over it."""
+    bind_content(text.encode("ascii"), HOSTS)
 
 
 def fence_mounts(protect: Iterable[str]) -> list[str]:
@@ -168,6 +173,20 @@ def fence_mounts(protect: Iterable[str]) -> list[str]:
         except OSError as e:
             problems.append(f"{path}: {e.strerror or e}")
     return problems
+
+
+def hidden(path: str) -> None:
+    """An empty, read-only file bound over ``path`` (a secret's file, out of CMD's reach)."""
+    bind_content(b"", os.path.realpath(path))
+    st = os.statvfs(path)
+    flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
+    for bit, ms in _ST_KEEP.items():
+        if st.f_flag & bit:
+            flags |= ms
+    _mount(None, os.path.realpath(path), None, flags)
+    with open(path, "rb") as f:
+        if f.read(1):
+            raise OSError(0, "the file still shows its content")
 
 
 def own_proc() -> None:

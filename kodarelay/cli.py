@@ -175,6 +175,7 @@ def inspection_options(args: argparse.Namespace, flt: Any) -> dict[str, Any]:
     ``needs_inspection`` until the next start.)"""
     from .inspection import needs_ca
 
+    secrets = getattr(args, "secrets", None) or []
     inspect = list(getattr(args, "inspect", None) or ())
     never = list(getattr(args, "no_inspect", None) or ())
     upstream_ca = getattr(args, "upstream_ca", None)
@@ -185,7 +186,9 @@ def inspection_options(args: argparse.Namespace, flt: Any) -> dict[str, Any]:
         options["no_inspect"] = never
     if upstream_ca is not None:
         options["upstream_ca"] = upstream_ca
-    if not inspect and not needs_ca(flt) and not getattr(args, "ca_dir", None):
+    if secrets:
+        options["secrets"] = secrets
+    if not inspect and not needs_ca(flt) and not getattr(args, "ca_dir", None) and not secrets:
         return options
     from .ca import CertificateAuthority, InspectionUnavailable
 
@@ -443,6 +446,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     ca_dir: str | None = None
     if not isolate.command_exists(cmd[0]):
         raise CliError(f"{cmd[0]}: command not found", isolate.EXIT_NOT_FOUND)
+    args.secrets = _secrets(args)
+    if args.secrets:
+        if args.isolate is False:
+            raise CliError("--secret needs the fence: with --no-isolate CMD runs as you, in kodarelay's namespaces, "
+                           "and could read the value from kodarelay's memory")
+        args.isolate = True             # fenced or not at all: never an unfenced CMD beside a value
     fenced, allow_unix = plan_fence(args)
     capture = fenced and getattr(args, "capture", False)
     scheme = all_proxy_scheme(args)
@@ -475,6 +484,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sig is not None:  # told to stop before CMD existed: don't start it
             return 128 + sig
         base = isolate.clean_env(os.environ)
+        from .secrets import secret_env
+
+        base.update(secret_env(args.secrets))        # CMD holds the phantoms, never a value
         run_ca = inspection.get("inspect")
         if ca_bundle is not None or run_ca is not None:
             # one bundle: the system's roots, the given one, and the run's inspection CA
@@ -490,6 +502,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pid = isolate.spawn_isolated(
                     cmd, base, sigmask, os.fspath(handle.uds_path), ca_bundle=ca_bundle,
                     all_proxy_scheme=scheme, allow_unix=allow_unix, protect=hooks.files_read_or_written(),
+                    hide=[s.path for s in args.secrets if s.path is not None], private=bool(args.secrets),
                     **captured, info=fence_info,
                 )
             except isolate.FenceUnavailable as e:
@@ -527,6 +540,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.learn:
         _report_learned(hooks.tally, args.learn_out, deny_private=not args.allow_private)
     return code
+
+
+def _secrets(args: argparse.Namespace) -> list[Any]:
+    """The ``--secret`` values as ``Secret`` objects; with any, kodarelay becomes non-dumpable."""
+    from .cli_secrets import SecretUsageError, keep_out_of_dumps, parse_secrets
+
+    try:
+        secrets = parse_secrets(getattr(args, "secret", None), os.environ)
+    except SecretUsageError as e:
+        raise CliError(str(e)) from None
+    if secrets:
+        keep_out_of_dumps()
+    return secrets
 
 
 def _run_ca_dir() -> str:
@@ -662,6 +688,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     refused = _Counter()
     count = refused.add
 
+    args.secrets = _secrets(args)
     hooks = _Hooks(args, flt)
     flt = hooks.filter
     try:
@@ -700,6 +727,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         socks_port = handles[1].port if len(handles) > 1 and scheme == "socks5h" else main.port
         pairs = dict(proxy_env_vars(main.port, ca_bundle, no_proxy="", tools=True))
         pairs.update(socks5_env_vars(socks_port, scheme=scheme))
+        from .secrets import secret_env
+
+        pairs.update(secret_env(args.secrets))       # the clients' phantoms
         try:
             sys.stdout.write(format_bouquet(sorted(pairs.items()), "sh"))
             sys.stdout.flush()

@@ -152,6 +152,10 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
                         "new one in memory per run")
     p.add_argument("--upstream-ca", metavar="FILE",
                    help="verify inspected origins against FILE instead of the system's trust store")
+    p.add_argument("--secret", action="append", metavar="NAME@HOSTS",
+                   help="CMD gets a phantom in NAME; the proxy swaps in the value (kodarelay's own $NAME, or "
+                        "NAME=FILE@HOSTS: FILE's first line) in decrypted requests to HOSTS (a comma list); "
+                        "needs the fence and kodarelay[inspect]")
     p.add_argument("--verbose", "-v", action="count", default=0, help="log more (-vv: debug)")
     p.add_argument("--policy", metavar="FILE",
                    help="rules from FILE ('allow PATTERN' / 'deny PATTERN' lines, # comments), reloaded when it "

@@ -295,6 +295,8 @@ def spawn_isolated(
     capture_path: str | None = None,
     capture_ports: Sequence[int] = (),
     info: dict[str, object] | None = None,
+    hide: Sequence[str] = (),
+    private: bool = False,
 ) -> int:
     """Start CMD fenced (see the module docstring) with ``uds_path`` its only way out; returns the helper pid.
 
@@ -302,7 +304,9 @@ def spawn_isolated(
     (and leaves no process behind, CMD never started) when the fence cannot be made.
     With ``capture_path`` (the proxy's capture socket) the fence captures ``capture_ports``
     (``kodarelay.capture``); ``info["capture"]`` then says whether capture was set up, and
-    ``info["capture_ports"]`` which ports it listens on.
+    ``info["capture_ports"]`` which ports it listens on. ``hide``: files CMD must not read
+    (an empty file is bound over each); ``private``: CMD must not see kodarelay's processes.
+    Where either cannot be made, CMD is not run (``FenceUnavailable``).
     """
     why = fence_unavailable()
     if why is not None:
@@ -330,6 +334,10 @@ def spawn_isolated(
             argv += ["--allow-unix", path]
         for path in protect:
             argv += ["--protect", os.path.abspath(path)]
+        for path in hide:
+            argv += ["--hide", os.path.abspath(path)]
+        if private:
+            argv.append("--private")
         if capture_path is not None:
             argv += ["--capture", capture_path]
             for port in capture_ports:
@@ -488,7 +496,7 @@ def allow_unprivileged_ports() -> None:
 
 def spawn_fenced(
     cmd: Sequence[str], env: Mapping[str, str], sigmask: Iterable[int], *, allow_unix: Sequence[str] = (),
-    protect: Sequence[str] = (), keep_caps: bool = False,
+    protect: Sequence[str] = (), keep_caps: bool = False, hide: Sequence[str] = (), private: bool = False,
 ) -> tuple[int, int | None]:
     """Start CMD fenced; returns the pid to supervise and, with ``allow_unix``, the seccomp
     notification fd for ``UnixGate``.
@@ -519,6 +527,9 @@ def spawn_fenced(
         pid = _fence_mounts.fork_into_new_pid_namespace()
         as_init = True
     except OSError as e:
+        if private or hide:
+            raise _fence.FenceError(f"no PID namespace for CMD ({e.strerror or e}): it could read the secrets "
+                                    "from kodarelay's processes") from None
         _fence_note(f"no PID namespace for CMD ({e.strerror or e}): it can see kodarelay's processes")
         as_init = False
         pid = os.fork()
@@ -526,7 +537,10 @@ def spawn_fenced(
         try:
             os.close(rfd)
             if as_init:
-                _become_init(protect)
+                fatal = _become_init(protect, hide, private)
+                if fatal:
+                    os.write(wfd, b"F" + fatal.encode(errors="replace"))
+                    os._exit(EXIT_RUN_FAILED)
                 cmd_pid = os.fork()
                 if cmd_pid != 0:
                     os.close(wfd)
@@ -573,9 +587,10 @@ def _fence_note(text: str) -> None:
         pass
 
 
-def _become_init(protect: Sequence[str]) -> None:
+def _become_init(protect: Sequence[str], hide: Sequence[str] = (), private: bool = False) -> str | None:
     """PID 1 of CMD's namespace: dies with the helper, takes the signals it forwards (an init
-    only receives signals it handles), hides what the proxy reads, mounts its own /proc."""
+    only receives signals it handles), protects what the proxy reads, hides ``hide``, mounts
+    its own /proc. Returns why CMD must not run (a secret could not be kept from it), else None."""
     from . import _fence_mounts
 
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -586,12 +601,22 @@ def _become_init(protect: Sequence[str]) -> None:
         for problem in _fence_mounts.fence_mounts(protect):
             _fence_note(f"cannot keep out of CMD's reach: {problem}")
     except OSError as e:
+        if hide or private:
+            return f"no mount namespace for CMD ({e.strerror or e}): a secret would be in its reach"
         _fence_note(f"no mount namespace for CMD ({e.strerror or e}): it can write what the proxy reads")
-        return
+        return None
+    for path in hide:
+        try:
+            _fence_mounts.hidden(path)
+        except OSError as e:
+            return f"cannot hide {path} from CMD ({e.strerror or e}): refusing to run it beside a secret"
     try:
         _fence_mounts.own_proc()
     except OSError as e:
+        if private:
+            return f"no /proc of CMD's own ({e.strerror or e}): it could read kodarelay's memory"
         _fence_note(f"no /proc of CMD's own ({e.strerror or e}): it can see kodarelay's processes")
+    return None
 
 
 def _ignore_signal(signum: int, frame: object) -> None:
@@ -669,6 +694,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--all-proxy-scheme", default="socks5h")
     p.add_argument("--allow-unix", action="append", default=[])
     p.add_argument("--protect", action="append", default=[])
+    p.add_argument("--hide", action="append", default=[])
+    p.add_argument("--private", action="store_true")
     p.add_argument("--map-fd", type=int)
     p.add_argument("--ids-mapped", action="store_true")
     p.add_argument("--capture")
@@ -717,7 +744,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     try:
         protect = [*args.protect, os.path.dirname(os.path.abspath(__file__))]   # kodarelay's own installation
         pid, listener = spawn_fenced(cmd, env, sigmask, allow_unix=args.allow_unix, protect=protect,
-                                     keep_caps=args.ids_mapped)
+                                     keep_caps=args.ids_mapped, hide=args.hide, private=args.private)
     except FenceError as e:
         return fail(str(e))
     except RunError as e:  # the fence held; CMD itself could not be executed: kodarelay says so

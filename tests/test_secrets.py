@@ -213,3 +213,72 @@ def test_secrets_need_a_ca_and_a_decryptable_host(start_proxy, run_ca):
         start_proxy(["api.test"], secrets=[s])
     with pytest.raises(ValueError, match="never decrypts"):
         start_proxy(["api.test"], secrets=[s], inspect=run_ca, no_inspect=["api.test"])
+
+
+# ── the command ──────────────────────────────────────────────────────────────
+
+SEEN_BY_CMD = """
+import glob, json, os, ssl, sys, urllib.request, urllib.error
+port, secret_file = int(sys.argv[1]), sys.argv[2]
+value, file_value = sys.argv[3][::-1], sys.argv[4][::-1]     # (given reversed: CMD's argv holds no value)
+found = []
+for path in glob.glob("/proc/*/environ") + glob.glob("/proc/*/cmdline"):
+    try:
+        data = open(path, "rb").read()
+    except OSError:
+        continue
+    if value.encode() in data or file_value.encode() in data:
+        found.append(path)
+out = {"env": os.environ.get("GH_TOKEN"), "file_env": os.environ.get("FILE_TOKEN"),
+       "file": open(secret_file).read(), "found": found}
+ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+req = urllib.request.Request(f"https://localhost:{port}/api", headers={
+    "Authorization": "Bearer " + os.environ["GH_TOKEN"], "x-api-key": os.environ["FILE_TOKEN"]})
+out["origin"] = json.loads(opener.open(req).read())["headers"]
+print(json.dumps(out))
+"""
+
+
+def test_run_gives_cmd_phantoms_and_hides_the_values(ca, origin, tmp_path):
+    from test_cli import clean_env, kr
+    from test_fence import _fence_works
+
+    if _fence_works() is not None:
+        pytest.skip(_fence_works())
+    secret_file = tmp_path / "token"
+    file_value = "sk-" + "FileValue" * 5
+    secret_file.write_text(file_value + "\n")
+    events = tmp_path / "events.jsonl"
+    where = f"localhost:{origin.port}"
+    out = kr("run", "--upstream", "direct", "--allow", where, "--upstream-ca", str(ca[0]), "-vv",
+             "--events", str(events), "--secret", f"GH_TOKEN@{where}", "--secret", f"FILE_TOKEN={secret_file}@{where}",
+             "--", sys.executable, "-c", SEEN_BY_CMD, str(origin.port), str(secret_file), VALUE[::-1], file_value[::-1],
+             env=clean_env(GH_TOKEN=VALUE))
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["env"].startswith("ghp_") and seen["env"] != VALUE and len(seen["env"]) == len(VALUE)
+    assert seen["file_env"].startswith("sk-") and seen["file_env"] != file_value
+    assert seen["file"] == "" and seen["found"] == []                # hidden; in no process CMD can see
+    headers = {k.lower(): v for k, v in seen["origin"].items()}
+    assert headers["authorization"] == f"Bearer {VALUE}" and headers["x-api-key"] == file_value
+    logs = out.stderr + events.read_text()
+    for text in (VALUE, file_value, seen["env"], seen["file_env"]):
+        assert text not in logs
+    assert '"secrets": ["GH_TOKEN", "FILE_TOKEN"]' in events.read_text()
+
+
+def test_run_refuses_secrets_it_cannot_keep(tmp_path):
+    from test_cli import assert_one_line_error, clean_env, kr
+
+    out = kr("run", "--no-isolate", "--allow", "api.test", "--secret", "GH_TOKEN@api.test", "--", "true",
+             env=clean_env(GH_TOKEN=VALUE))
+    assert out.returncode == 2
+    assert_one_line_error(out.stderr, "--secret needs the fence")
+    out = kr("run", "--allow", "api.test", "--secret", "GH_TOKEN@api.test", "--", "true", env=clean_env())
+    assert out.returncode == 2
+    assert_one_line_error(out.stderr, "GH_TOKEN is not set")
+    out = kr("run", "--allow", "api.test", "--secret", "GH_TOKEN", "--", "true", env=clean_env(GH_TOKEN=VALUE))
+    assert out.returncode == 2
+    assert_one_line_error(out.stderr, "NAME@HOSTS")
+    assert VALUE not in out.stderr
