@@ -44,6 +44,7 @@ _EXPORTS = {
     "InspectionUnavailable": "ca",
     "Secret": "secrets",
     "secret_env": "secrets",
+    "ClientPolicy": "clients",
     # upstream
     "UpstreamConfig": "upstream",
     "parse_proxy_url": "upstream",

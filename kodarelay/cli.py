@@ -165,7 +165,10 @@ def all_proxy_scheme(args: argparse.Namespace, socks_port: bool = False) -> str:
 def proxy_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword options for the built-in proxies that come from the policy flags (``--events``,
     ``--policy`` and friends are ``_Hooks``'; inspection's are ``inspection_options``')."""
-    return {"deny_private": not args.allow_private}
+    options: dict[str, Any] = {"deny_private": not args.allow_private}
+    if getattr(args, "metrics", None) is not None:
+        options["metrics"] = args.metrics
+    return options
 
 
 def inspection_options(args: argparse.Namespace, flt: Any) -> dict[str, Any]:
@@ -333,16 +336,21 @@ class _Hooks:
         from .policyfile import PolicyError, PolicyWatcher
 
         self.filter = flt
+        self.options: dict[str, Any] = {}
         self.tally = Tally()
         self.watcher: PolicyWatcher | None = None
         self.events: JsonLines | None = None
         self._handles: list[Any] = []
         if getattr(args, "policy", None):
             try:
-                self.watcher = PolicyWatcher(args.policy, self._apply, flt.allow_patterns, flt.deny_patterns)
+                self.watcher = PolicyWatcher(args.policy, self._apply, flt.allow_patterns, flt.deny_patterns,
+                                             self._apply_clients, self._reloaded)
             except PolicyError as e:
                 raise CliError(f"--policy: {e}") from None
             self.filter = self.watcher.filter()
+            if self.watcher.policy.clients or self.watcher.policy.require_auth:
+                self.options["clients"] = list(self.watcher.policy.clients)
+                self.options["require_auth"] = self.watcher.policy.require_auth
         # Events cost the engine its GIL-free path (it serves cached plans only when nobody
         # listens per request), so they are only asked for when something reads them.
         consumers: list[Callable[[Any], None]] = [self.tally] if learn or bool(getattr(args, "verbose", 0)) else []
@@ -354,7 +362,8 @@ class _Hooks:
             except OSError as e:
                 raise CliError(f"--events: cannot open {args.events!r}: {e.strerror or e}") from None
             consumers.append(self.events)
-        self.options: dict[str, Any] = {"on_event": fan_out(consumers)} if consumers else {}
+        if consumers:
+            self.options["on_event"] = fan_out(consumers)
         if getattr(args, "dns_ttl", None) is not None:
             self.options["dns_ttl"] = args.dns_ttl
         self.asker: Any = None
@@ -375,6 +384,15 @@ class _Hooks:
     def _apply(self, flt: Any) -> None:
         for h in self._handles:
             h.set_filter(flt)
+
+    def _apply_clients(self, policy: Any) -> None:
+        for h in self._handles:
+            h.set_clients(policy.clients, policy.require_auth)
+
+    def _reloaded(self, ok: bool) -> None:
+        for h in self._handles:
+            for server in h._servers:
+                server.metrics.policy_reloaded(ok)
 
     def started(self, handles: Sequence[Any]) -> None:
         self._handles = list(handles)
@@ -715,7 +733,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 BuiltInProxy(flt, port=args.port or None, socks5=True, forward_http=args.forward_http, **options).start()
             )
             if separate_socks:
-                handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, **options).start())
+                socks_options = {k: v for k, v in options.items() if k != "metrics"}   # one metrics port
+                handles.append(BuiltInSocks5Proxy(flt, port=args.socks5_port or None, **socks_options).start())
         except ValueError as e:
             raise CliError(f"serve: {e}") from None
         except OSError as e:
@@ -740,6 +759,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             where += f", 127.0.0.1:{handles[1].port} (SOCKS5)"
         if main.uds_path is not None:
             where += f", UDS bridge {main.uds_path}"
+        if main.metrics_port is not None:
+            where += f", metrics http://{args.metrics[0]}:{main.metrics_port}/metrics"
         print(
             f"kodarelay: serving on {where}; upstream {upstream}; refusals are logged here (stderr); "
             "stop with Ctrl-C or SIGTERM",

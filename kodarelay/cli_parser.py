@@ -23,6 +23,14 @@ def _port_type(lo: int) -> Callable[[str], int]:
     return parse
 
 
+def _metrics_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
+        raise argparse.ArgumentTypeError(f"want [HOST:]PORT, got {text!r}")
+    return host, int(port)
+
+
 def _ttl_type(text: str) -> float:
     try:
         value = float(text)
@@ -152,6 +160,9 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
                         "new one in memory per run")
     p.add_argument("--upstream-ca", metavar="FILE",
                    help="verify inspected origins against FILE instead of the system's trust store")
+    p.add_argument("--metrics", metavar="[HOST:]PORT", type=_metrics_address,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; "
+                        "port 0 picks one, logged at start)")
     p.add_argument("--secret", action="append", metavar="NAME@HOSTS",
                    help="CMD gets a phantom in NAME; the proxy swaps in the value (kodarelay's own $NAME, or "
                         "NAME=FILE@HOSTS: FILE's first line) in decrypted requests to HOSTS (a comma list); "

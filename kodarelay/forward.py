@@ -376,8 +376,14 @@ def _body_framing(fields: dict[bytes, list[bytes]]) -> int | None:
     return None
 
 
-def _basic_user(values: list[bytes]) -> str | None:
-    return basic_user(values[0]) if values else None
+def _proxy_credentials(values: list[bytes]) -> tuple[str | None, str | None]:
+    """The client a request names (shown escaped) and the SHA-256 of its password."""
+    from .clients import credentials
+
+    if not values:
+        return None, None
+    user, token = credentials(values[0])
+    return (basic_user(values[0]), token) if user is not None else (None, None)
 
 
 def _is_websocket_upgrade(fields: dict[bytes, list[bytes]]) -> bool:
@@ -420,6 +426,7 @@ class _Exchange:
         self.tunnel: Ticket | None = None
         #: the client's requests arrive decrypted from TLS (secrets are swapped only then)
         self.over_tls = False
+        self.tunnel_token: str | None = None    # the SHA-256 of the tunnel's client's password
 
     @property
     def scratch(self) -> bytearray:
@@ -490,8 +497,8 @@ class _Exchange:
                 target = admitted
             elif method == "CONNECT":
                 self.drop_upstream()
-                client = _basic_user(_field_map(fields).get(b"proxy-authorization", []))
-                return await srv.connect_after_forward(self.client.sock, target, self.client.buf, client)
+                client, token = _proxy_credentials(_field_map(fields).get(b"proxy-authorization", []))
+                return await srv.connect_after_forward(self.client.sock, target, self.client.buf, client, token)
             self.clock.start_exchange()
             outcome = await self._forward_one(method, target, version, fields)
             if outcome is None:
@@ -593,17 +600,23 @@ class _Exchange:
             return None
         upgrade = _is_websocket_upgrade(fmap)
         key = (host, port)
-        # (a captured request names no client: its Proxy-Authorization was meant for no proxy)
-        client = _basic_user(fmap.get(b"proxy-authorization", [])) if self.origin is None else None
+        # (a captured request names no client: its Proxy-Authorization was meant for no proxy;
+        # inside an inspected tunnel the tunnel's client is every request's)
+        if self.tunnel is not None:
+            client, token = self.tunnel.client, self.tunnel_token
+        elif self.origin is None:
+            client, token = _proxy_credentials(fmap.get(b"proxy-authorization", []))
+        else:
+            client, token = None, None
         # The path is part of the record only where a rule judges it (a host with request
         # rules); elsewhere events and violations keep host and port only, as a path may carry
         # a token. Never the query.
         inspected = self.tunnel is not None
-        judged = inspected or srv.dialer.policy.filter.has_request_rules(host, port)
+        judged = inspected or srv.dialer_for(client).policy.filter.has_request_rules(host, port)
         shown = shown_path(origin) if srv.secrets is None else srv.secrets.redact(shown_path(origin))
         path = shown if judged else None
         self.end_request()
-        refused = self._request_refusal(method, host, port, origin) if judged else None
+        refused = self._request_refusal(method, host, port, origin, client) if judged else None
         if refused is not None and refused[0] == "request_not_allowed" and srv.dialer.policy.decider is not None:
             from .events import Request
 
@@ -626,7 +639,7 @@ class _Exchange:
             await self.reply(request_refusal(reason, method, host, port, shown, detail, rule, keep))
             return True if keep else None
         try:
-            plan, ticket = await _judge(srv, method, host, port, client, path, self.proto, self.tunnel, swapped)
+            plan, ticket = await _judge(srv, method, host, port, client, path, self.proto, self.tunnel, swapped, token)
             if self.upstream is None or self.upstream_key != key:
                 self.drop_upstream()
                 self.upstream = await self._connect(plan, ticket, method, client)
@@ -698,11 +711,12 @@ class _Exchange:
         self.via_proxy = plan.upstream if plan.kind == CHAIN else None
         return _Stream(sock, self.clock)
 
-    def _request_refusal(self, method: str, host: str, port: int, origin: str) -> tuple[str, str | None, str | None] | None:
+    def _request_refusal(self, method: str, host: str, port: int, origin: str,
+                         client: str | None = None) -> tuple[str, str | None, str | None] | None:
         """``(reason, detail, rule)`` when request rules refuse this request (its host is
         admitted by them, the request itself is not), else None: host-level refusals are the
         plan's to make, with the decider and the guard."""
-        flt = self.srv.dialer.policy.filter
+        flt = self.srv.dialer_for(client).policy.filter
         if not flt.has_request_rules(host, port):
             return None
         decision = flt.explain_request(host, port, method, origin)
@@ -915,11 +929,11 @@ def request_refusal(reason: str, method: str, host: str, port: int, path: str, d
 
 async def _judge(srv: ProxyServer, method: str, host: str, port: int, client: str | None,
                  path: str | None = None, proto: str = "http", tunnel: Ticket | None = None,
-                 secrets: tuple[str, ...] = ()) -> tuple[Plan, Ticket]:
+                 secrets: tuple[str, ...] = (), token: str | None = None) -> tuple[Plan, Ticket]:
     """The server's one plan for ``host:port`` (filter, decider, guard, upstream), recorded
     like a CONNECT's (violation and refuse event, or allow event, with the request's method
     and ``path``); a refusal is raised."""
-    target = Target(host, port, b"", method, client)
+    target = Target(host, port, b"", method, client, token=token)
     plan = await srv._plan(proto, target)
     ticket = srv._judged(proto, target, plan, path, tunnel, tunnel is not None, secrets)
     if ticket is None:

@@ -91,6 +91,23 @@ class ProxyHandle:
         for server in self._servers:
             server.set_filter(filter)
 
+    def set_clients(self, clients: Sequence[Any], require_auth: bool | None = None) -> None:
+        """Replace the named clients' policies (``kodarelay.ClientPolicy``, any thread): the
+        next request is judged by them; open tunnels keep running and keep their counts."""
+        if not self._servers:
+            raise TypeError(f"a {self.kind} proxy has no clients kodarelay can replace")
+        for server in self._servers:
+            server.set_clients(clients, require_auth)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (``metrics=``), else None."""
+        for server in self._servers:
+            port = server.metrics.port
+            if port is not None:
+                return int(port)
+        return None
+
     def __enter__(self) -> ProxyHandle:
         return self
 

@@ -216,7 +216,8 @@ class InspectedExchange(_Exchange):
 
 
 async def inspect_session(srv: ProxyServer, conn: socket.socket, proto: str, plan: Plan, ticket: Ticket,
-                          early: bytes, upstream: socket.socket, from_upstream: bytes) -> Handoff | None:
+                          early: bytes, upstream: socket.socket, from_upstream: bytes,
+                          token: str | None = None) -> Handoff | None:
     """Serve an admitted, answered tunnel to an inspected host (see the module docstring).
 
     Returns a handoff only for a WebSocket ``101`` on plain HTTP inside the tunnel."""
@@ -247,6 +248,7 @@ async def inspect_session(srv: ProxyServer, conn: socket.socket, proto: str, pla
                            None, "default", ticket.id, detail=detail, inspected=True))
             return None
         ex = InspectedExchange(srv, conn, proto, plan, ticket, kind == "tls", (upstream, from_upstream))
+        ex.tunnel_token = token
         if kind == "tls":
             client = TlsStream(conn, ex.clock, insp.ca.leaf_context(plan.host), server_side=True, received=buf)
             try:

@@ -15,7 +15,9 @@ REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
     408: "Request Timeout",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
 }
@@ -88,6 +90,8 @@ def refusal_reply(code: int, reason: str | None = None, host: str = "", port: in
     head = f"HTTP/1.1 {code} {REASONS[code]}\r\n"
     if reason is not None:
         head += f"X-Proxy-Error: {reason}\r\n"
+    if code == 407:
+        head += 'Proxy-Authenticate: Basic realm="kodarelay"\r\n'      # (clients then send credentials)
     head += f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     return head.encode("ascii") + body
 

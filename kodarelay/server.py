@@ -39,11 +39,20 @@ from .replies import (  # noqa: E402,F401
 
 def proxy_user(head: bytes) -> str | None:
     """The user of a request head's ``Proxy-Authorization: Basic`` header, if any."""
+    return proxy_credentials(head)[0]
+
+
+def proxy_credentials(head: bytes) -> tuple[str | None, str | None]:
+    """The user of a request head's ``Proxy-Authorization: Basic`` header (shown escaped) and
+    the SHA-256 of its password (``kodarelay.clients``), if any."""
+    from .clients import credentials
+
     for line in head.split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
         if sep and name.strip().lower() == b"proxy-authorization":
-            return basic_user(value)
-    return None
+            user, token = credentials(value)
+            return (basic_user(value), token) if user is not None else (None, None)
+    return None, None
 
 
 def _authority_only(target: str) -> str:
@@ -81,32 +90,32 @@ class HttpProtocol(Protocol):
             method, target, _version = parsers.parse_request_line(head)
         except HeadError as e:
             return Reject(status_line(e.status), "bad_request")
-        client = proxy_user(head)
+        client, token = proxy_credentials(head)
         if method != "CONNECT":
             if self.forward:
                 return Handover(data)
             host, port = _host_port_of(target)
             return Reject(refusal_reply(405, None, host, port, method), "method_not_allowed", host, port, client)
-        return connect_target(target, early, client)
+        return connect_target(target, early, client, token)
 
     def refusal_reply(self, r: Refusal, host: str, port: int | None) -> bytes:
         return refusal_reply(r.http_status, r.reason, host, port, detail=r.detail or "", address=r.address,
                              private=r.private)
 
 
-def connect_target(target: str, early: bytes, client: str | None = None) -> Parsed:
-    """The parse of a CONNECT request's target."""
+def connect_target(target: str, early: bytes, client: str | None = None, token: str | None = None) -> Parsed:
+    """The parse of a CONNECT request's target (``token``: the SHA-256 of the client's password)."""
     try:
         host, port = relay.parsers.split_host_port(target)
     except HeadError as e:
         return Reject(status_line(e.status), "bad_request", _authority_only(target), None, client)
-    return Target(host, port, early, "CONNECT", client)
+    return Target(host, port, early, "CONNECT", client, token=token)
 
 
 async def connect_request_tail(srv: ProxyServer, conn: socket.socket, target: str, early: bytes,
-                               client: str | None = None) -> Handoff | None:
+                               client: str | None = None, token: str | None = None) -> Handoff | None:
     """A CONNECT after forwarded requests on one connection: served like any other."""
-    return await srv.serve_parsed(conn, HTTP, connect_target(target, early, client))
+    return await srv.serve_parsed(conn, HTTP, connect_target(target, early, client, token))
 
 
 HTTP = HttpProtocol()
@@ -141,10 +150,10 @@ class Server(ProxyServer):
         return self._http
 
     async def connect_after_forward(self, conn: socket.socket, target: str, early: bytes,
-                                    client: str | None) -> Handoff | None:
+                                    client: str | None, token: str | None = None) -> Handoff | None:
         """A CONNECT that follows forwarded requests on one connection (``forward.py`` hands
         it back here, so that forwarding never imports the CONNECT server)."""
-        return await connect_request_tail(self, conn, target, early, client)
+        return await connect_request_tail(self, conn, target, early, client, token)
 
     async def handover(self, conn: socket.socket, parsed: Handover) -> Handoff | None:
         from . import forward

@@ -51,6 +51,8 @@ class Target(NamedTuple):
     #: a SOCKS5 IPv4 / IPv6 address: only an IP / CIDR rule (or a decider) admits it, and
     #: without one the refusal is ``address_type`` (the client should send the name)
     literal: bool = False
+    #: the SHA-256 (hex) of the password the client sent with its name, never the password
+    token: Optional[str] = None
 
 
 class Reject(NamedTuple):
@@ -95,7 +97,7 @@ class Ticket:
     """An allowed tunnel, from its allow event to its end event."""
 
     __slots__ = ("id", "protocol", "method", "host", "port", "client", "start", "path", "inspected", "status",
-                 "secrets")
+                 "secrets", "account")
 
     def __init__(self, protocol: str, method: str, host: str, port: int, client: str | None,
                  path: str | None = None, tunnel: Ticket | None = None, inspected: bool = False,
@@ -112,6 +114,7 @@ class Ticket:
         self.inspected = inspected    # decrypted (the tunnel itself, or a request in one)
         self.status: int | None = None   # the origin's status, for a request's end event
         self.secrets = secrets        # the names of the secrets swapped into the request
+        self.account: Any = None      # the known client whose limits hold a slot for it
 
 
 def default_max_handshakes() -> int:
@@ -125,6 +128,13 @@ def default_max_handshakes() -> int:
     if soft == resource.RLIM_INFINITY or soft <= 0:
         return 65536
     return max(64, min(65536, soft // 4))
+
+
+def _client_refusal(target: Target, e: Any, status: int) -> Plan:
+    """A request refused for its client (``unauthenticated``: 407, a limit: 429) as a plan."""
+    refusal = Refusal(e.detail, http_status=status, socks_rep=REP_NOT_ALLOWED, reason=e.reason, source="client",
+                      detail=e.detail)
+    return Plan(REFUSE, target.host, target.port, refusal, source="client", ttl=0)
 
 
 def _literal_plan(plan: Plan) -> Plan:
@@ -208,11 +218,21 @@ class ProxyServer:
         no_inspect: Iterable[str] = (),
         upstream_ca: str | os.PathLike[str] | None = None,
         secrets: Iterable[Any] = (),
+        clients: Iterable[Any] = (),
+        require_auth: bool = False,
+        metrics: Any = None,
     ) -> None:
         if not isinstance(filter, Filter):
             raise TypeError(f"filter must be a kodarelay.Filter, not {type(filter).__name__}")
+        from .clients import ClientBook
         from .inspection import Inspection
         from .secrets import SecretSet
+
+        clients = list(clients)
+        #: the named clients (``kodarelay.clients``); None: every request gets the global rules
+        self.clients: ClientBook | None = ClientBook(clients, require_auth) if clients or require_auth else None
+        self._client_dialers: dict[str, Dialer] = {}
+        self._dialer_args = (resolver, connect_timeout, dns_ttl, decider, decider_timeout)
 
         #: the phantom secrets swapped on inspected requests (``kodarelay.secrets``); None: none
         self.secrets: SecretSet | None = SecretSet(list(secrets)) if secrets else None
@@ -248,6 +268,14 @@ class ProxyServer:
         self.max_handshakes = max_handshakes if max_handshakes is not None else default_max_handshakes()
         self._handshaking: dict[asyncio.Task[Any], None] = {}     # oldest first
         self.dialer.on_policy_change.append(self._drop_engine_plans)
+        self.dialer.on_policy_change.append(self._client_dialers.clear)
+        from .metrics import Metrics
+
+        #: the Prometheus counters (``metrics=(host, port)`` serves them); always kept
+        self.metrics = Metrics(self)
+        if metrics is not None:
+            host, mport = metrics if isinstance(metrics, tuple) else ("127.0.0.1", int(metrics))
+            self.metrics.serve(host, mport)
 
     @classmethod
     async def bind(cls: type[S], port: int | None = None, filter: Filter | None = None, **options: Any) -> S:
@@ -316,7 +344,9 @@ class ProxyServer:
         if self._serve_task is not None:
             raise RuntimeError("serve() is already running")
         self._serve_task = asyncio.current_task()
-        if native_frontend_available():
+        if native_frontend_available() and self.clients is None:
+            # (named clients are served on the asyncio front-end: credentials are checked and
+            # limits counted in Python; the engine still relays every tunnel)
             try:
                 self._start_front()
                 await self._loop.create_future()      # until close() cancels it
@@ -360,19 +390,25 @@ class ProxyServer:
             self.emit(Event(time.time(), "refuse", proto, target.method, _printable(plan.host), plan.port,
                             target.client, r.reason, r.rule, r.source, tunnel.id if tunnel is not None else None,
                             detail=detail, path=path, inspected=inspected))
+            self.metrics.judged(proto, target, r.reason or "refused")
             return None
         ticket = Ticket(proto, target.method, plan.host, plan.port, target.client, path, tunnel, inspected, secrets)
+        if self.clients is not None:
+            ticket.account = self.clients.get(target.client)     # (its slot was taken in _plan)
+        self.metrics.judged(proto, target, None)
         self._allowed(ticket, plan)
         return ticket
 
     def _allowed(self, ticket: Ticket, plan: Plan) -> None:
         """The allow event of ``ticket``'s tunnel."""
+        self.metrics.allowed(ticket)
         self.emit(Event(time.time(), "allow", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
                         "allowed", plan.rule, plan.source, ticket.id, path=ticket.path, inspected=ticket.inspected,
                         secrets=ticket.secrets))
 
     def _reject(self, proto: str, parsed: Reject) -> None:
         """Record a handshake refused before any policy."""
+        self.metrics.rejected(proto, parsed.client)
         if parsed.reason is not None:
             self.record(proto, parsed.host, parsed.port, parsed.reason, parsed.client)
             self.emit(Event(time.time(), "refuse", proto, "", _printable(parsed.host) if parsed.host else parsed.host, parsed.port,
@@ -380,7 +416,16 @@ class ProxyServer:
 
     def _ended(self, ticket: Ticket | None, moved: tuple[int, int] | None, reason: str | None = None,
                detail: str | None = None) -> None:
-        if ticket is None or self._events is None:
+        if ticket is None:
+            return
+        self.metrics.ended(ticket, moved)
+        account, ticket.account = ticket.account, None
+        if account is not None:
+            account.release()
+            account.closers.pop(ticket.id, None)
+            if moved is not None and account.charge(moved[0], time.monotonic()):
+                self._over_budget(account)
+        if self._events is None:
             return
         up, down = moved if moved is not None else (None, None)
         self.emit(Event(time.time(), "end", ticket.protocol, ticket.method, ticket.host, ticket.port, ticket.client,
@@ -395,6 +440,26 @@ class ProxyServer:
             log.info("%s tunnel to %s:%d failed: %s", proto, plan.host, plan.port, r)
         self._ended(ticket, (0, 0), r.reason or "unreachable", str(r))
 
+    def _over_budget(self, account: Any) -> None:
+        """A client spent its upload budget: its open tunnels are closed (any thread)."""
+        closers = list(account.closers.values())
+        account.closers.clear()
+        if closers:
+            log.warning("client %s spent its upload budget: closing its %d open tunnel(s)",
+                        account.policy.name, len(closers))
+        for close in closers:
+            try:
+                self._loop.call_soon_threadsafe(close)
+            except RuntimeError:
+                pass                    # the loop is closed: so are the tunnels
+
+    def _hold(self, ticket: Ticket) -> None:
+        """A tunnel of a known client that the budget may have to close: this task's."""
+        if ticket.account is not None:
+            task = asyncio.current_task()
+            if task is not None:
+                ticket.account.closers[ticket.id] = task.cancel
+
     def emit(self, event: Event) -> None:
         if self._events is not None:
             self._events.emit(event)
@@ -403,6 +468,7 @@ class ProxyServer:
                detail: str | None = None, when: float | None = None, method: str | None = None,
                path: str | None = None) -> None:
         self.violation_log.record(protocol, host, port, reason, client, detail, when, method, path)
+        self.metrics.refused(client, reason)
 
     async def open_tunnel(self, protocol: str, host: str, port: int, *, method: str = "CONNECT",
                           client: str | None = None) -> tuple[socket.socket, bytes]:
@@ -423,19 +489,72 @@ class ProxyServer:
             self._unreachable(protocol, target, plan, r, ticket)
             raise
 
+    def dialer_for(self, client: str | None) -> Dialer:
+        """The Dialer that judges ``client``'s requests: the global one, or one whose filter
+        adds the client's own rules (``kodarelay.clients``), made on first use."""
+        book = self.clients
+        if book is None or client is None:
+            return self.dialer
+        c = book.get(client)
+        if c is None or (not c.policy.allow and not c.policy.deny):
+            return self.dialer
+        d = self._client_dialers.get(client)
+        if d is None:
+            resolver, connect_timeout, dns_ttl, decider, decider_timeout = self._dialer_args
+            d = Dialer(book.filter_for(c, self.dialer.filter), self.dialer.upstream, resolver, connect_timeout,
+                       self.dialer.deny_private, dns_ttl=dns_ttl, decider=decider, decider_timeout=decider_timeout)
+            self._client_dialers[client] = d
+        return d
+
+    def set_clients(self, clients: Iterable[Any], require_auth: bool | None = None) -> None:
+        """Replace the client policies (live); open tunnels keep running, their counts kept."""
+        from .clients import ClientBook
+
+        clients = list(clients)
+        if not clients and not (require_auth if require_auth is not None else
+                                self.clients is not None and self.clients.require_auth):
+            self.clients = None          # nobody named: the global rules, the engine's cache again
+        elif self.clients is None:
+            self.clients = ClientBook(clients, bool(require_auth))
+        else:
+            self.clients.set(clients)
+            if require_auth is not None:
+                self.clients.require_auth = require_auth
+        self._client_dialers.clear()
+        self._drop_engine_plans()
+
     def _plan_now(self, target: Target) -> Plan | None:
-        plan = self.dialer.plan_now(target.host, target.port)
+        plan = self.dialer_for(target.client).plan_now(target.host, target.port)
         if plan is None:
             return None
         return self._tunnel_check(target, plan if not target.literal else _literal_plan(plan))
 
     async def _plan(self, protocol: str, target: Target) -> Plan:
+        started = time.monotonic()
+        if self.clients is not None:
+            from .clients import ClientRefused
+
+            try:
+                self.clients.authenticate(target.client, target.token)
+            except ClientRefused as e:
+                return _client_refusal(target, e, 407)
         plan = self._plan_now(target)
         if plan is None:
-            plan = await self.dialer.plan(Request(protocol, target.method, target.host, target.port, target.client))
+            plan = await self.dialer_for(target.client).plan(
+                Request(protocol, target.method, target.host, target.port, target.client))
             if target.literal:
                 plan = _literal_plan(plan)
             plan = self._tunnel_check(target, plan)
+        self.metrics.decided(time.monotonic() - started)
+        if self.clients is not None and plan.kind != REFUSE:
+            c = self.clients.get(target.client)
+            if c is not None:
+                from .clients import ClientRefused
+
+                try:
+                    c.take(time.monotonic())      # a slot, given back when its ticket ends
+                except ClientRefused as e:
+                    return _client_refusal(target, e, 429)
         return plan
 
     def _tunnel_check(self, target: Target, plan: Plan) -> Plan:
@@ -445,7 +564,8 @@ class ProxyServer:
         the engine's cache as an allow (the plan is not the Dialer's)."""
         if plan.kind == REFUSE or target.method != "CONNECT":
             return plan
-        if not self.dialer.policy.filter.needs_inspection(plan.host, plan.port) or self._inspects(target, plan):
+        flt = self.dialer_for(target.client).policy.filter
+        if not flt.needs_inspection(plan.host, plan.port) or self._inspects(target, plan):
             return plan
         refusal = Refusal(f"{plan.host}:{plan.port} needs inspection", http_status=403, socks_rep=REP_NOT_ALLOWED,
                           reason="needs_inspection", rule=None, source="rule")
@@ -455,7 +575,7 @@ class ProxyServer:
         """Whether an allowed tunnel is decrypted and its requests judged (``kodarelay.inspection``)."""
         insp = self.inspection
         return (insp is not None and plan.kind != REFUSE and target.method == "CONNECT"
-                and insp.wants(self.dialer.policy.filter, plan.host, plan.port))
+                and insp.wants(self.dialer_for(target.client).policy.filter, plan.host, plan.port))
 
     async def _inspect(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
                        ticket: Ticket) -> Handoff | None:
@@ -464,10 +584,12 @@ class ProxyServer:
         from .inspection import inspect_session
 
         self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        self._hold(ticket)
         opened = await self._connect_plan(conn, proto, target, plan, ticket)
         if opened is None:
             return None
-        return await inspect_session(self, conn, proto.name, plan, ticket, target.early, opened[0], opened[1])
+        return await inspect_session(self, conn, proto.name, plan, ticket, target.early, opened[0], opened[1],
+                                     target.token)
 
     # ── the asyncio path ─────────────────────────────────────────────────────
 
@@ -537,7 +659,7 @@ class ProxyServer:
         raise NotImplementedError
 
     async def connect_after_forward(self, conn: socket.socket, target: str, early: bytes,
-                                    client: str | None) -> Handoff | None:
+                                    client: str | None, token: str | None = None) -> Handoff | None:
         """A CONNECT after forwarded requests on one connection (only ``Server`` forwards)."""
         raise NotImplementedError
 
@@ -557,6 +679,7 @@ class ProxyServer:
     async def _relay(self, conn: socket.socket, upstream: socket.socket, to_upstream: bytes, to_client: bytes,
                      ticket: Ticket) -> None:
         moved = None
+        self._hold(ticket)
         try:
             if to_upstream or to_client:
                 await self._forward_early(conn, upstream, to_upstream, to_client)
@@ -610,6 +733,8 @@ class ProxyServer:
         front = self._front
         if front is None or gen is None or self._events is not None or target.literal or target.method != "CONNECT":
             return
+        if self.clients is not None or self.metrics.port is not None:
+            return                      # every request is decided (and counted) in Python
         if self.inspection is not None and plan.kind != REFUSE and self._inspects(target, plan):
             return                      # decrypted on the asyncio path, never spliced blind
         ttl = self.dialer.cached_for(target.host, target.port, plan)
@@ -639,6 +764,7 @@ class ProxyServer:
         """Refusals the engine served from cached plans, in order (on the engine's completer
         thread): recorded like every other refusal."""
         for when, proto, host, port, reason, status in records:
+            self.metrics.rejected("socks5" if proto == 1 else "http", None)
             detail = f"upstream refused ({status})" if status else None
             self.record("socks5" if proto == 1 else "http", host.decode("utf-8", "backslashreplace"), port, reason,
                         None, detail, when=when)
@@ -874,6 +1000,7 @@ class ProxyServer:
         if self._closed:
             return
         self._closed = True
+        self.metrics.close()
         try:
             self._loop.remove_reader(self._lsock.fileno())
         except (ValueError, RuntimeError):

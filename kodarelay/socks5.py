@@ -15,6 +15,7 @@ total caps as HTTP CONNECT, and chains through the same upstream layer.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 from typing import Any, Callable, TypeVar
@@ -112,8 +113,9 @@ async def _read_until(srv: ProxyServer, conn: socket.socket, buf: bytes, deadlin
         buf += chunk
 
 
-def parse_userpass(buf: bytes) -> tuple[int, str] | None:
-    """``(consumed, username)`` from an RFC 1929 request, or None if more bytes are needed."""
+def parse_userpass(buf: bytes) -> tuple[int, str, str] | None:
+    """``(consumed, username, sha256 hex of the password)`` from an RFC 1929 request, or None
+    if more bytes are needed (the password itself goes no further)."""
     if len(buf) < 2:
         return None
     if buf[0] != 1:
@@ -126,22 +128,37 @@ def parse_userpass(buf: bytes) -> tuple[int, str] | None:
     if len(buf) < end:
         return None
     user = bytes(buf[2:2 + ulen]).decode("utf-8", "backslashreplace")
-    return end, user
+    return end, user, hashlib.sha256(bytes(buf[3 + ulen:end])).hexdigest()
 
 
 async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, deadline: float) -> Handoff | None:
     """Serve one SOCKS5 session whose first bytes (possibly none yet) are ``buf``."""
     parsers = relay.parsers
     client: str | None = None
+    token: str | None = None
+    book = srv.clients
     try:
         (used, methods), buf = await _read_until(srv, conn, buf, deadline, parsers.parse_socks5_greeting)
         buf = buf[used:]
         if METHOD_USERPASS in methods:
             await srv.send(conn, b"\x05\x02")
-            (used, user), buf = await _read_until(srv, conn, buf, deadline, parse_userpass)
+            (used, user, token), buf = await _read_until(srv, conn, buf, deadline, parse_userpass)
             buf = buf[used:]
             client = _printable(user, 100) if user else None
-            await srv.send(conn, b"\x01\x00")       # any password: attribution, not access
+            if book is not None:
+                from .clients import ClientRefused
+
+                try:
+                    book.authenticate(client, token)
+                except ClientRefused as e:     # RFC 1929: a non-zero status, then the close
+                    srv.record("socks5", "", None, e.reason, client, e.detail)
+                    await srv.send_quietly(conn, b"\x01\x01")
+                    return None
+            await srv.send(conn, b"\x01\x00")       # without clients: attribution, not access
+        elif METHOD_NO_AUTH in methods and book is not None and book.require_auth:
+            srv.record("socks5", "", None, "unauthenticated", None, "no credentials offered; this proxy requires them")
+            await srv.send_quietly(conn, b"\x05\xff")
+            return None
         elif METHOD_NO_AUTH in methods:
             await srv.send(conn, b"\x05\x00")
         else:
@@ -162,4 +179,7 @@ async def socks5_session(srv: ProxyServer, conn: socket.socket, buf: bytes, dead
     except Socks5Error as e:
         log.debug("closing SOCKS5 connection: %s", e)
         return None
-    return await srv.serve_parsed(conn, SOCKS5, SOCKS5.parse(buf, client))
+    parsed = SOCKS5.parse(buf, client)
+    if isinstance(parsed, Target) and token is not None:
+        parsed = parsed._replace(token=token)
+    return await srv.serve_parsed(conn, SOCKS5, parsed)

@@ -35,7 +35,7 @@ echo "== compiled relay, handshakes on the asyncio loop (KODARELAY_NO_NATIVE_FRO
 KODARELAY_REQUIRE_EXTENSION=1 KODARELAY_NO_NATIVE_FRONTEND=1 .venv/bin/python -m pytest -q "$@" \
     tests/test_http_server.py tests/test_socks5.py tests/test_upstream.py tests/test_hostile.py \
     tests/test_builtin.py tests/test_accept_errors.py tests/test_clients.py tests/test_policy.py tests/test_hooks.py tests/test_handshake_bound.py \
-    tests/test_forward.py tests/test_forward_tools.py tests/test_inspect.py \
+    tests/test_forward.py tests/test_forward_tools.py tests/test_inspect.py tests/test_secrets.py tests/test_fleet.py \
     tests/test_engine_policy.py tests/test_cli_guard.py tests/test_engine_faults.py
 echo "== pure-Python relay (KODARELAY_NO_EXTENSIONS=1)"
 KODARELAY_NO_EXTENSIONS=1 .venv/bin/python -m pytest -q "$@"
