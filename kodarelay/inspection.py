@@ -261,6 +261,7 @@ async def inspect_session(srv: ProxyServer, conn: socket.socket, proto: str, pla
             deadline = loop.time() + srv.handshake_timeout
         else:
             ex.client.buf = buf
+        srv._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]   # a tunnel now
         handoff = await ex.run(deadline)
         if isinstance(ex.client, TlsStream) and handoff is None:
             await ex.client.close_notify()

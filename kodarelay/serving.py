@@ -580,10 +580,10 @@ class ProxyServer:
     async def _inspect(self, conn: socket.socket, proto: Protocol, target: Target, plan: Plan,
                        ticket: Ticket) -> Handoff | None:
         """An allowed tunnel to an inspected host: answered as any other, then served
-        request by request (no longer a handshake: never shed as one)."""
+        request by request. It counts as a handshake (``max_handshakes`` sheds the oldest)
+        until its first bytes were read and, for TLS, the client's handshake is done."""
         from .inspection import inspect_session
 
-        self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         self._hold(ticket)
         opened = await self._connect_plan(conn, proto, target, plan, ticket)
         if opened is None:
@@ -880,7 +880,13 @@ class ProxyServer:
         ticket = self._judged(proto.name, target, plan, inspected=inspected)
         assert ticket is not None
         conn = socket.socket(fileno=h.detach())      # taken now: nothing else may answer it
-        self._track(self._loop.create_task(self._run_detached(conn, proto, target, plan, ticket, inspected)))
+        if inspected:
+            while len(self._handshaking) >= self.max_handshakes and self._shed_oldest():
+                pass
+        task = self._loop.create_task(self._run_detached(conn, proto, target, plan, ticket, inspected))
+        if inspected:
+            self._handshaking[task] = None            # until its TLS handshake is done
+        self._track(task)
 
     def _dial_native(self, h: Any, proto: Protocol, target: Target, plan: Plan) -> bool:
         """``h.dial`` the plan's checked addresses and track the tunnel; False when the engine
@@ -939,7 +945,10 @@ class ProxyServer:
         with _connection_ends(conn):
             conn.setblocking(False)
             if inspected:
-                handoff = await self._inspect(conn, proto, target, plan, ticket)
+                try:
+                    handoff = await self._inspect(conn, proto, target, plan, ticket)
+                finally:
+                    self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
                 if handoff is not None:
                     upstream, to_upstream, to_client, req = handoff
                     await self._relay(conn, upstream, to_upstream, to_client, req)

@@ -385,3 +385,64 @@ def test_ca_dir_keeps_one_ca_across_runs(ca, origin, tmp_path):
     assert stat.S_IMODE(os.stat(d / "ca-key.pem").st_mode) == 0o600
     bundle = json.loads(out.stdout)["SSL_CERT_FILE"]
     assert not os.path.exists(bundle)                              # the run's bundle went with the run
+
+
+# ── bad input loses nothing ──────────────────────────────────────────────────
+
+
+def test_silent_tls_clients_count_as_handshakes_and_the_oldest_is_shed(start_proxy, ca, run_ca, origin, bundle):
+    # (the handshake timeout is far: only shedding can end the oldest within the test's deadline)
+    h = _proxy(start_proxy, ca, run_ca, [f"GET localhost:{origin.port}/*"], max_handshakes=2, handshake_timeout=120)
+    silent = []
+    for _ in range(3):                            # answered 200, then never a ClientHello
+        s, rest = http_connect(h.port, f"localhost:{origin.port}")
+        assert status_of(read_head(s) if not rest else rest) == 200
+        silent.append(s)
+    silent[0].settimeout(DEADLINE)
+    assert silent[0].recv(10) == b""              # the oldest was shed for the newest
+    tls = _tls_client(h.port, f"localhost:{origin.port}", bundle)
+    assert _request(tls, "GET", "/ok", f"localhost:{origin.port}")[0] == 200
+    for s in silent:
+        s.close()
+
+
+def test_no_fd_leaks_whatever_the_client_does(start_proxy, ca, run_ca, origin, bundle, tmp_path):
+    from peers import fd_count
+
+    wrong = CertificateAuthority.generate("wrong").write_bundle(tmp_path / "wrong.pem")
+    good = _proxy(start_proxy, ca, run_ca, [f"GET localhost:{origin.port}/*"])
+    bad_origin = _proxy(start_proxy, ca, run_ca, [f"GET localhost:{origin.port}/*"], upstream_ca=str(wrong))
+    server = good._servers[0]
+    target = f"localhost:{origin.port}"
+
+    def round_of_everything() -> None:
+        tls = _tls_client(good.port, target, bundle)                       # a good exchange
+        assert _request(tls, "GET", "/a", target)[0] == 200
+        assert _request(tls, "POST", "/a", target)[0] == 403
+        tls.close()
+        s, rest = http_connect(good.port, target)                          # gone mid-handshake
+        s.sendall(b"\x16\x03\x01\x00\x05ab")
+        s.close()
+        s, rest = http_connect(good.port, target)                          # garbage
+        s.sendall(b"\x00" * 64)
+        s.close()
+        with pytest.raises(ssl.SSLError):                                  # distrusts our CA
+            _tls_client(good.port, target, str(ca[0]))
+        tls = _tls_client(bad_origin.port, target, bundle)                 # origin fails verification
+        assert _request(tls, "GET", "/a", target)[0] == 502
+        tls.close()
+        tls = _tls_client(good.port, target, bundle)                       # gone mid-body
+        tls.sendall(f"GET /big/{8 << 20} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        tls.recv(1000)
+        tls.close()
+
+    round_of_everything()                          # warm: pools, the leaf, lazily made things
+    for srv in (good, bad_origin):
+        wait_until(lambda srv=srv: srv._servers[0].tunnel_count == 0, what="every session ended")
+    before = fd_count()
+    for _ in range(5):
+        round_of_everything()
+    for srv in (good, bad_origin):
+        wait_until(lambda srv=srv: srv._servers[0].tunnel_count == 0, what="every session ended")
+    wait_until(lambda: fd_count() <= before, what=f"fds back to {before} (now {fd_count()})")
+    assert server.tunnel_count == 0
