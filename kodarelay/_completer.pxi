@@ -115,7 +115,8 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
                 recs = []
                 for i in range(nref if refs != NULL else 0):
                     recs.append((refs[i].time, refs[i].proto, refs[i].host[:refs[i].hostn], refs[i].port,
-                                 refs[i].reason.decode("ascii", "replace"), refs[i].status))
+                                 refs[i].reason.decode("ascii", "replace"), refs[i].status,
+                                 refs[i].client[:refs[i].clientn].decode("ascii") if refs[i].clientn else None))
                 free(refs)
                 refs = NULL
                 sink = (<_NativeListener>owner).on_refused

@@ -234,8 +234,12 @@ cdef void _chain_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept n
     status = _reply_status(t.chead, <size_t>end)
     if not 200 <= status < 300:
         if status >= 0 and t.owner != NULL:     # the upstream said no: a violation, as in Python
-            _refusal_queue(w.completer, t.owner, 1 if t.socks else 0, t.rhost, t.rhostn, t.rport,
-                           "upstream_refused", status)
+            if t.cent != NULL:
+                _refusal_queue(w.completer, t.owner, 1 if t.socks else 0, t.rhost, t.rhostn, t.rport,
+                               "upstream_refused", status, t.cent.name, t.cent.namen)
+            else:
+                _refusal_queue(w.completer, t.owner, 1 if t.socks else 0, t.rhost, t.rhostn, t.rport,
+                               "upstream_refused", status, b"", 0)
         _chain_fail(w, t, ECONNREFUSED)
         return
     extra = t.cheadn - <size_t>end

@@ -89,6 +89,12 @@ cdef int _hs_progress(Worker *w, Listener *l, Hs *h, size_t before) noexcept nog
             elif p[2 + i] == 2:
                 userpass = True
         h.off = 2 + m
+        if not userpass and l.clients != NULL and kr_load_int(&l.clients.require_auth):
+            # no credentials offered where they are required: as Python answers (and records)
+            _refusal_queue(w.completer, l, 1, b"", 0, 0, "unauthenticated", 0, b"", 0)
+            _send_all_nb(h.fd, b"\x05\xff", 2)
+            _hs_close(w, l, h)
+            return 1
         if userpass:                  # preferred: the username attributes the request
             if _send_all_nb(h.fd, b"\x05\x02", 2) != 2:
                 _hs_close(w, l, h)
@@ -118,6 +124,11 @@ cdef int _hs_progress(Worker *w, Listener *l, Hs *h, size_t before) noexcept nog
             return 0
         h.uoff = h.off + 2
         h.ulen = p[1]
+        if not _socks_auth_ok(l, p + 2, p[1], p + 3 + p[1], p[2 + p[1]]):
+            _socks_auth_refused(w, l, p + 2, p[1])
+            _send_all_nb(h.fd, b"\x01\x01", 2)      # RFC 1929: a failure, then the close
+            _hs_close(w, l, h)
+            return 1
         if _send_all_nb(h.fd, b"\x01\x00", 2) != 2:
             _hs_close(w, l, h)
             return 1
@@ -279,6 +290,8 @@ cdef void _l_drop(Completer *c, Listener *l) noexcept nogil:
             _plans_clear(l.plans)
             pthread_mutex_destroy(&l.plans.mu)
             free(l.plans)
+        if l.clients != NULL:
+            _clients_free(l.clients)
         free(l.ring)
         free(l)
 
@@ -322,6 +335,7 @@ cdef void _listeners_service(Worker *w, double now) noexcept nogil:
             _hs_timeout(w, l, l.head)
         if l.retry_at > 0 and l.retry_at <= now and not l.done:
             _l_arm(w, l)
+        _clients_kill(w, l)
         _l_flush(w, l)
         pthread_mutex_lock(&w.mu)
         closing = l.closing or w.stopping

@@ -30,13 +30,17 @@ cdef class _NativeListener:
         l = <Listener *>calloc(1, sizeof(Listener))
         if l != NULL:
             l.plans = <PlanCache *>calloc(1, sizeof(PlanCache))
-            if l.plans == NULL:
+            l.clients = <ClientTab *>calloc(1, sizeof(ClientTab))
+            if l.plans == NULL or l.clients == NULL:
+                free(l.plans)
+                free(l.clients)
                 free(l)
                 l = NULL
         if l == NULL:
             close(fd)
             raise MemoryError()
         pthread_mutex_init(&l.plans.mu, NULL)
+        pthread_mutex_init(&l.clients.mu, NULL)
         l.fd = fd
         l.mode = mode
         l.hs_timeout = hs_timeout
@@ -53,6 +57,7 @@ cdef class _NativeListener:
                 close(fd)
                 pthread_mutex_destroy(&l.plans.mu)
                 free(l.plans)
+                _clients_free(l.clients)
                 free(l)
                 raise
             w = e.pick()
@@ -81,7 +86,8 @@ cdef class _NativeListener:
             pthread_mutex_unlock(&c.mu)
         return g
 
-    def set_plan(self, int proto, bytes host, int port, tuple plan, double ttl, gen=None, str record_host=None):
+    def set_plan(self, int proto, bytes host, int port, tuple plan, double ttl, gen=None, str record_host=None,
+                 bytes client=None):
         """Cache ``plan`` for (proto, host as the client sent it, port) for ``ttl`` seconds.
 
         ``plan`` is ``("direct", [IP strings], ok_reply)``, ``("refuse", reply, reason)`` or
@@ -89,8 +95,10 @@ cdef class _NativeListener:
         keeps it until ``clear_plans()``; ``<= 0`` stores nothing. With ``gen`` (a
         ``plan_generation`` read before deciding) a plan decided before a ``clear_plans()`` is
         dropped. Refusals served from the plan (and an upstream's refusal of a chained one) are
-        recorded under ``record_host`` (default: ``host``). Returns whether it was stored (hosts
-        over 255 bytes never are)."""
+        recorded under ``record_host`` (default: ``host``). ``client``: the named client the
+        plan is for (``set_clients``; its handshakes carry its name), None for anonymous ones.
+        Returns whether it was stored (hosts over 255 bytes, or a client name the engine does
+        not take, never are)."""
         cdef Plan *p
         cdef PlanCache *c = self.l.plans
         cdef Py_ssize_t i, n
@@ -98,6 +106,8 @@ cdef class _NativeListener:
         cdef int kind
         if not ttl > 0 or proto not in (0, 1) or not 0 <= port <= 65535 or len(host) == 0 \
                 or len(host) > PLAN_HOST_MAX:
+            return False
+        if client is not None and not _client_name_ok(<const unsigned char *><char *>client, len(client)):
             return False
         what = plan[0]
         if what == "direct":
@@ -133,6 +143,9 @@ cdef class _NativeListener:
         p.rhostn = <int>len(rhost)
         memcpy(p.rhost, <char *>rhost, len(rhost))
         p.expires = _mono() + ttl
+        if client is not None:
+            p.clientn = <int>len(client)
+            memcpy(p.client, <char *>client, len(client))
         memcpy(p.reason, <char *>reason, len(reason))
         p.addrs = <kr_addr *>calloc(n + 1, sizeof(kr_addr))
         p.reply = _dup(<char *>reply, len(reply))
@@ -179,6 +192,99 @@ cdef class _NativeListener:
             elif g > c.gen:
                 c.gen = g
             pthread_mutex_unlock(&c.mu)
+
+    # ── named clients (see _clients.pxi) ─────────────────────────────────────
+
+    def set_clients(self, list clients, bint require_auth):
+        """The clients the engine knows: ``(name bytes, sha256 bytes or None, max_tunnels,
+        rate, burst, upload, period)`` each (-1 / 0: no such limit). Counters of a client that
+        stays are kept; one that goes is marked dead (its live tunnels keep their slot)."""
+        cdef ClientTab *ct = self.l.clients
+        cdef ClientEnt *e
+        cdef ClientEnt *made
+        cdef bytes name
+        cdef uint64_t b
+        cdef int i, live = 0
+        entries = []
+        for item in clients:
+            name = item[0]
+            if not _client_name_ok(<const unsigned char *><char *>name, len(name)):
+                raise ValueError(f"the engine takes no client named {name!r}")
+            if item[1] is not None and len(item[1]) != 32:
+                raise ValueError("a token hash is 32 bytes")
+            entries.append(item)
+        pthread_mutex_lock(&ct.mu)
+        for i in range(CLIENT_BUCKETS):
+            e = ct.buckets[i]
+            while e != NULL:
+                e.dead = True
+                e = e.next
+        for item in entries:
+            name = item[0]
+            e = _client_lookup(ct, <char *>name, <int>len(name), True)
+            if e == NULL:
+                made = <ClientEnt *>calloc(1, sizeof(ClientEnt))
+                if made == NULL:
+                    continue              # (this client's handshakes then go to Python)
+                e = made
+                e.namen = <int>len(name)
+                memcpy(e.name, <char *>name, len(name))
+                e.wstart = -1.0
+                e.refilled = _mono()
+                b = _client_hash(e.name, e.namen) % CLIENT_BUCKETS
+                e.next = ct.buckets[b]
+                ct.buckets[b] = e
+                e.tokens = -1.0           # filled below
+            e.dead = False
+            e.has_hash = item[1] is not None
+            if e.has_hash:
+                memcpy(e.hash, <char *>item[1], 32)
+            e.max_tunnels = item[2]
+            e.rate = item[3]
+            e.burst = item[4]
+            if e.tokens < 0 or e.tokens > e.burst:
+                e.tokens = e.burst
+            e.upload = item[5]
+            e.period = item[6]
+            live += 1
+        kr_store_int(&ct.live, live)
+        kr_store_int(&ct.require_auth, require_auth)
+        pthread_mutex_unlock(&ct.mu)
+
+    def client_take(self, bytes name):
+        """Admit one tunnel or request of a known client: None, or the limit's reason."""
+        cdef ClientTab *ct = self.l.clients
+        cdef ClientEnt *e
+        cdef int r = CL_OK
+        pthread_mutex_lock(&ct.mu)
+        e = _client_lookup(ct, <char *>name, <int>len(name), False)
+        if e != NULL:
+            r = _client_take(e, _mono())
+        pthread_mutex_unlock(&ct.mu)
+        return (None, "upload_budget", "too_many_tunnels", "rate_limited")[r]
+
+    def client_release(self, bytes name, unsigned long long up):
+        """A tunnel or request of ``name`` ended with ``up`` bytes to its origin: True when
+        that spent its upload budget (the engine then closes the client's tunnels)."""
+        cdef ClientTab *ct = self.l.clients
+        cdef ClientEnt *e
+        cdef bint spent = False
+        pthread_mutex_lock(&ct.mu)
+        e = _client_lookup(ct, <char *>name, <int>len(name), True)
+        if e != NULL:
+            spent = _client_release(e, up, _mono())
+        pthread_mutex_unlock(&ct.mu)
+        if spent:
+            self.kill_client()
+        return spent
+
+    def kill_client(self):
+        """Have the worker close the tunnels of every client whose budget is spent."""
+        cdef Listener *l = self.l
+        kr_store_int(&l.clients.kill_pending, 1)
+        pthread_mutex_lock(&l.w.mu)
+        _wake_locked(l.w)
+        pthread_mutex_unlock(&l.w.mu)
 
     def plan_stats(self):
         """Counters of the plan cache (read racily): plans held, hits, misses, refusals served
@@ -316,16 +422,35 @@ def native_listen(lsock, mode, handshake_timeout, loop, cb, direct=None, on_refu
                            on_refused, connect_timeout, idle_timeout, total_timeout, max_handshakes)
 
 
-def _plan_key(int proto, bytes data):
-    """Test hook: the (host, port, head length) the engine would look a plan up by, or None.
-    ``data``: an HTTP head (proto 0) or a SOCKS5 request from its VER byte on (proto 1)."""
-    cdef size_t off = 0, end = 0
+def _plan_key(int proto, bytes data, bint named=False):
+    """Test hook: the (host, port, head length) the engine would look a plan up by, or None;
+    with ``named`` (a client table in use) also the ``Proxy-Authorization`` value it read
+    (None without one). ``data``: an HTTP head (proto 0) or a SOCKS5 request from its VER
+    byte on (proto 1)."""
+    cdef size_t off = 0, end = 0, aoff = 0, alen = 0
     cdef int hostn = 0, port = 0
     cdef bint ok
     if proto == 0:
-        ok = _http_key(data, len(data), &off, &hostn, &port, &end)
+        ok = _http_key(data, len(data), &off, &hostn, &port, &end, named, &aoff, &alen)
     else:
         ok = _socks_key(data, len(data), &off, &hostn, &port, &end)
     if not ok:
         return None
+    if named:
+        return data[off:off + hostn], port, end, (data[aoff:aoff + alen] if alen else None)
     return data[off:off + hostn], port, end
+
+
+def _sha256(bytes data):
+    """Test hook: the engine's own SHA-256 (held to hashlib's)."""
+    cdef unsigned char out[32]
+    kr_sha256(<const unsigned char *><char *>data, len(data), out)
+    return out[:32]
+
+
+def _b64decode(bytes data):
+    """Test hook: the engine's strict base64 (held to ``base64.b64decode(validate=True)``);
+    None where it refuses."""
+    cdef unsigned char out[512]
+    cdef int n = kr_b64decode(<const unsigned char *><char *>data, len(data), out, sizeof(out))
+    return None if n < 0 else out[:n]

@@ -28,17 +28,18 @@ cdef int _port_of(const unsigned char *p, size_t n) noexcept nogil:
 
 
 cdef bint _http_key(const char *buf, size_t n, size_t *host_off, int *hostn, int *port,
-                    size_t *end) noexcept nogil:
+                    size_t *end, bint named, size_t *auth_off, size_t *auth_len) noexcept nogil:
     """The target of a plain, well-formed ``CONNECT host:port HTTP/1.x`` head in ``buf``.
 
     Strict on purpose: ``CONNECT``, one space, an authority of visible ASCII (``host:port`` or
     ``[v6]:port``, as ``split_host_port`` splits it), one space, ``HTTP/1.0`` or ``HTTP/1.1``;
     then header lines ``name: value`` (a token, visible ASCII, spaces and tabs; no obs-fold,
-    no bare CR or LF) and the blank line. A ``Proxy-Authorization`` header is a miss too (its
-    user names the client, which plans do not carry). Anything else is a miss.
+    no bare CR or LF) and the blank line. A ``Proxy-Authorization`` header names
+    the client: without ``named`` (no client table in use) it is a miss, with it its value is
+    returned in ``auth_off`` / ``auth_len`` (two of them are a miss). Anything else is a miss.
     """
     cdef const unsigned char *p = <const unsigned char *>buf
-    cdef size_t i, s, tend, line, colon, k, hend = 0
+    cdef size_t i, s, tend, line, colon, k, va, vb, hend = 0
     cdef size_t c
     cdef int pv
     # the first CRLFCRLF ends the head (http_head_end)
@@ -113,7 +114,18 @@ cdef bint _http_key(const char *buf, size_t n, size_t *host_off, int *hostn, int
                 if _lower(p[line + c]) != (<const unsigned char *>b"proxy-authorization")[c]:
                     break
             else:
-                return False
+                if not named or auth_len[0] != 0:
+                    return False
+                va = colon + 1
+                while va < i and (p[va] == 0x20 or p[va] == 9):
+                    va += 1
+                vb = i
+                while vb > va and (p[vb - 1] == 0x20 or p[vb - 1] == 9):
+                    vb -= 1
+                if vb == va:
+                    return False
+                auth_off[0] = va
+                auth_len[0] = vb - va
         line = i + 2
     host_off[0] = s
     hostn[0] = <int>k
@@ -141,11 +153,14 @@ cdef bint _socks_key(const char *buf, size_t n, size_t *host_off, int *hostn, in
     return True
 
 
-cdef inline uint64_t _plan_hash(int proto, const char *host, int hostn, int port) noexcept nogil:
+cdef inline uint64_t _plan_hash(int proto, const char *host, int hostn, int port, const char *client,
+                                int clientn) noexcept nogil:
     cdef uint64_t h = 1469598103934665603ULL
     cdef int i
     for i in range(hostn):
         h = (h ^ <unsigned char>host[i]) * 1099511628211ULL
+    for i in range(clientn):
+        h = (h ^ <unsigned char>client[i]) * 1099511628211ULL
     h = (h ^ <uint64_t>(port * 2 + proto)) * 1099511628211ULL
     return h ^ (h >> 29)
 
@@ -159,7 +174,7 @@ cdef void _plan_free(Plan *p) noexcept nogil:
 
 cdef void _plan_unlink(PlanCache *c, Plan *p) noexcept nogil:
     """Take ``p`` out of its bucket and the age list (caller holds c.mu and frees it)."""
-    cdef Plan **pp = &c.buckets[_plan_hash(p.proto, p.host, p.hostn, p.port) % PLAN_BUCKETS]
+    cdef Plan **pp = &c.buckets[_plan_hash(p.proto, p.host, p.hostn, p.port, p.client, p.clientn) % PLAN_BUCKETS]
     while pp[0] != NULL and pp[0] != p:
         pp = &pp[0].hnext
     if pp[0] == p:
@@ -176,11 +191,13 @@ cdef void _plan_unlink(PlanCache *c, Plan *p) noexcept nogil:
 
 
 cdef Plan *_plan_find(PlanCache *c, int proto, const char *host, int hostn, int port,
-                      double now) noexcept nogil:
-    """The live plan for the key, or NULL; an expired one is dropped (caller holds c.mu)."""
-    cdef Plan *p = c.buckets[_plan_hash(proto, host, hostn, port) % PLAN_BUCKETS]
+                      double now, const char *client, int clientn) noexcept nogil:
+    """The live plan for the key (``client``: the named client's, ``clientn`` 0: nobody's),
+    or NULL; an expired one is dropped (caller holds c.mu)."""
+    cdef Plan *p = c.buckets[_plan_hash(proto, host, hostn, port, client, clientn) % PLAN_BUCKETS]
     while p != NULL:
-        if p.port == port and p.proto == proto and p.hostn == hostn and memcmp(p.host, host, hostn) == 0:
+        if p.port == port and p.proto == proto and p.hostn == hostn and memcmp(p.host, host, hostn) == 0 \
+                and p.clientn == clientn and memcmp(p.client, client, clientn) == 0:
             if p.expires <= now:
                 _plan_unlink(c, p)
                 _plan_free(p)
@@ -193,7 +210,7 @@ cdef Plan *_plan_find(PlanCache *c, int proto, const char *host, int hostn, int 
 cdef void _plan_put(PlanCache *c, Plan *p) noexcept nogil:
     """Store ``p`` (caller holds c.mu), replacing the plan for its key, evicting the oldest
     beyond PLAN_MAX."""
-    cdef Plan *old = _plan_find(c, p.proto, p.host, p.hostn, p.port, -1.0)
+    cdef Plan *old = _plan_find(c, p.proto, p.host, p.hostn, p.port, -1.0, p.client, p.clientn)
     cdef Plan **b
     if old != NULL:
         _plan_unlink(c, old)
@@ -203,7 +220,7 @@ cdef void _plan_put(PlanCache *c, Plan *p) noexcept nogil:
         _plan_unlink(c, old)
         _plan_free(old)
         c.evicted += 1
-    b = &c.buckets[_plan_hash(p.proto, p.host, p.hostn, p.port) % PLAN_BUCKETS]
+    b = &c.buckets[_plan_hash(p.proto, p.host, p.hostn, p.port, p.client, p.clientn) % PLAN_BUCKETS]
     p.hnext = b[0]
     b[0] = p
     p.newer = NULL
@@ -226,7 +243,7 @@ cdef void _plans_clear(PlanCache *c) noexcept nogil:
 
 
 cdef void _refusal_queue(Completer *cm, Listener *l, int proto, const char *host, int hostn, int port,
-                         const char *reason, int status) noexcept nogil:
+                         const char *reason, int status, const char *client, int clientn) noexcept nogil:
     """Queue one refusal for Python, stamped with the time it happens (bounded: beyond
     REFUSAL_RING pending the oldest is dropped, and counted in ``ring_dropped``, which reaches
     ``ViolationLog.count_unrecorded``: a summary never undercounts)."""
@@ -254,6 +271,9 @@ cdef void _refusal_queue(Completer *cm, Listener *l, int proto, const char *host
     r.hostn = hostn
     memcpy(r.host, host, hostn)
     r.host[hostn] = 0
+    r.clientn = clientn
+    memcpy(r.client, client, clientn)
+    r.client[clientn] = 0
     for i in range(REASON_MAX - 1):
         r.reason[i] = reason[i]
         if reason[i] == 0:
@@ -300,29 +320,74 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     """Answer a complete handshake from the cached plan for its key; False on a miss (the
     handshake then goes to Python). ``h`` is out of epoll and off the listener's lists."""
     cdef PlanCache *c = l.plans
+    cdef ClientTab *ct = l.clients
+    cdef ClientEnt *ent = NULL
     cdef Plan *p
-    cdef size_t off = 0, end = 0, earlyn
-    cdef int hostn = 0, port = 0, kind, i
-    cdef bint ok
+    cdef size_t off = 0, end = 0, earlyn, aoff = 0, alen = 0, k
+    cdef int hostn = 0, port = 0, kind, i, cn = 0, dn
+    cdef bint ok, named, have_pw = False
     cdef Tunnel *t = NULL
     cdef const char *base
+    cdef const char *cname = b""
     cdef double now
+    cdef unsigned char cred[384]
+    cdef unsigned char digest[32]
     if c == NULL or c.count == 0:     # racy peek: a plan stored this instant can wait a turn
         return False
+    named = ct != NULL and (kr_load_int(&ct.live) > 0 or kr_load_int(&ct.require_auth))
     if h.proto == 1 and h.ulen >= 0:
-        return False                  # a SOCKS5 username names the client: plans do not carry it
+        # a SOCKS5 username names the client (its token was checked at RFC 1929 time)
+        if not named or not _client_name_ok(<const unsigned char *>h.buf + h.uoff, <size_t>h.ulen):
+            return False
+        cname = h.buf + h.uoff
+        cn = h.ulen
     if h.proto == 0:
         base = h.buf
-        ok = _http_key(base, h.len, &off, &hostn, &port, &end)
+        ok = _http_key(base, h.len, &off, &hostn, &port, &end, named, &aoff, &alen)
+        if ok and alen > 0:
+            # ``Basic <base64 of user:password>``: the user names the client, the password's
+            # SHA-256 is its token's
+            if alen < 7 or alen - 6 > 512 or _lower(<unsigned char>base[aoff]) != 0x62 \
+                    or memcmp(base + aoff + 1, b"asic ", 5) != 0:
+                return False
+            k = 6
+            while k < alen and base[aoff + k] == 0x20:
+                k += 1
+            dn = kr_b64decode(<const unsigned char *>base + aoff + k, alen - k, cred, sizeof(cred))
+            if dn <= 0:
+                return False
+            i = 0
+            while i < dn and cred[i] != 0x3A:
+                i += 1
+            if not _client_name_ok(cred, <size_t>i):
+                return False
+            cname = <const char *>cred
+            cn = i
+            if i < dn:
+                kr_sha256(cred + i + 1, <size_t>(dn - i - 1), digest)
+                have_pw = True
     else:
         base = h.buf + h.off
         ok = _socks_key(base, h.len - h.off, &off, &hostn, &port, &end)
     if not ok:
         return False
+    if named:
+        pthread_mutex_lock(&ct.mu)
+        if cn > 0:
+            ent = _client_lookup(ct, cname, cn, False)
+        if cn == 0 and ct.require_auth:
+            ok = False
+        elif ent == NULL and ct.require_auth:
+            ok = False                # a name nobody knows: Python answers 407
+        elif ent != NULL and ent.has_hash and h.proto == 0 and (not have_pw or not kr_hash_eq(digest, ent.hash)):
+            ok = False                # a wrong token: Python answers 407
+        pthread_mutex_unlock(&ct.mu)
+        if not ok:
+            return False
     earlyn = (h.len - h.off - end) if h.proto == 1 else (h.len - end)
     now = _mono()
     pthread_mutex_lock(&c.mu)
-    p = _plan_find(c, h.proto, base + off, hostn, port, now)
+    p = _plan_find(c, h.proto, base + off, hostn, port, now, cname, cn)
     if p == NULL:
         c.misses += 1
         pthread_mutex_unlock(&c.mu)
@@ -331,12 +396,20 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     if kind == PLAN_REFUSE:
         c.refused += 1
         # recorded (with its own time) before the client has the refusal, as Python does
-        _refusal_queue(w.completer, l, h.proto, p.rhost, p.rhostn, port, p.reason, 0)
+        _refusal_queue(w.completer, l, h.proto, p.rhost, p.rhostn, port, p.reason, 0, cname, cn)
         _send_all_nb(h.fd, p.reply, p.replyn)
         pthread_mutex_unlock(&c.mu)
         _close_fd(&h.fd)
         free(h)
         return True
+    if ent != NULL:
+        pthread_mutex_lock(&ct.mu)
+        i = _client_take(ent, now)
+        pthread_mutex_unlock(&ct.mu)
+        if i != CL_OK:
+            c.misses += 1
+            pthread_mutex_unlock(&c.mu)
+            return False              # over a limit: Python answers 429 (and records it)
     t = _tunnel_new(l.idle, l.total)
     if t != NULL:
         t.addrs = <kr_addr *>malloc(p.naddr * sizeof(kr_addr))
@@ -359,7 +432,14 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     c.hits += 1
     pthread_mutex_unlock(&c.mu)
     if t == NULL:
+        if ent != NULL:               # the slot taken goes back
+            pthread_mutex_lock(&ct.mu)
+            _client_release(ent, 0, now)
+            pthread_mutex_unlock(&ct.mu)
         return False                  # out of memory: Python answers it
+    if ent != NULL:
+        t.cent = ent
+        t.ctab = ct
     t.fd[0] = h.fd
     t.socks = h.proto == 1
     free(h)

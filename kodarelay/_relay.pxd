@@ -121,6 +121,9 @@ cdef extern from "_engine.h" nogil:
     int kr_has_crlfcrlf(const char *buf, size_t frm, size_t len)
     int kr_load_int(const int *p)
     void kr_store_int(int *p, int v)
+    void kr_sha256(const unsigned char *p, size_t n, unsigned char *out)
+    int kr_b64decode(const unsigned char *inp, size_t n, unsigned char *out, size_t outcap)
+    int kr_hash_eq(const unsigned char *a, const unsigned char *b)
 
 
 # ── constants ────────────────────────────────────────────────────────────────
@@ -169,6 +172,8 @@ cdef enum:
     PLAN_MAX = 4096              # plans kept per listener (the oldest is evicted beyond)
     PLAN_HOST_MAX = 255          # longer hosts are never cached (a SOCKS5 name is at most 255)
     REASON_MAX = 32              # a refusal reason, NUL included
+    CLIENT_MAX = 100             # a named client on the fast path: 1-100 visible ASCII bytes, no ":"
+    CLIENT_BUCKETS = 256         # hash buckets of a listener's client table
     REFUSAL_RING = 1024          # refusals queued for Python per listener (drop-oldest beyond)
     CHAIN_HEAD_MAX = 8192        # the upstream proxy's reply head must end within this
 
@@ -200,6 +205,8 @@ cdef struct Worker
 cdef struct Listener
 cdef struct PlanCache
 cdef struct Refusal
+cdef struct ClientEnt
+cdef struct ClientTab
 
 
 cdef struct Tunnel:
@@ -251,6 +258,9 @@ cdef struct Tunnel:
     int rport
     Tunnel *lprev
     Tunnel *lnext
+    # a named client's tunnel opened from a cached plan: its slot and upload are its client's
+    ClientEnt *cent
+    ClientTab *ctab
 
 
 cdef struct Completer:
@@ -364,7 +374,8 @@ cdef struct Listener:
     Tunnel *live         # tunnels opened from cached plans (closed with the listener)
     Py_ssize_t nlive
     bint ref_new         # refusals were queued this iteration
-    # set before the listener is submitted, read-only afterwards
+    # set before the listener is submitted, read-only afterwards (the table's content has its lock)
+    ClientTab *clients
     PlanCache *plans
     double connect_timeout
     double idle
@@ -391,6 +402,8 @@ cdef struct Plan:
     char host[PLAN_HOST_MAX + 1]
     int rhostn
     char rhost[PLAN_HOST_MAX + 1]   # the host a refusal is recorded under (canonical text)
+    int clientn                     # the named client the plan is for (0: none)
+    char client[CLIENT_MAX + 1]
 
 
 cdef struct PlanCache:
@@ -417,3 +430,36 @@ cdef struct Refusal:
     int status           # upstream_refused: the upstream proxy's status code, else 0
     char reason[REASON_MAX]
     char host[PLAN_HOST_MAX + 1]
+    int clientn
+    char client[CLIENT_MAX + 1]
+
+
+cdef struct ClientEnt:
+    # One named client's credential hash, limits and counters (kodarelay.clients, the C
+    # half): guarded by its table's mutex. Never freed while its listener lives (a tunnel
+    # holds a pointer); a client the policy drops is marked ``dead``.
+    ClientEnt *next
+    int namen
+    char name[CLIENT_MAX + 1]
+    bint dead
+    bint has_hash
+    unsigned char hash[32]
+    long max_tunnels     # < 0: no limit
+    double rate          # <= 0: no limit
+    double burst
+    double tokens
+    double refilled
+    long open
+    long long upload     # < 0: no budget
+    double period
+    long long uploaded
+    double wstart        # < 0: no window open
+    bint kill            # the budget is spent: its open tunnels are closed
+
+
+cdef struct ClientTab:
+    pthread_mutex_t mu
+    ClientEnt *buckets[CLIENT_BUCKETS]
+    int live             # clients not dead (atomic for racy peeks)
+    int require_auth     # (atomic, idem)
+    int kill_pending     # (atomic) some client's tunnels are to be closed

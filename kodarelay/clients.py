@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .filter import Filter
 
@@ -57,9 +58,9 @@ class ClientPolicy:
     filter: Filter = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if (not isinstance(self.name, str) or not self.name or ":" in self.name or not self.name.isprintable()
-                or any(c.isspace() for c in self.name) or len(self.name) > 100):
-            raise ValueError(f"a client's name is up to 100 printable characters, no space or ':', not {self.name!r}")
+        if (not isinstance(self.name, str) or not 1 <= len(self.name) <= 100 or ":" in self.name
+                or any(not "!" <= c <= "~" for c in self.name)):
+            raise ValueError(f"a client's name is 1-100 visible ASCII characters without ':', not {self.name!r}")
         if isinstance(self.allow, str) or isinstance(self.deny, str):
             raise TypeError("allow and deny take an iterable of patterns, not a single str")
         object.__setattr__(self, "allow", tuple(self.allow))
@@ -91,10 +92,17 @@ class ClientRefused(Exception):
         self.detail = detail
 
 
-class _Client:
-    """The running state of one known client (thread-safe: engine and loop threads)."""
+#: ``Target.token`` of a SOCKS5 handshake whose RFC 1929 credentials the engine checked already
+VERIFIED = "verified-by-the-engine"
 
-    def __init__(self, policy: ClientPolicy) -> None:
+
+class _Client:
+    """The running state of one known client (thread-safe: engine and loop threads). While
+    the engine's front-end serves (``ClientBook.native``), its counters are the engine's
+    (``_clients.pxi``, this logic's C twin): one set for the tunnels either side serves."""
+
+    def __init__(self, policy: ClientPolicy, book: ClientBook | None = None) -> None:
+        self.book = book
         self.policy = policy
         self.lock = threading.Lock()
         self.open = 0
@@ -115,6 +123,12 @@ class _Client:
     def take(self, now: float) -> None:
         """Admit one new tunnel or request (``ClientRefused`` for a limit)."""
         p = self.policy
+        native = self.book.native if self.book is not None else None
+        if native is not None:
+            reason = native.client_take(p.name.encode("ascii"))
+            if reason is not None:
+                raise ClientRefused(reason, _LIMIT_TEXT[reason].format(p=p))
+            return
         with self.lock:
             if p.upload_bytes is not None and self._over_budget(now):
                 raise ClientRefused("upload_budget", f"client {p.name} spent its upload budget "
@@ -153,6 +167,22 @@ class _Client:
             if self.open > 0:
                 self.open -= 1
 
+    def finish(self, up: int, now: float) -> bool:
+        """A tunnel or request ended having sent ``up`` bytes to its origin: its slot back,
+        the bytes charged; True when that spent the upload budget."""
+        native = self.book.native if self.book is not None else None
+        if native is not None:
+            return bool(native.client_release(self.policy.name.encode("ascii"), max(0, up)))
+        self.release()
+        return self.charge(up, now)
+
+
+_LIMIT_TEXT = {
+    "upload_budget": "client {p.name} spent its upload budget ({p.upload_bytes} bytes per {p.upload_period:g}s)",
+    "too_many_tunnels": "client {p.name} has its {p.max_tunnels} tunnels open",
+    "rate_limited": "client {p.name} is over {p.rate:g} per second",
+}
+
 
 class ClientBook:
     """The clients of one server: who is who, their filters and their limits."""
@@ -160,6 +190,8 @@ class ClientBook:
     def __init__(self, clients: Iterable[ClientPolicy] = (), require_auth: bool = False) -> None:
         self.require_auth = bool(require_auth)
         self._clients: dict[str, _Client] = {}
+        #: the engine's front-end while it serves (its client table counts for both sides)
+        self.native: Any = None
         self.set(clients)
 
     def set(self, clients: Iterable[ClientPolicy]) -> None:
@@ -175,8 +207,28 @@ class ClientBook:
                 old.policy = p
                 new[p.name] = old
             else:
-                new[p.name] = _Client(p)
+                new[p.name] = _Client(p, self)
         self._clients = new
+        self.push()
+
+    def attach(self, native: Any) -> None:
+        """The engine's front-end serves from now on (None: it stopped)."""
+        self.native = native
+        self.push()
+
+    def push(self) -> None:
+        """Hand the policies to the engine's client table (see ``_clients.pxi``)."""
+        if self.native is None:
+            return
+        self.native.set_clients([(
+            c.policy.name.encode("ascii"),
+            bytes.fromhex(c.policy.token_sha256) if c.policy.token_sha256 is not None else None,
+            c.policy.max_tunnels if c.policy.max_tunnels is not None else -1,
+            c.policy.rate if c.policy.rate is not None else 0.0,
+            c.burst,
+            c.policy.upload_bytes if c.policy.upload_bytes is not None else -1,
+            c.policy.upload_period,
+        ) for c in self._clients.values()], self.require_auth)
 
     @property
     def policies(self) -> Sequence[ClientPolicy]:
@@ -194,6 +246,8 @@ class ClientBook:
                 raise ClientRefused("unauthenticated", f"{who}; this proxy requires authentication")
             return None
         want = c.policy.token_sha256
+        if token_hash == VERIFIED:
+            return c                    # (the engine checked this SOCKS5 password itself)
         if want is not None and (token_hash is None or not hmac.compare_digest(want, token_hash)):
             raise ClientRefused("unauthenticated", f"client {name!r}: wrong or missing token")
         return c

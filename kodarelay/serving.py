@@ -344,9 +344,7 @@ class ProxyServer:
         if self._serve_task is not None:
             raise RuntimeError("serve() is already running")
         self._serve_task = asyncio.current_task()
-        if native_frontend_available() and self.clients is None:
-            # (named clients are served on the asyncio front-end: credentials are checked and
-            # limits counted in Python; the engine still relays every tunnel)
+        if native_frontend_available():
             try:
                 self._start_front()
                 await self._loop.create_future()      # until close() cancels it
@@ -356,6 +354,8 @@ class ProxyServer:
             finally:
                 self._serve_task = None
                 if self._front is not None:     # serving ends: the engine stops accepting
+                    if self.clients is not None:
+                        self.clients.attach(None)
                     self._front.close()
                     self._front = None
             return
@@ -421,9 +421,8 @@ class ProxyServer:
         self.metrics.ended(ticket, moved)
         account, ticket.account = ticket.account, None
         if account is not None:
-            account.release()
             account.closers.pop(ticket.id, None)
-            if moved is not None and account.charge(moved[0], time.monotonic()):
+            if account.finish(moved[0] if moved is not None else 0, time.monotonic()):
                 self._over_budget(account)
         if self._events is None:
             return
@@ -513,32 +512,80 @@ class ProxyServer:
         clients = list(clients)
         if not clients and not (require_auth if require_auth is not None else
                                 self.clients is not None and self.clients.require_auth):
-            self.clients = None          # nobody named: the global rules, the engine's cache again
+            if self.clients is not None:
+                self.clients.set([])
+                self.clients.require_auth = False
+                self.clients.push()
+            self.clients = None          # nobody named: the global rules again
         elif self.clients is None:
             self.clients = ClientBook(clients, bool(require_auth))
+            if self._front is not None:
+                self.clients.attach(self._front)
         else:
             self.clients.set(clients)
             if require_auth is not None:
                 self.clients.require_auth = require_auth
+                self.clients.push()
         self._client_dialers.clear()
         self._drop_engine_plans()
 
-    def _plan_now(self, target: Target) -> Plan | None:
+    def _client_gate(self, target: Target) -> Plan | None:
+        """A named client's credentials (``kodarelay.clients``): a 407 plan when they fail."""
+        if self.clients is None:
+            return None
+        from .clients import ClientRefused
+
+        try:
+            self.clients.authenticate(target.client, target.token)
+        except ClientRefused as e:
+            return _client_refusal(target, e, 407)
+        return None
+
+    def _client_take(self, target: Target, plan: Plan) -> Plan:
+        """An allowed plan of a known client takes a slot of its limits (given back when its
+        ticket ends), or becomes a 429 plan."""
+        if self.clients is not None and plan.kind != REFUSE:
+            c = self.clients.get(target.client)
+            if c is not None:
+                from .clients import ClientRefused
+
+                try:
+                    c.take(time.monotonic())
+                except ClientRefused as e:
+                    return _client_refusal(target, e, 429)
+        return plan
+
+    def _untake(self, target: Target, plan: Plan) -> None:
+        """Give back the slot ``_client_take`` took for a plan that is not carried out."""
+        if self.clients is not None and plan.kind != REFUSE:
+            c = self.clients.get(target.client)
+            if c is not None:
+                c.finish(0, time.monotonic())
+
+    def _plan_known(self, target: Target) -> Plan | None:
         plan = self.dialer_for(target.client).plan_now(target.host, target.port)
         if plan is None:
             return None
         return self._tunnel_check(target, plan if not target.literal else _literal_plan(plan))
 
+    def _plan_now(self, target: Target) -> Plan | None:
+        """The plan for ``target`` if it is known at once (client gates included), else None."""
+        started = time.monotonic()
+        refused = self._client_gate(target)
+        if refused is not None:
+            return refused
+        plan = self._plan_known(target)
+        if plan is None:
+            return None
+        self.metrics.decided(time.monotonic() - started)
+        return self._client_take(target, plan)
+
     async def _plan(self, protocol: str, target: Target) -> Plan:
         started = time.monotonic()
-        if self.clients is not None:
-            from .clients import ClientRefused
-
-            try:
-                self.clients.authenticate(target.client, target.token)
-            except ClientRefused as e:
-                return _client_refusal(target, e, 407)
-        plan = self._plan_now(target)
+        refused = self._client_gate(target)
+        if refused is not None:
+            return refused
+        plan = self._plan_known(target)
         if plan is None:
             plan = await self.dialer_for(target.client).plan(
                 Request(protocol, target.method, target.host, target.port, target.client))
@@ -546,16 +593,7 @@ class ProxyServer:
                 plan = _literal_plan(plan)
             plan = self._tunnel_check(target, plan)
         self.metrics.decided(time.monotonic() - started)
-        if self.clients is not None and plan.kind != REFUSE:
-            c = self.clients.get(target.client)
-            if c is not None:
-                from .clients import ClientRefused
-
-                try:
-                    c.take(time.monotonic())      # a slot, given back when its ticket ends
-                except ClientRefused as e:
-                    return _client_refusal(target, e, 429)
-        return plan
+        return self._client_take(target, plan)
 
     def _tunnel_check(self, target: Target, plan: Plan) -> Plan:
         """A tunnel (CONNECT, SOCKS5) to a host whose requests must be judged one by one
@@ -705,6 +743,8 @@ class ProxyServer:
             self._engine_refused, self.dialer.connect_timeout, self.idle_timeout, self.total_timeout, self.max_handshakes,
         )
         self._front.clear_plans(self.dialer.policy.generation)     # plans carry the policy's generation
+        if self.clients is not None:
+            self.clients.attach(self._front)    # one set of client counters, the engine's
 
     # The engine keeps its own copy of the plans Python decided, per (protocol, host as the
     # client sent it, port), and serves those requests without the GIL: answered, dialled,
@@ -733,11 +773,11 @@ class ProxyServer:
         front = self._front
         if front is None or gen is None or self._events is not None or target.literal or target.method != "CONNECT":
             return
-        if self.clients is not None or self.metrics.port is not None:
-            return                      # every request is decided (and counted) in Python
+        if self.metrics.port is not None or plan.source == "client":
+            return                      # counted in Python; a client's 407 / 429 is never cached
         if self.inspection is not None and plan.kind != REFUSE and self._inspects(target, plan):
             return                      # decrypted on the asyncio path, never spliced blind
-        ttl = self.dialer.cached_for(target.host, target.port, plan)
+        ttl = self.dialer_for(target.client).cached_for(target.host, target.port, plan)
         if ttl == 0:
             return
         if plan.kind == REFUSE:
@@ -754,20 +794,30 @@ class ProxyServer:
             except ValueError:
                 return                  # an upstream named by a hostname: the asyncio path resolves it
             spec = ("chain", str(ip), up.port, connect_request(up, plan.host, plan.port), proto.ok_reply)
+        client = None
+        if target.client is not None:
+            if self.clients is None or not target.client.isascii():
+                return                  # attribution alone: Python records the name
+            client = target.client.encode("ascii")
         try:
             front.set_plan(h.proto, target.host.encode("utf-8"), target.port, spec,
-                           float("inf") if ttl is None else ttl, gen, plan.host)
+                           float("inf") if ttl is None else ttl, gen, plan.host, client)
         except (ValueError, UnicodeError):
             pass                        # an address the engine cannot take (scoped IPv6 ...)
 
     def _engine_refused(self, records: list[tuple[Any, ...]], dropped: int) -> None:
         """Refusals the engine served from cached plans, in order (on the engine's completer
         thread): recorded like every other refusal."""
-        for when, proto, host, port, reason, status in records:
-            self.metrics.rejected("socks5" if proto == 1 else "http", None)
+        for when, proto, host, port, reason, status, client in records:
+            if reason == "!budget":     # a client spent its upload budget in the engine
+                account = self.clients.get(client) if self.clients is not None else None
+                if account is not None:
+                    self._over_budget(account)
+                continue
+            self.metrics.rejected("socks5" if proto == 1 else "http", client)
             detail = f"upstream refused ({status})" if status else None
-            self.record("socks5" if proto == 1 else "http", host.decode("utf-8", "backslashreplace"), port, reason,
-                        None, detail, when=when)
+            self.record("socks5" if proto == 1 else "http", host.decode("utf-8", "backslashreplace"),
+                        port if port else None, reason, client, detail, when=when)
         if dropped:
             self.violation_log.count_unrecorded(dropped)
             log.warning("%d refusals on port %d were counted but not recorded in detail: they came faster "
@@ -792,6 +842,8 @@ class ProxyServer:
                         self._engine_plan(h, proto, parsed, plan, gen)
                         if self._dial_native(h, proto, parsed, plan):
                             continue
+                    if plan is not None:
+                        self._untake(parsed, plan)      # planned again on the loop
                 rest.append((h, proto, parsed))
             except Exception:
                 rest.append(h)
@@ -893,6 +945,8 @@ class ProxyServer:
         cannot take an address (the asyncio path then serves it). Safe on either thread; the
         tunnel's end is reported on the engine's completer thread (no loop wakeup)."""
         ticket = Ticket(proto.name, target.method, plan.host, plan.port, target.client)
+        if self.clients is not None:
+            ticket.account = self.clients.get(target.client)     # (its slot was taken in planning)
         native = self._native
 
         announced: list[bool] = []
@@ -933,6 +987,12 @@ class ProxyServer:
         with self._announce_lock:
             if not reported:
                 native[tunnel] = done
+                if ticket.account is not None:       # (a spent upload budget closes it)
+                    def close_it(tunnel: Any = tunnel) -> None:
+                        tunnel.abort()
+                        done(None, tunnel)
+
+                    ticket.account.closers[ticket.id] = close_it
         if self._closed:                # close() ran meanwhile (on the loop thread)
             tunnel.abort()
             done(None, tunnel)

@@ -75,7 +75,12 @@ class Socks5Protocol(Protocol):
     def parse_handshake(self, h: Any) -> Parsed:
         user = getattr(h, "user", None)
         client = _printable(user.decode("utf-8", "backslashreplace"), 100) if user else None
-        return self.parse(h.data, client)
+        parsed = self.parse(h.data, client)
+        if user is not None and isinstance(parsed, Target):
+            from .clients import VERIFIED
+
+            parsed = parsed._replace(token=VERIFIED)     # the engine judged its password already
+        return parsed
 
     def refusal_reply(self, r: Refusal, host: str, port: int | None) -> bytes:
         return reply_bytes(r.socks_rep or REP_GENERAL_FAILURE)

@@ -235,8 +235,8 @@ def test_refusal_plan_replies_and_queues_a_violation(front, proto: int) -> None:
     assert read_all(s) == b""
     s.close()
     wait_until(lambda: f.refused, what="the refusal record")
-    (when, p, host, port, reason, status), = f.refused
-    assert (p, host, port, reason, status) == (proto, b"evil.test", 443, "not_allowed", 0) and when > 1e9
+    (when, p, host, port, reason, status, client), = f.refused
+    assert (p, host, port, reason, status) == (proto, b"evil.test", 443, "not_allowed", 0) and when > 1e9 and client is None
     assert f.misses == [] and f.dropped == 0
 
 
@@ -305,7 +305,7 @@ def test_chain_plan_upstream_refusal_is_502_or_rep_5(front, proto: int, reply: b
         s.close()
         if reply.startswith(b"HTTP/1.1 4"):    # the upstream's refusal is a violation, as in Python
             wait_until(lambda: f.refused, what="the refusal record")
-            assert [r[1:] for r in f.refused] == [(proto, b"far.test", 443, "upstream_refused", int(reply[9:12]))]
+            assert [r[1:] for r in f.refused] == [(proto, b"far.test", 443, "upstream_refused", int(reply[9:12]), None)]
         else:
             assert f.refused == []
     finally:
@@ -474,7 +474,7 @@ def test_engine_refusals_keep_their_own_time_and_no_count_is_lost(start_proxy) -
     h = start_proxy(["localhost"])
     server = h._servers[0]
     then = _time.time() - 100.0
-    server._engine_refused([(then, 0, b"refused.test", 443, "not_allowed", 0)], 7)
+    server._engine_refused([(then, 0, b"refused.test", 443, "not_allowed", 0, None)], 7)
     (v,) = h.violations()
     assert v.time == then and v.host == "refused.test" and v.reason == "not_allowed"
     assert h.refused_total == 8

@@ -359,3 +359,116 @@ def test_serve_reloads_client_sections_live(tmp_path, echo):
         proc.send_signal(signal.SIGTERM)
         proc.wait(DEADLINE)
         assert os.WIFEXITED(proc.returncode << 8) or proc.returncode == 0
+
+
+# ── the engine's fast path (compiled front-end): attributed tunnels without the GIL ──
+
+
+def _front(h):  # type: ignore[no-untyped-def]
+    front = h._servers[0]._front
+    if front is None:
+        pytest.skip("the native front-end is off here")
+    return front
+
+
+def test_engine_sha256_and_base64_are_the_standard_ones(impl):
+    import base64 as b64
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    if not hasattr(impl, "_sha256"):
+        pytest.skip("the pure-Python twin has no engine")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=300))
+    def check(data: bytes) -> None:
+        assert impl._sha256(data) == hashlib.sha256(data).digest()
+        enc = b64.b64encode(data)
+        if 0 < len(data) <= 384:
+            assert impl._b64decode(enc) == data
+
+    check()
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=40))
+    def strict(text: bytes) -> None:
+        try:
+            want = b64.b64decode(text, validate=True)
+        except ValueError:
+            want = None
+        got = impl._b64decode(text)
+        if want == b"" and got is None:
+            return                      # (an empty credential names nobody either way)
+        assert got == want
+
+    strict()
+
+
+def test_plan_key_reads_the_credential_only_when_clients_are_named(impl):
+    if not hasattr(impl, "_plan_key"):
+        pytest.skip("the pure-Python twin has no engine")
+    head = b"CONNECT a.test:443 HTTP/1.1\r\nProxy-Authorization:  Basic eDp5 \r\n\r\n"
+    assert impl._plan_key(0, head) is None
+    assert impl._plan_key(0, head, True) == (b"a.test", 443, len(head), b"Basic eDp5")
+    two = head[:-2] + b"Proxy-Authorization: Basic eDp5\r\n\r\n"
+    assert impl._plan_key(0, two, True) is None
+
+
+def test_attributed_tunnels_are_served_from_the_engines_cache(start_proxy, echo):
+    h = start_proxy(["example.invalid"], clients=[ClientPolicy("job-7", allow=["localhost"], token_sha256=SHA,
+                                                               max_tunnels=3)])
+    front = _front(h)
+    target = f"localhost:{echo.port}"
+    s, head = _connect(h.port, target, "job-7", TOKEN)       # decided in Python, cached per client
+    assert status_of(head) == 200
+    s.close()
+    wait_until(lambda: h._servers[0].tunnel_count == 0, what="the first tunnel's end")
+    hits = front.plan_stats()["hits"]
+    held = [_connect(h.port, target, "job-7", TOKEN) for _ in range(3)]
+    assert all(status_of(head) == 200 for _, head in held)
+    assert front.plan_stats()["hits"] == hits + 3                 # the engine served them
+    s, head = _connect(h.port, target, "job-7", TOKEN)             # the engine's count: full
+    assert status_of(head) == 429 and b"too_many_tunnels" in head
+    s, head = _connect(h.port, target, "job-7", "wrong")           # a wrong token never hits
+    assert status_of(head) == 407
+    s, head = _connect(h.port, target)                             # nor does nobody
+    assert status_of(head) == 403
+    for s, _ in held:
+        s.close()
+    wait_until(lambda: status_of(_connect(h.port, target, "job-7", TOKEN)[1]) == 200, what="slots back")
+
+
+def test_the_engine_checks_socks5_credentials(start_proxy, echo):
+    h = start_proxy(["localhost"], cls=BuiltInSocks5Proxy, clients=[ClientPolicy("job-7", token_sha256=SHA)],
+                    require_auth=True)
+    _front(h)
+    s, status = _socks(h.port, b"localhost", echo.port, b"job-7", b"nope")
+    assert status == b"\x01\x01"
+    s, method = _socks(h.port, b"localhost", echo.port, None)
+    assert method == b"\x05\xff"
+    for _ in range(3):                                             # decided once, then cached
+        s, rep = _socks(h.port, b"localhost", echo.port, b"job-7", TOKEN.encode())
+        assert rep[:2] == b"\x05\x00"
+        s.close()
+    assert _front(h).plan_stats()["hits"] >= 1
+    wait_until(lambda: [v.reason for v in h.violations()].count("unauthenticated") == 2, what="both recorded")
+    assert {v.client for v in h.violations()} == {"job-7", None}
+
+
+def test_a_spent_budget_closes_the_engines_tunnels_too(start_proxy, echo):
+    h = start_proxy(["localhost"], clients=[ClientPolicy("a", upload_bytes=1000)])
+    front = _front(h)
+    target = f"localhost:{echo.port}"
+    _connect(h.port, target, "a")[0].close()                       # the plan is cached now
+    wait_until(lambda: h._servers[0].tunnel_count == 0, what="the first tunnel's end")
+    hits = front.plan_stats()["hits"]
+    idle, head = _connect(h.port, target, "a")
+    s, head2 = _connect(h.port, target, "a")
+    assert status_of(head) == status_of(head2) == 200 and front.plan_stats()["hits"] == hits + 2
+    s.sendall(b"y" * 3000)
+    assert recv_exact(s, 3000) == b"y" * 3000
+    s.close()
+    idle.settimeout(DEADLINE)
+    assert idle.recv(10) == b""                                    # closed by the engine
+    assert status_of(_connect(h.port, target, "a")[1]) == 429
