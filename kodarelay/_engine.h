@@ -55,6 +55,9 @@ static int kr_has_crlfcrlf(const char *buf, size_t from, size_t len) {
 /* the engine's global switches are written by Python threads and read by workers */
 static inline int kr_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void kr_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+/* counters a worker writes and Python threads read for statistics */
+static inline ssize_t kr_load_ssize(const ssize_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void kr_add_ssize(ssize_t *p, ssize_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 
 /* ── credentials of named clients (kodarelay.clients), checked on the worker ───────────── */
 

@@ -291,7 +291,7 @@ cdef class _NativeListener:
         from plans, evictions, and tunnels opened from plans still running."""
         cdef PlanCache *c = self.l.plans
         return {"plans": c.count, "hits": c.hits, "misses": c.misses, "refused": c.refused,
-                "evicted": c.evicted, "live": self.l.nlive}
+                "evicted": c.evicted, "live": kr_load_ssize(&self.l.nlive)}
 
     @property
     def shed(self):

@@ -290,7 +290,7 @@ cdef void _live_link(Listener *l, Tunnel *t) noexcept nogil:
     if l.live != NULL:
         l.live.lprev = t
     l.live = t
-    l.nlive += 1
+    kr_add_ssize(&l.nlive, 1)
 
 
 cdef void _live_unlink(Tunnel *t) noexcept nogil:
@@ -306,7 +306,7 @@ cdef void _live_unlink(Tunnel *t) noexcept nogil:
     t.lprev = NULL
     t.lnext = NULL
     t.owner = NULL
-    l.nlive -= 1
+    kr_add_ssize(&l.nlive, -1)
 
 
 cdef char *_dup(const char *p, size_t n) noexcept nogil:

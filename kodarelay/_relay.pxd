@@ -121,6 +121,8 @@ cdef extern from "_engine.h" nogil:
     int kr_has_crlfcrlf(const char *buf, size_t frm, size_t len)
     int kr_load_int(const int *p)
     void kr_store_int(int *p, int v)
+    Py_ssize_t kr_load_ssize(const Py_ssize_t *p)
+    void kr_add_ssize(Py_ssize_t *p, Py_ssize_t v)
     void kr_sha256(const unsigned char *p, size_t n, unsigned char *out)
     int kr_b64decode(const unsigned char *inp, size_t n, unsigned char *out, size_t outcap)
     int kr_hash_eq(const unsigned char *a, const unsigned char *b)
