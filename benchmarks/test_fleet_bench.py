@@ -129,3 +129,87 @@ def test_attributed_vs_anonymous_tunnels(benchmark, load: str, conc: int) -> Non
         stop.set()
         echo.kill()
         echo.wait()
+
+
+SINK = r"""
+import socket, threading
+lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+lst.bind(("127.0.0.1", 0)); lst.listen(64)
+print(lst.getsockname()[1], flush=True)
+def serve(c):
+    buf = bytearray(1 << 20)
+    with c:
+        while c.recv_into(buf):
+            pass
+while True:
+    c, _ = lst.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+BULK = r"""
+import base64, socket, sys, time
+proxy, port, n, auth = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+c = socket.create_connection(("127.0.0.1", proxy))
+c.sendall(b"CONNECT localhost:%d HTTP/1.1\r\nProxy-Authorization: Basic %s\r\n\r\n" % (port, base64.b64encode(auth.encode())))
+head = b""
+while b"\r\n\r\n" not in head:
+    head += c.recv(1)
+assert head.startswith(b"HTTP/1.1 200"), head
+block = memoryview(b"\x5a" * (4 << 20))
+t0 = time.perf_counter()
+left = n
+while left:
+    k = c.send(block[: min(left, len(block))])
+    left -= k
+c.close()
+print(n / (time.perf_counter() - t0) / 1e6, flush=True)
+"""
+
+BULK_BYTES = int(os.environ.get("KODARELAY_BENCH_FLEET_BULK_MIB", "1024")) << 20
+
+
+def test_bulk_with_a_metrics_scrape_every_100ms(benchmark) -> None:
+    """An attributed tunnel's upload MB/s while ``/metrics`` is scraped every 100 ms, against
+    the same without scrapes (the issue: unchanged within noise)."""
+    import urllib.request
+
+    from kodarelay import BuiltInProxy, ClientPolicy, Filter, UpstreamConfig
+
+    sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    stop = threading.Event()
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        h = BuiltInProxy(Filter(["localhost"]), upstream=UpstreamConfig.direct(), metrics=("127.0.0.1", 0),
+                         clients=[ClientPolicy("job", token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())]).start()
+
+        def scrape() -> None:
+            while not stop.wait(0.1):
+                urllib.request.urlopen(f"http://127.0.0.1:{h.metrics_port}/metrics", timeout=5).read()
+
+        def bulk() -> float:
+            out = subprocess.run([sys.executable, "-c", BULK, str(h.port), str(port), str(BULK_BYTES), f"job:{TOKEN}"],
+                                 capture_output=True, text=True, timeout=300, check=True)
+            return float(out.stdout)
+
+        bulk()                                      # warm: the plan is cached from here on
+        ratios = []
+
+        def run() -> None:
+            for r in range(ROUNDS):
+                quiet = bulk()
+                stop.clear()
+                t = threading.Thread(target=scrape, daemon=True)
+                t.start()
+                scraped = bulk()
+                stop.set()
+                t.join()
+                ratios.append(scraped / quiet)
+
+        benchmark.pedantic(run, rounds=1, iterations=1)
+        print(f"\nbulk with a scrape every 100 ms / without: {statistics.median(ratios):.2f}x")
+        h.shutdown()
+    finally:
+        stop.set()
+        sink.kill()
+        sink.wait()

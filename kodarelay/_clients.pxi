@@ -128,15 +128,23 @@ cdef void _client_tunnel_ends(Worker *w, Tunnel *t) noexcept nogil:
     Python through the refusal queue's ``!budget`` record)."""
     cdef ClientTab *ct = t.ctab
     cdef ClientEnt *e = t.cent
-    cdef bint spent
+    cdef bint spent = False
     cdef char name[CLIENT_MAX + 1]
-    cdef int n
+    cdef int n = 0
     t.cent = NULL
     t.ctab = NULL
     pthread_mutex_lock(&ct.mu)
-    spent = _client_release(e, t.d[0].moved, _mono())
-    n = e.namen
-    memcpy(name, e.name, n)
+    if e == NULL:                     # an anonymous tunnel: its metrics only
+        ct.a_up += t.d[0].moved
+        ct.a_down += t.d[1].moved
+        ct.a_open -= 1
+    else:
+        e.m_up += t.d[0].moved
+        e.m_down += t.d[1].moved
+        e.m_open -= 1
+        spent = _client_release(e, t.d[0].moved, _mono())
+        n = e.namen
+        memcpy(name, e.name, n)
     pthread_mutex_unlock(&ct.mu)
     if spent:
         kr_store_int(&ct.kill_pending, 1)

@@ -278,6 +278,25 @@ cdef class _NativeListener:
             self.kill_client()
         return spent
 
+    def engine_counters(self):
+        """The metrics of the tunnels the engine served from cached plans: ``{client name or
+        None: (tunnels over HTTP, tunnels over SOCKS5, bytes up, bytes down, open)}``."""
+        cdef ClientTab *ct = self.l.clients
+        cdef ClientEnt *e
+        cdef int i
+        out = {}
+        pthread_mutex_lock(&ct.mu)
+        out[None] = (ct.a_tunnels[0], ct.a_tunnels[1], ct.a_up, ct.a_down, ct.a_open)
+        for i in range(CLIENT_BUCKETS):
+            e = ct.buckets[i]
+            while e != NULL:
+                if e.m_tunnels[0] or e.m_tunnels[1] or e.m_open:
+                    out[e.name[:e.namen].decode("ascii")] = (e.m_tunnels[0], e.m_tunnels[1], e.m_up, e.m_down,
+                                                             e.m_open)
+                e = e.next
+        pthread_mutex_unlock(&ct.mu)
+        return out
+
     def kill_client(self):
         """Have the worker close the tunnels of every client whose budget is spent."""
         cdef Listener *l = self.l

@@ -437,9 +437,16 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
             _client_release(ent, 0, now)
             pthread_mutex_unlock(&ct.mu)
         return False                  # out of memory: Python answers it
+    t.cent = ent
+    t.ctab = ct
+    pthread_mutex_lock(&ct.mu)        # its metrics (Python counts the tunnels it serves itself)
     if ent != NULL:
-        t.cent = ent
-        t.ctab = ct
+        ent.m_tunnels[h.proto] += 1
+        ent.m_open += 1
+    else:
+        ct.a_tunnels[h.proto] += 1
+        ct.a_open += 1
+    pthread_mutex_unlock(&ct.mu)
     t.fd[0] = h.fd
     t.socks = h.proto == 1
     free(h)

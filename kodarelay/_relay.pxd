@@ -260,7 +260,8 @@ cdef struct Tunnel:
     int rport
     Tunnel *lprev
     Tunnel *lnext
-    # a named client's tunnel opened from a cached plan: its slot and upload are its client's
+    # a tunnel opened from a cached plan: its listener's client table (metrics, and for a
+    # named client its slot and upload; cent NULL: an anonymous one)
     ClientEnt *cent
     ClientTab *ctab
 
@@ -457,6 +458,11 @@ cdef struct ClientEnt:
     long long uploaded
     double wstart        # < 0: no window open
     bint kill            # the budget is spent: its open tunnels are closed
+    # metrics of the tunnels the engine served from cached plans (Python counts its own)
+    uint64_t m_tunnels[2]    # by protocol: 0 HTTP, 1 SOCKS5
+    uint64_t m_up
+    uint64_t m_down
+    long m_open
 
 
 cdef struct ClientTab:
@@ -465,3 +471,8 @@ cdef struct ClientTab:
     int live             # clients not dead (atomic for racy peeks)
     int require_auth     # (atomic, idem)
     int kill_pending     # (atomic) some client's tunnels are to be closed
+    # metrics of the anonymous tunnels the engine served from cached plans (guarded by mu)
+    uint64_t a_tunnels[2]
+    uint64_t a_up
+    uint64_t a_down
+    long a_open

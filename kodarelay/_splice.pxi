@@ -23,7 +23,7 @@ cdef void _finish(Worker *w, Tunnel *t, int result, int err) noexcept nogil:
             _close_fd(&t.fd[i])
         _release_dir(w, &t.d[i])
     t.registered = False
-    if t.cent != NULL:
+    if t.ctab != NULL:
         _client_tunnel_ends(w, t)     # (before its listener is unlinked: a spent budget is queued there)
     free(t.addrs)
     t.addrs = NULL

@@ -12,8 +12,10 @@ of kodarelay's own (port 0 picks one: ``ProxyHandle.metrics_port``). Names and l
 
 ``decision`` is ``allow`` or ``refuse``; no client is ``client=""``; beyond 1,000 distinct
 client names the rest count as ``client="other"``. Label values are escaped (``\\``, ``"``,
-newline). With a metrics server the engine's plan cache is not used (every tunnel passes a
-decision Python counts), as with ``on_event``.
+newline). Tunnels the engine serves from its cached plans without the GIL are counted by the
+engine (``_NativeListener.engine_counters``: per known client and protocol, bytes, open) and
+added at each scrape; ``kodarelay_decision_seconds`` times Python's decisions (a cached plan
+takes microseconds and is not timed).
 """
 
 from __future__ import annotations
@@ -121,6 +123,24 @@ class Metrics:
 
     # ── the text format ──────────────────────────────────────────────────────
 
+    def _with_engine(self) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], int], dict[str, int]]:
+        """Python's tunnel, byte and open counts plus the engine's (under the lock)."""
+        tunnels, nbytes, opened = dict(self.tunnels), dict(self.bytes), dict(self.open)
+        front = getattr(self._server, "_front", None)
+        counters = front.engine_counters() if front is not None and hasattr(front, "engine_counters") else {}
+        for name, (http, socks, up, down, now_open) in counters.items():
+            client = self._client(name)
+            for proto, n in (("http", http), ("socks5", socks)):
+                if n:
+                    key = (client, proto, "allow")
+                    tunnels[key] = tunnels.get(key, 0) + n
+            for direction, n in (("up", up), ("down", down)):
+                if n:
+                    nbytes[(client, direction)] = nbytes.get((client, direction), 0) + n
+            if now_open or client in opened:
+                opened[client] = opened.get(client, 0) + now_open
+        return tunnels, nbytes, opened
+
     def render(self) -> str:
         out: list[str] = []
 
@@ -132,8 +152,9 @@ class Metrics:
             return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in kv.items()) + "}"
 
         with self._lock:
+            tunnels, nbytes, opened = self._with_engine()
             family("kodarelay_tunnels_total", "counter", "Tunnels (CONNECT, SOCKS5) by client, protocol and decision.")
-            for (c, p, d), n in sorted(self.tunnels.items()):
+            for (c, p, d), n in sorted(tunnels.items()):
                 out.append(f"kodarelay_tunnels_total{labels(client=c, protocol=p, decision=d)} {n}")
             family("kodarelay_requests_total", "counter", "Forwarded and inspected requests by client, method and "
                    "decision.")
@@ -143,10 +164,10 @@ class Metrics:
             for (c, r), n in sorted(self.refusals.items()):
                 out.append(f"kodarelay_refusals_total{labels(client=c, reason=r)} {n}")
             family("kodarelay_bytes_total", "counter", "Bytes relayed by client and direction (up: to the origin).")
-            for (c, d), n in sorted(self.bytes.items()):
+            for (c, d), n in sorted(nbytes.items()):
                 out.append(f"kodarelay_bytes_total{labels(client=c, direction=d)} {n}")
             family("kodarelay_tunnels_open", "gauge", "Open tunnels by client.")
-            for c, n in sorted(self.open.items()):
+            for c, n in sorted(opened.items()):
                 out.append(f"kodarelay_tunnels_open{labels(client=c)} {n}")
             family("kodarelay_handshakes_open", "gauge", "Connections still in their handshake.")
             out.append(f"kodarelay_handshakes_open {len(self._server._handshaking)}")

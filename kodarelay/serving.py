@@ -773,8 +773,11 @@ class ProxyServer:
         front = self._front
         if front is None or gen is None or self._events is not None or target.literal or target.method != "CONNECT":
             return
-        if self.metrics.port is not None or plan.source == "client":
-            return                      # counted in Python; a client's 407 / 429 is never cached
+        if plan.source == "client":
+            return                      # a client's 407 / 429 is never cached
+        if self.metrics.port is not None and target.client is not None and \
+                (self.clients is None or self.clients.get(target.client) is None):
+            return                      # the engine counts by known client only: Python counts this one
         if self.inspection is not None and plan.kind != REFUSE and self._inspects(target, plan):
             return                      # decrypted on the asyncio path, never spliced blind
         ttl = self.dialer_for(target.client).cached_for(target.host, target.port, plan)

@@ -472,3 +472,34 @@ def test_a_spent_budget_closes_the_engines_tunnels_too(start_proxy, echo):
     idle.settimeout(DEADLINE)
     assert idle.recv(10) == b""                                    # closed by the engine
     assert status_of(_connect(h.port, target, "a")[1]) == 429
+
+
+def test_metrics_count_the_tunnels_the_engine_serves(start_proxy, echo):
+    pytest.importorskip("prometheus_client")
+    h = start_proxy(["localhost"], clients=[ClientPolicy("job-7", token_sha256=SHA)], metrics=("127.0.0.1", 0))
+    front = _front(h)
+    target = f"localhost:{echo.port}"
+    for user in ("job-7", None):                   # decided in Python, then cached
+        _connect(h.port, target, user, TOKEN)[0].close()
+    wait_until(lambda: h._servers[0].tunnel_count == 0, what="the first tunnels' end")
+    hits = front.plan_stats()["hits"]
+    held = []
+    for user in ("job-7", "job-7", None):
+        s, head = _connect(h.port, target, user, TOKEN)
+        assert status_of(head) == 200
+        s.sendall(b"abc")
+        assert recv_exact(s, 3) == b"abc"
+        held.append(s)
+    assert front.plan_stats()["hits"] == hits + 3             # served by the engine ...
+    m = _scrape(h.metrics_port)                                 # ... and counted
+    assert m[("kodarelay_tunnels_total", (("client", "job-7"), ("decision", "allow"), ("protocol", "http")))] == 3
+    assert m[("kodarelay_tunnels_total", (("client", ""), ("decision", "allow"), ("protocol", "http")))] == 2
+    assert m[("kodarelay_tunnels_open", (("client", "job-7"),))] == 2
+    assert m[("kodarelay_tunnels_open", (("client", ""),))] == 1
+    for s in held:
+        s.close()
+    key = ("kodarelay_bytes_total", (("client", "job-7"), ("direction", "up")))
+    wait_until(lambda: _scrape(h.metrics_port).get(key) == 6, what="the engine's bytes counted")
+    m = _scrape(h.metrics_port)
+    assert m[("kodarelay_tunnels_open", (("client", "job-7"),))] == 0
+    assert m[("kodarelay_bytes_total", (("client", ""), ("direction", "down")))] == 3
