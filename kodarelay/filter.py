@@ -237,14 +237,30 @@ def canonical_host(host: str | IPAddress) -> CanonicalHost:
       spelling (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``) or is bad;
     * otherwise a name: labels 1..63 bytes of ``[a-z0-9-_]``, whole name at most 253.
     """
+    if isinstance(host, str):
+        known = _CANONICAL.get(host)
+        if known is not None:
+            return known                # (every request of a kept-alive connection asks again)
+        canon = _canonical_text(host)
+        if len(_CANONICAL) >= _CANONICAL_MAX:
+            _CANONICAL.clear()
+        _CANONICAL[host] = canon
+        return canon
     if isinstance(host, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         if isinstance(host, ipaddress.IPv6Address):
             if host.scope_id:
                 raise ValueError("IPv6 zone ids are not accepted")
             return host.ipv4_mapped or host
         return host
-    if not isinstance(host, str):
-        raise TypeError(f"host must be a str, not {type(host).__name__}")
+    raise TypeError(f"host must be a str, not {type(host).__name__}")
+
+
+#: hosts already made canonical (the function is pure; bad hosts are never kept)
+_CANONICAL: dict[str, CanonicalHost] = {}
+_CANONICAL_MAX = 4096
+
+
+def _canonical_text(host: str) -> CanonicalHost:
     if not host:
         raise ValueError("empty host")
     if not host.isascii():

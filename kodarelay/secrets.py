@@ -63,7 +63,8 @@ def make_phantom(value: str) -> str:
 class Secret:
     """A credential CMD never sees: ``phantom`` stands in for ``value`` on ``hosts``."""
 
-    __slots__ = ("name", "hosts", "filter", "phantom", "_value", "_path", "_stamp", "_checked", "_lock")
+    __slots__ = ("name", "hosts", "filter", "phantom", "phantom_bytes", "_value", "_path", "_stamp", "_checked",
+                 "_lock", "_covers")
 
     def __init__(self, name: str, value: str, hosts: Iterable[str]) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
@@ -79,6 +80,8 @@ class Secret:
         self.filter = Filter(allow=self.hosts)
         self._value = value
         self.phantom = make_phantom(value)
+        self.phantom_bytes = self.phantom.encode()
+        self._covers: dict[tuple[str, int | None], bool] = {}    # (host, port) -> whether it is ours
         self._path: str | None = None
         self._stamp: tuple[float, int] | None = None
         self._checked = 0.0
@@ -113,7 +116,14 @@ class Secret:
         return self._value
 
     def covers(self, host: str, port: int | None) -> bool:
-        return self.filter.allows(host, port)
+        key = (host, port)
+        known = self._covers.get(key)
+        if known is None:
+            known = self.filter.allows(host, port)
+            if len(self._covers) >= 4096:
+                self._covers.clear()
+            self._covers[key] = known
+        return known
 
     def __repr__(self) -> str:
         return f"Secret({self.name!r}, hosts={list(self.hosts)!r})"
@@ -199,7 +209,7 @@ class SecretSet:
         for s in self.secrets:
             if not s.covers(host, port):
                 continue
-            value, phantom = s.value.encode(), s.phantom.encode()
+            value, phantom = s.value.encode(), s.phantom_bytes
             if any(value in v or _basic_has(v, value) for _, v in out):
                 out = [(k, _swap_value(v, value, phantom)) for k, v in out]
         return out
@@ -218,11 +228,13 @@ class SecretSet:
     def _carries(s: Secret, target: str, fields: list[tuple[bytes, bytes]]) -> bool:
         if s.phantom in target:
             return True
-        p = s.phantom.encode()
+        p = s.phantom_bytes
         return any(k.lower() not in _SKIPPED and (p in v or _basic_has(v, p)) for k, v in fields)
 
 
 def _basic_decoded(v: bytes) -> tuple[bytes, bytes, bytes] | None:
+    if b"basic" not in v[:16].lower():
+        return None                     # (most values: no regex, no decoding)
     m = _BASIC.match(v)
     if m is None:
         return None

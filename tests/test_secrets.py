@@ -104,6 +104,9 @@ def test_swap_in_target_headers_and_basic_and_back_in_responses():
     back = ss.unswap("api.test", 443, [(b"X-Echo", VALUE.encode())])
     assert back == [(b"X-Echo", s.phantom.encode())]
     assert ss.redact(f"/a/{s.phantom}/{VALUE}") == "/a/[TOKEN]/[TOKEN]"
+    mixed = [(b"Authorization", b"  bAsIc " + base64.b64encode(f"u:{s.phantom}".encode()))]
+    swapped = ss.check("api.test", 443, "/", mixed, over_tls=True)
+    assert swapped is not None and base64.b64decode(swapped.fields[0][1].split()[1]) == f"u:{VALUE}".encode()
 
 
 def test_a_file_secret_is_reread_when_the_file_changes(tmp_path):
