@@ -255,6 +255,9 @@ def canonical_host(host: str | IPAddress) -> CanonicalHost:
     raise TypeError(f"host must be a str, not {type(host).__name__}")
 
 
+#: control bytes, NUL, space and DEL (refused anywhere in a host)
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
 #: hosts already made canonical (the function is pure; bad hosts are never kept)
 _CANONICAL: dict[str, CanonicalHost] = {}
 _CANONICAL_MAX = 4096
@@ -265,7 +268,7 @@ def _canonical_text(host: str) -> CanonicalHost:
         raise ValueError("empty host")
     if not host.isascii():
         raise ValueError("non-ASCII host; IDN must arrive as punycode (xn--)")
-    if any(c <= " " or c == "\x7f" for c in host):
+    if _CONTROL.search(host):
         raise ValueError("control byte, NUL or whitespace in host")
     if len(host) > MAX_NAME_LENGTH + 2:
         raise ValueError(f"host is longer than {MAX_NAME_LENGTH} bytes")
@@ -304,7 +307,7 @@ def parse_target(text: str | IPAddress, port: int | None = None) -> tuple[Canoni
         return canonical_host(text), port
     if not isinstance(text, str):
         raise TypeError(f"host must be a str, not {type(text).__name__}")
-    if text.isascii() and any(c <= " " or c == "\x7f" for c in text):
+    if text.isascii() and _CONTROL.search(text):
         raise ValueError("control byte, NUL or whitespace in host")
     host, text_port = split_host_port(text)
     if text_port is not None and port is not None and text_port != port:
