@@ -365,10 +365,13 @@ def test_serve_reloads_client_sections_live(tmp_path, echo):
 
 
 def _front(h):  # type: ignore[no-untyped-def]
-    front = h._servers[0]._front
-    if front is None:
+    """The engine's front-end of ``h`` (it starts just after the port accepts)."""
+    from kodarelay.serving import native_frontend_available
+
+    if not native_frontend_available():
         pytest.skip("the native front-end is off here")
-    return front
+    wait_until(lambda: h._servers[0]._front is not None, what="the native front-end to start")
+    return h._servers[0]._front
 
 
 def test_engine_sha256_and_base64_are_the_standard_ones(impl):
