@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Real peers the tests talk to (Debian packages).
 missing=()
-for tool in curl tinyproxy git unshare wget node; do
+for tool in curl tinyproxy git unshare wget node npm; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then

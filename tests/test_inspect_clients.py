@@ -8,8 +8,9 @@ one (``POST``, or a path outside the rule) shows what that client shows for a ``
 ``X-Proxy-Error: request_not_allowed``, the origin never sees it, and kodarelay's summary on
 stderr lists it. Clients: curl, requests, httpx, pip (an https simple index and a wheel made
 here), git (ls-remote and clone over git's dumb HTTP protocol, served as static files over
-TLS) and Node (``NODE_EXTRA_CA_CERTS``; Node's ``https`` ignores ``HTTPS_PROXY``, so its
-script opens the CONNECT itself, as proxy agents do).
+TLS), npm (a registry's packument documents as static files; ``npm_config_https_proxy`` and
+``npm_config_cafile``) and Node (``NODE_EXTRA_CA_CERTS``; Node's ``https`` ignores
+``HTTPS_PROXY``, so its script opens the CONNECT itself, as proxy agents do).
 
 The origin is a static HTTPS server on 127.0.0.1 port 0 with a trustme certificate for
 ``localhost``; nothing sleeps to wait; every process has a timeout.
@@ -22,6 +23,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -176,7 +178,8 @@ print(json.dumps(out))
 def _run(fence: str, rules: list[str], ca: Path, steps: list[list[str]], tmp_path: Path,
          **env_extra: str) -> tuple[list[dict[str, object]], str]:
     """Run ``steps`` (argvs) one after another inside one ``kodarelay run``: (their results, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("PIP_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.lower().endswith("_proxy") and not k.startswith("PIP_") and not k.lower().startswith("npm_")}
     env.update(HOME=str(tmp_path), **env_extra)
     allow = [a for rule in rules for a in ("--allow", rule)]
     out = subprocess.run(
@@ -312,6 +315,29 @@ def test_git_ls_remote_and_clone_over_https(site, git_repos, origin_ca, fence, t
     assert no["rc"] != 0 and "The requested URL returned error: 403" in str(no["err"]), no
     assert f"remote: kodarelay: GET localhost:{site.port}/other.git/info/refs refused ({REFUSED})" in str(no["err"])
     assert not any(p.startswith("/other.git") for _, p in site.seen)
+    _summarised(stderr, site.port)
+
+
+# ── npm: a registry over https ───────────────────────────────────────────────
+
+
+def test_npm_view_from_an_https_registry(site, site_root, origin_ca, fence, tmp_path):
+    npm = require_tool("npm")
+    for name in ("krtest-pkg", "krhidden-pkg"):          # packuments, as a registry serves them
+        (site_root / name).write_text(json.dumps({
+            "name": name, "dist-tags": {"latest": "1.0.0"},
+            "versions": {"1.0.0": {"name": name, "version": "1.0.0", "dist": {
+                "tarball": site.url(f"/{name}/-/{name}-1.0.0.tgz"), "shasum": "0" * 40}}}}))
+    rules = [f"GET,HEAD localhost:{site.port}/krtest-pkg"]  # the other package is outside the rule
+    view = [npm, "view", "--registry", site.url("/"), "--fetch-retries", "0"]
+    (ok, no), stderr = _run(fence, rules, origin_ca[0], [[*view, "krtest-pkg", "version"],
+                                                         [*view, "krhidden-pkg", "version"]],
+                            tmp_path, npm_config_update_notifier="false", npm_config_audit="false")
+    assert ok["rc"] == 0 and str(ok["out"]).strip() == "1.0.0", ok
+    assert no["rc"] != 0, no
+    assert re.search(r"npm (ERR!|error) code E403", str(no["err"])), no["err"]      # (npm 9 says ERR!)
+    assert f"403 Forbidden - GET {site.url('/krhidden-pkg')}" in str(no["err"])
+    assert ("GET", "/krhidden-pkg") not in site.seen
     _summarised(stderr, site.port)
 
 
