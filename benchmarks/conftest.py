@@ -25,11 +25,12 @@ def impl(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
     """Ratios, not absolute numbers: this machine is shared and noisy, ratios within one run are not."""
+    tr = terminalreporter
+    _inspect_summary(tr)
     try:
         from test_relay_bench import BULK_RESULTS, RATIO_RESULTS
     except ImportError:
         return
-    tr = terminalreporter
     if RATIO_RESULTS:
         tr.section("compiled engine vs pure-Python twin, quiet and with a busy interpreter (same run)")
         tr.write_line(f"{'measure':<38} {'load':<6} {'cython':>10} {'python':>10} {'cython / python':>16}")
@@ -56,3 +57,24 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         cpu_ref = f"{cpu / ref[1]:.2f}x" if ref and ref[1] else "-"
         vs_py = f"{mbs / py[0]:.2f}x" if py else "-"
         tr.write_line(f"{name:<10} {mbs:>8.0f} {cpu:>10.3f} {vs_ref:>17} {cpu_ref:>16} {vs_py:>15}")
+
+
+def _inspect_summary(tr) -> None:  # type: ignore[no-untyped-def]
+    """test_inspect_bench: medians of per-round ratios, per measure and implementation."""
+    import statistics
+    import sys
+
+    bench = sys.modules.get("test_inspect_bench")      # (only when it ran: importing it could skip)
+    if bench is None or not bench.INSPECT_RESULTS:
+        return
+    INSPECT_CPU, INSPECT_RESULTS, UNITS = bench.INSPECT_CPU, bench.INSPECT_RESULTS, bench.UNITS
+    _cpu_ratios, _ratios = bench._cpu_ratios, bench._ratios
+    tr.section("inspected HTTPS vs blind tunnel vs haproxy (medians of per-round ratios, same run)")
+    for (measure, impl), figures in INSPECT_RESULTS.items():
+        cpu = INSPECT_CPU.get((measure, impl), {})
+        line = ", ".join(f"{r} {lo} {statistics.median(v):,.1f}" for (r, lo), v in figures.items())
+        tr.write_line(f"{UNITS[measure]} [{impl}]: {line}")
+        if cpu:
+            tr.write_line("  CPU-s/GiB: " + ", ".join(f"{r} {lo} {statistics.median(v):.2f}"
+                                                     for (r, lo), v in cpu.items()))
+        tr.write_line("  " + ", ".join(f"{label} {ratio:.2f}x" for label, ratio in _ratios(figures) + _cpu_ratios(cpu)))

@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 
 # Real peers the tests talk to (Debian packages).
 missing=()
-for tool in curl tinyproxy git unshare wget; do
+for tool in curl tinyproxy git unshare wget node npm; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
     pkgs=()
     for tool in "${missing[@]}"; do
-        case "$tool" in unshare) pkgs+=(util-linux) ;; *) pkgs+=("$tool") ;; esac
+        case "$tool" in unshare) pkgs+=(util-linux) ;; node) pkgs+=(nodejs) ;; *) pkgs+=("$tool") ;; esac
     done
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
