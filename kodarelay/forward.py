@@ -142,19 +142,39 @@ class _Stream:
         self.buf = b""
         self.sent = 0           # bytes written to the peer (spliced ones included): end events count them
 
-    async def fill(self) -> bool:
-        """Read more into ``buf``; False at EOF."""
+    async def _recv_raw(self) -> bytes:
+        """The next bytes on the socket (b"" at EOF), waiting for them on the idle clock."""
         while True:
             try:
                 data = self.sock.recv(CHUNK)
             except (BlockingIOError, InterruptedError):
                 await self.clock.wait(self.sock, False)
                 continue
-            if not data:
-                return False
+            if data:
+                self.clock.touch()
+            return data
+
+    async def _send_raw(self, data: bytes | memoryview, counted: bool) -> None:
+        """All of ``data`` onto the socket; ``counted``: the bytes are the stream's (``sent``)."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await self.clock.wait(self.sock, True)
+                continue
             self.clock.touch()
-            self.buf += data
-            return True
+            if counted:
+                self.sent += n
+            view = view[n:]
+
+    async def fill(self) -> bool:
+        """Read more into ``buf``; False at EOF."""
+        data = await self._recv_raw()
+        if not data:
+            return False
+        self.buf += data
+        return True
 
     async def readline(self) -> bytes:
         """One CRLF-terminated line (CRLF included), at most ``MAX_LINE`` bytes."""
@@ -169,16 +189,7 @@ class _Stream:
                 raise ConnectionResetError("peer closed in the middle of a chunked body")
 
     async def send(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = self.sock.send(view)
-            except (BlockingIOError, InterruptedError):
-                await self.clock.wait(self.sock, True)
-                continue
-            self.clock.touch()
-            self.sent += n
-            view = view[n:]
+        await self._send_raw(data, True)
 
 
 async def _copy(src: _Stream, dst: _Stream, n: int | None, scratch: bytearray) -> int:

@@ -581,17 +581,15 @@ class ProxyServer:
         return self._client_take(target, plan)
 
     async def _plan(self, protocol: str, target: Target) -> Plan:
+        plan = self._plan_now(target)
+        if plan is not None:
+            return plan
         started = time.monotonic()
-        refused = self._client_gate(target)
-        if refused is not None:
-            return refused
-        plan = self._plan_known(target)
-        if plan is None:
-            plan = await self.dialer_for(target.client).plan(
-                Request(protocol, target.method, target.host, target.port, target.client))
-            if target.literal:
-                plan = _literal_plan(plan)
-            plan = self._tunnel_check(target, plan)
+        plan = await self.dialer_for(target.client).plan(
+            Request(protocol, target.method, target.host, target.port, target.client))
+        if target.literal:
+            plan = _literal_plan(plan)
+        plan = self._tunnel_check(target, plan)
         self.metrics.decided(time.monotonic() - started)
         return self._client_take(target, plan)
 

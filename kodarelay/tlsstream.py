@@ -30,31 +30,17 @@ class TlsStream(_Stream):
             self._in.write(received)
 
     async def _flush(self) -> None:
-        data = self._out.read()
-        view = memoryview(data)
-        while view:
-            try:
-                n = self.sock.send(view)
-            except (BlockingIOError, InterruptedError):
-                await self.clock.wait(self.sock, True)
-                continue
-            self.clock.touch()
-            view = view[n:]
+        """The records the TLS object wrote onto the socket (not counted: ``sent`` is plaintext)."""
+        await self._send_raw(self._out.read(), False)
 
     async def _receive(self) -> bool:
         """Move received records into the TLS object; False at EOF (after which reads end)."""
-        while True:
-            try:
-                data = self.sock.recv(CHUNK)
-            except (BlockingIOError, InterruptedError):
-                await self.clock.wait(self.sock, False)
-                continue
-            if not data:
-                self._in.write_eof()
-                return False
-            self.clock.touch()
-            self._in.write(data)
-            return True
+        data = await self._recv_raw()
+        if not data:
+            self._in.write_eof()
+            return False
+        self._in.write(data)
+        return True
 
     async def handshake(self) -> None:
         """Complete the TLS handshake (``ssl.SSLError`` / ``ConnectionError`` when it fails)."""
