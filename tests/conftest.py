@@ -80,6 +80,32 @@ def https_site(ca):  # type: ignore[no-untyped-def]
     site.close()
 
 
+@pytest.fixture(scope="session")
+def run_ca():  # type: ignore[no-untyped-def]
+    """The proxy's inspection CA (``kodarelay.CertificateAuthority``), one per test session."""
+    pytest.importorskip("cryptography")
+    from kodarelay import CertificateAuthority
+
+    return CertificateAuthority.generate("kodarelay-test")
+
+
+@pytest.fixture
+def origin(ca):  # type: ignore[no-untyped-def]
+    """An HTTPS origin on 127.0.0.1:0 that answers JSON of what it received (inspect_peers.py);
+    modules with a plain-HTTP origin of their own override it."""
+    from inspect_peers import Origin
+
+    site = Origin(ca[1])
+    yield site
+    site.close()
+
+
+@pytest.fixture
+def bundle(run_ca, tmp_path):  # type: ignore[no-untyped-def]
+    """A CA bundle clients of an inspecting proxy trust: the system's roots and ``run_ca``."""
+    return str(run_ca.write_bundle(tmp_path / "bundle.pem"))
+
+
 @pytest.fixture
 def start_proxy():  # type: ignore[no-untyped-def]
     """Start built-in proxies on background loops (direct upstream unless told); all stop at teardown."""

@@ -18,7 +18,6 @@ import threading
 
 import pytest
 
-from inspect_peers import Origin
 from peers import DEADLINE, http_connect, read_head, recv_until, socks5_connect, status_of, wait_until
 
 pytest.importorskip("cryptography")
@@ -27,23 +26,6 @@ requests = pytest.importorskip("requests")
 from kodarelay import BuiltInSocks5Proxy, CertificateAuthority, Filter, InspectionUnavailable  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def run_ca():
-    return CertificateAuthority.generate("kodarelay-test")
-
-
-@pytest.fixture
-def origin(ca):
-    site = Origin(ca[1])
-    yield site
-    site.close()
-
-
-@pytest.fixture
-def bundle(run_ca, tmp_path):
-    return str(run_ca.write_bundle(tmp_path / "bundle.pem"))
 
 
 def _proxy(start_proxy, ca, run_ca, patterns, events=None, **options):

@@ -31,28 +31,11 @@ pytestmark = pytest.mark.timeout(60)
 VALUE = "ghp_" + "R3alT0kenValue" * 3          # what the origin must receive, and CMD never see
 
 
-@pytest.fixture(scope="module")
-def run_ca():
-    return CertificateAuthority.generate("kodarelay-test")
-
-
-@pytest.fixture
-def origin(ca):
-    site = Origin(ca[1])
-    yield site
-    site.close()
-
-
 @pytest.fixture
 def other(ca):
     site = Origin(ca[1])
     yield site
     site.close()
-
-
-@pytest.fixture
-def bundle(run_ca, tmp_path):
-    return str(run_ca.write_bundle(tmp_path / "bundle.pem"))
 
 
 # ── the phantom ──────────────────────────────────────────────────────────────
