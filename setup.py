@@ -36,12 +36,39 @@ elif SANITIZE == "thread":
     cflags = ["-fsanitize=thread", "-fno-omit-frame-pointer", "-O1", "-g"]
     ldflags = ["-fsanitize=thread"]
 
+
+def _openssl() -> bool:
+    """Whether OpenSSL's headers and libraries are here (``libssl-dev``; scripts/test.sh
+    installs it): without them the engine is built without inspected tunnels, which then
+    run on the asyncio path. ``KODARELAY_NO_TLS_ENGINE=1`` builds without them on purpose."""
+    if os.environ.get("KODARELAY_NO_TLS_ENGINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    import shutil
+    import subprocess
+    import tempfile
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "t.c")
+        src.write_text("#include <openssl/ssl.h>\nint main(void) { return SSL_CTX_new(TLS_method()) == 0; }\n")
+        r = subprocess.run([*cc.split(), str(src), "-o", str(Path(tmp, "t")), "-lssl", "-lcrypto"],
+                           capture_output=True)
+        return r.returncode == 0
+
+
+TLS = _openssl()
+if TLS:
+    macros.append(("KR_HAVE_TLS", "1"))
+
 extensions = [
     Extension(
         "kodarelay._relay",
-        ["kodarelay/_relay.pyx"],
+        ["kodarelay/_relay.pyx", "kodarelay/_inspect.c"],
         depends=sorted(str(p) for p in Path("kodarelay").glob("*.pxi"))
-        + ["kodarelay/_relay.pxd", "kodarelay/_engine.h"],
+        + ["kodarelay/_relay.pxd", "kodarelay/_engine.h", "kodarelay/_inspect.h"],
+        libraries=["ssl", "crypto"] if TLS else [],
         include_dirs=["kodarelay"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,

@@ -106,6 +106,8 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
                     refs[i] = l.ring[(l.ring_head + i) % REFUSAL_RING]
             else:
                 dropped += nref
+                for i in range(nref):
+                    _refusal_release(&l.ring[(l.ring_head + i) % REFUSAL_RING])
             l.ring_head = 0
             l.ring_len = 0
         l.ring_dropped = 0
@@ -116,7 +118,13 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
                 for i in range(nref if refs != NULL else 0):
                     recs.append((refs[i].time, refs[i].proto, refs[i].host[:refs[i].hostn], refs[i].port,
                                  refs[i].reason.decode("ascii", "replace"), refs[i].status,
-                                 refs[i].client[:refs[i].clientn].decode("ascii") if refs[i].clientn else None))
+                                 refs[i].client[:refs[i].clientn].decode("ascii") if refs[i].clientn else None)
+                                + ((refs[i].method.decode("ascii", "replace"),
+                                    None if refs[i].path == NULL else refs[i].path.decode("latin-1"),
+                                    None if refs[i].detail == NULL else refs[i].detail.decode("latin-1"))
+                                   if refs[i].kind else ()))
+                for i in range(nref):
+                    _refusal_release(&refs[i])
                 free(refs)
                 refs = NULL
                 sink = (<_NativeListener>owner).on_refused
@@ -129,7 +137,10 @@ cdef void _deliver_handshakes(Completer *c, Listener *l) noexcept with gil:
         except BaseException as exc:
             _report(exc, None, "refusal delivery")
         finally:
-            free(refs)
+            if refs != NULL:
+                for i in range(nref):
+                    _refusal_release(&refs[i])
+                free(refs)
         nl = None
         try:
             items = []

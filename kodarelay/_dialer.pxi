@@ -93,6 +93,9 @@ cdef void _begin_relay(Worker *w, Tunnel *t, size_t extra, double now) noexcept 
     target, then relay."""
     cdef int e
     cdef epoll_event cev
+    if t.ispec != NULL:
+        _insp_begin(w, t, now)
+        return
     e = _preload(w, &t.d[1], t.fd[0], t.okrep, t.okn)
     if e == 0:
         e = _preload(w, &t.d[0], t.fd[1], t.early, t.earlyn)

@@ -508,6 +508,7 @@ cdef void _tunnel_free(Tunnel *t) noexcept nogil:
     free(t.creq)
     free(t.chead)
     free(t.rhost)
+    _ispec_free(t.ispec)
     free(t)
 
 

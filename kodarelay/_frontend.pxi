@@ -292,6 +292,9 @@ cdef void _l_drop(Completer *c, Listener *l) noexcept nogil:
             free(l.plans)
         if l.clients != NULL:
             _clients_free(l.clients)
+        if l.ring != NULL:
+            for left in range(l.ring_len):
+                _refusal_release(&l.ring[(l.ring_head + left) % REFUSAL_RING])
         free(l.ring)
         free(l)
 

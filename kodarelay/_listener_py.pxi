@@ -380,11 +380,14 @@ cdef class _Handshake:
         return self.take()
 
     def dial(self, addresses, int port, bytes ok_reply, bytes early, connect_timeout, idle, total, bint socks,
-             loop=None, on_done=None):
+             loop=None, on_done=None, inspect=None):
         """Connect to ``addresses`` in order (IP literals, already judged) within ``connect_timeout``;
         on success send ``ok_reply`` to the client and ``early`` to the target and relay the pair.
         Returns the tunnel's handle (its ``fut`` resolves like ``relay_with_timeouts``; a failed
-        dial raises ``DialError`` after the protocol's failure reply went to the client)."""
+        dial raises ``DialError`` after the protocol's failure reply went to the client).
+
+        ``inspect``: ``(TlsContext server, TlsContext client, RequestRules, host, client name)``
+        serves the tunnel as an inspected one (``_inspect.pxi``) instead of relaying it blind."""
         cdef Py_ssize_t n = len(addresses), i
         cdef Tunnel *t
         cdef _TunnelHandle h
@@ -407,6 +410,12 @@ cdef class _Handshake:
                 _tunnel_free(t)
                 raise ValueError(f"not an IP address: {addresses[i]!r}")
         t.naddr = <int>n
+        if inspect is not None:
+            try:
+                t.ispec = _ispec_new(self.hs.l, inspect, port)
+            except BaseException:
+                _tunnel_free(t)
+                raise
         memcpy(t.okrep, <char *>ok_reply, len(ok_reply))
         t.okn = len(ok_reply)
         memcpy(t.early, <char *>early, len(early))

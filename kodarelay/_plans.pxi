@@ -248,22 +248,47 @@ cdef void _refusal_queue(Completer *cm, Listener *l, int proto, const char *host
     REFUSAL_RING pending the oldest is dropped, and counted in ``ring_dropped``, which reaches
     ``ViolationLog.count_unrecorded``: a summary never undercounts)."""
     cdef Refusal *r
-    cdef timespec ts
-    cdef int i
-    clock_gettime(CLOCK_REALTIME, &ts)
     pthread_mutex_lock(&cm.mu)
+    r = _refusal_slot(l)
+    if r != NULL:
+        _refusal_fill(r, proto, host, hostn, port, reason, status, client, clientn)
+    pthread_mutex_unlock(&cm.mu)
+    l.ref_new = True
+
+
+cdef Refusal *_refusal_slot(Listener *l) noexcept nogil:
+    """The next free slot of ``l``'s ring (caller holds the completer's mutex), the oldest
+    record dropped when it is full; NULL when out of memory (counted as dropped)."""
+    cdef Refusal *r
     if l.ring == NULL:
-        l.ring = <Refusal *>malloc(REFUSAL_RING * sizeof(Refusal))
+        l.ring = <Refusal *>calloc(REFUSAL_RING, sizeof(Refusal))
     if l.ring == NULL:
         l.ring_dropped += 1
-        pthread_mutex_unlock(&cm.mu)
-        return
+        return NULL
     if l.ring_len == REFUSAL_RING:
+        r = &l.ring[l.ring_head]
+        free(r.path)
+        free(r.detail)
         l.ring_head = (l.ring_head + 1) % REFUSAL_RING
         l.ring_len -= 1
         l.ring_dropped += 1
     r = &l.ring[(l.ring_head + l.ring_len) % REFUSAL_RING]
     l.ring_len += 1
+    return r
+
+
+cdef void _refusal_release(Refusal *r) noexcept nogil:
+    free(r.path)
+    free(r.detail)
+    r.path = NULL
+    r.detail = NULL
+
+
+cdef void _refusal_fill(Refusal *r, int proto, const char *host, int hostn, int port, const char *reason,
+                        int status, const char *client, int clientn) noexcept nogil:
+    cdef timespec ts
+    cdef int i
+    clock_gettime(CLOCK_REALTIME, &ts)
     r.time = <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
     r.proto = proto
     r.port = port
@@ -279,8 +304,10 @@ cdef void _refusal_queue(Completer *cm, Listener *l, int proto, const char *host
         if reason[i] == 0:
             break
     r.reason[REASON_MAX - 1] = 0
-    pthread_mutex_unlock(&cm.mu)
-    l.ref_new = True
+    r.kind = 0
+    r.method[0] = 0
+    r.path = NULL
+    r.detail = NULL
 
 
 cdef void _live_link(Listener *l, Tunnel *t) noexcept nogil:

@@ -3,7 +3,7 @@
 # Which thread owns a struct, and which lock guards a field, is written beside it.
 
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcpy, memcmp
+from libc.string cimport memcpy, memcmp, strcmp
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.errno cimport (
     errno, EINTR, EAGAIN, EINVAL, ENOSYS, EBADF, ECONNABORTED, ENOMEM, ETIMEDOUT, ECONNREFUSED,
@@ -111,6 +111,50 @@ cdef extern from "<fcntl.h>" nogil:
         F_DUPFD_CLOEXEC
 
 
+cdef extern from "_inspect.h" nogil:
+    ctypedef struct kr_ctx:
+        pass
+    ctypedef struct kr_rules:
+        pass
+    ctypedef struct kr_insp:
+        pass
+    ctypedef struct kr_rec:
+        kr_rec *next
+        char reason[32]
+        char method[33]
+        int has_host
+        char *path
+        char *detail
+    enum:
+        KR_I_AGAIN
+        KR_I_DONE
+        KR_I_MORE
+        KR_I_ERROR
+    int kr_tls_available()
+    const char *kr_tls_version()
+    kr_ctx *kr_server_ctx(const char *pem, size_t n, char *err, size_t errn)
+    kr_ctx *kr_client_ctx(const char *cafile, char *err, size_t errn)
+    void kr_ctx_ref(kr_ctx *c)
+    void kr_ctx_unref(kr_ctx *c)
+    kr_rules *kr_rules_new(int judged)
+    int kr_rules_add(kr_rules *r, int deny, const char *methods, size_t methodsn, const char *path, const char *text)
+    void kr_rules_ref(kr_rules *r)
+    void kr_rules_unref(kr_rules *r)
+    int kr_glob(const char *pat, size_t pn, const char *s, size_t n)
+    const char *kr_bad_path(const char *p, size_t n)
+    void kr_rec_free(kr_rec *r)
+    kr_insp *kr_insp_new(int cfd, int ofd, kr_ctx *sctx, kr_ctx *cctx, kr_rules *rules, const char *host,
+                         int port, const char *early, size_t earlyn)
+    int kr_insp_reply(kr_insp *x, const char *p, size_t n)
+    int kr_insp_run(kr_insp *x)
+    int kr_insp_errno(const kr_insp *x)
+    kr_rec *kr_insp_take(kr_insp *x)
+    uint64_t kr_insp_up(const kr_insp *x)
+    uint64_t kr_insp_down(const kr_insp *x)
+    int kr_insp_handshaking(const kr_insp *x)
+    void kr_insp_free(kr_insp *x)
+
+
 cdef extern from "_engine.h" nogil:
     ctypedef struct kr_addr:
         pass
@@ -207,6 +251,7 @@ cdef struct Worker
 cdef struct Listener
 cdef struct PlanCache
 cdef struct Refusal
+cdef struct InspSpec
 cdef struct ClientEnt
 cdef struct ClientTab
 
@@ -264,6 +309,9 @@ cdef struct Tunnel:
     # named client its slot and upload; cent NULL: an anonymous one)
     ClientEnt *cent
     ClientTab *ctab
+    # an inspected tunnel (kodarelay._inspect.c): what it needs until it is relayed, then its machine
+    InspSpec *ispec
+    kr_insp *insp
 
 
 cdef struct Completer:
@@ -424,6 +472,24 @@ cdef struct PlanCache:
     uint64_t evicted
 
 
+cdef struct InspSpec:
+    # What an inspected tunnel is served with (its references are the tunnel's): the leaf's
+    # and the origins' TLS contexts, the host's request rules, and the listener its
+    # violations are recorded by.
+    kr_ctx *sctx
+    kr_ctx *cctx
+    kr_rules *rules
+    Listener *rl
+    Completer *cm
+    double idle            # the tunnel's idle cap once its handshake is done (until then: hs_timeout)
+    double hs_timeout
+    int hostn
+    char host[PLAN_HOST_MAX + 1]
+    int port
+    int clientn
+    char client[CLIENT_MAX + 1]
+
+
 cdef struct Refusal:
     # A refusal the engine served from a cached plan, queued for ViolationLog.record.
     double time          # epoch seconds
@@ -435,6 +501,11 @@ cdef struct Refusal:
     char host[PLAN_HOST_MAX + 1]
     int clientn
     char client[CLIENT_MAX + 1]
+    # a request an inspected tunnel refused (kind 1): its method, path and detail (owned, may be NULL)
+    int kind
+    char method[33]
+    char *path
+    char *detail
 
 
 cdef struct ClientEnt:

@@ -23,6 +23,8 @@ cdef void _finish(Worker *w, Tunnel *t, int result, int err) noexcept nogil:
             _close_fd(&t.fd[i])
         _release_dir(w, &t.d[i])
     t.registered = False
+    if t.insp != NULL or t.ispec != NULL:
+        _insp_end(t)
     if t.ctab != NULL:
         _client_tunnel_ends(w, t)     # (before its listener is unlinked: a spent budget is queued there)
     free(t.addrs)
@@ -213,6 +215,10 @@ cdef int _service_dir(Worker *w, Tunnel *t, int di, double now) noexcept nogil:
 
 cdef void _service(Worker *w, Tunnel *t, int dirs, double now) noexcept nogil:
     cdef int di, r
+    if t.insp != NULL:
+        if not t.finished and t.result == RES_RUNNING:
+            _insp_service(w, t, now)
+        return
     for di in range(2):
         if t.finished or t.result != RES_RUNNING:
             return
@@ -237,6 +243,9 @@ cdef void _on_event(Worker *w, Tunnel *t, int side, uint32_t ev, double now) noe
     if t.phase == PH_CHAIN:
         if side == 1:
             _chain_event(w, t, ev, now)
+        return
+    if t.insp != NULL:
+        _insp_service(w, t, now)
         return
     # Edge-triggered epoll reports every ready bit on each wakeup (a writable socket shows
     # EPOLLOUT with each arriving segment): only wake a direction for what it waits on.

@@ -86,6 +86,7 @@ class CertificateAuthority:
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
         self._leaf_key_pem = _pem_key(self._leaf_key)
         self._leaves: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._engine_leaves: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -205,6 +206,24 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM)
+
+    def engine_context(self, host: str) -> Any:
+        """``leaf_context`` for the engine's inspected tunnels: an OpenSSL context of the
+        compiled engine's own (the key is handed over in memory, never a file), cached."""
+        from . import _relay  # type: ignore[attr-defined]
+
+        host = host.lower()
+        with self._lock:
+            ctx = self._engine_leaves.get(host)
+            if ctx is not None:
+                self._engine_leaves.move_to_end(host)
+                return ctx
+        ctx = _relay.tls_server_context(self.leaf_pem(host) + self._cert_pem + self._leaf_key_pem)
+        with self._lock:
+            self._engine_leaves[host] = ctx
+            while len(self._engine_leaves) > LEAF_CACHE:
+                self._engine_leaves.popitem(last=False)
+        return ctx
 
     def leaf_context(self, host: str) -> ssl.SSLContext:
         """A server-side context presenting ``host``'s leaf (ALPN ``http/1.1`` only), minted

@@ -792,6 +792,24 @@ class Filter:
             return False
         return self._allow.has_request_rules(canon, port) or self._deny.has_request_rules(canon, port)
 
+    def request_program(self, host: str | IPAddress, port: int) -> tuple[bool, list[tuple[bool, frozenset[str] | None,
+                                                                                    str | None, str]]]:
+        """``explain_request`` for one (host, port), compiled for the engine's inspected
+        tunnels: whether its requests are judged at all, then every rule naming it as
+        ``(deny, methods or None, path pattern or None, text)``, deny rules and allow rules
+        each in rule order (a host rule is one with neither: it matches every request)."""
+        canon, port_n = parse_target(host, port)
+        if not self.has_request_rules(canon, port_n):
+            return False, []
+        out: list[tuple[bool, frozenset[str] | None, str | None, str]] = []
+        for deny, rules in ((True, self._deny), (False, self._allow)):
+            for r in sorted(rules._candidates(canon), key=lambda r: r.index):
+                if r.port_matches(port_n, deny=deny):
+                    req = r.request
+                    out.append((deny, req.methods if req is not None else None,
+                                req.path if req is not None else None, r.text))
+        return True, out
+
     def needs_inspection(self, host: str | IPAddress, port: int | None = None) -> bool:
         """Whether a tunnel to ``host[:port]`` can only be admitted with its requests judged:
         a deny request rule names it, or request rules admit it and no host rule does."""

@@ -813,7 +813,9 @@ class _Exchange:
                 and not head.startswith(b"HTTP/1.0")
                 and b"close" not in _tokens(fmap.get(b"connection", []))
             )
-            close = client_close or length is None
+            # an inspected tunnel holds one origin connection: when it cannot go on, neither can
+            # the tunnel (the engine's machine does the same)
+            close = client_close or length is None or (self.tunnel is not None and not reusable)
             # with Transfer-Encoding, a Content-Length is never forwarded (RFC 9112 §6.3)
             await self.client.send(self._response_head(head, fields, fmap, False, close or not upload_done,
                                                        drop_length=b"transfer-encoding" in fmap))

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._relay_py import _TOKEN_CHARS
 from .ca import CertificateAuthority, origin_context
-from .dial import REP_NOT_ALLOWED, Plan, Refusal
+from .dial import DIRECT, REP_NOT_ALLOWED, Plan, Refusal
 from .events import Event
 from .filter import Filter
 from .forward import _Exchange, _Stream
@@ -72,12 +72,44 @@ class Inspection:
         self.upstream_ca = upstream_ca
         self.secrets = secrets          # their hosts are decrypted too
         self._origin_ctx: ssl.SSLContext | None = None
+        self._engine: bool | None = None        # the compiled engine serves inspected tunnels
+        self._engine_client: Any = None         # its origin context
 
     @property
     def origin_ctx(self) -> ssl.SSLContext:
         if self._origin_ctx is None:
             self._origin_ctx = origin_context(self.upstream_ca)
         return self._origin_ctx
+
+    def engine_spec(self, srv: ProxyServer, target: Any, plan: Plan) -> tuple[Any, ...] | None:
+        """What ``_NativeListener.dial(inspect=…)`` needs to serve this admitted tunnel in the
+        compiled engine (``kodarelay/_inspect.c``), or None where the asyncio path serves it:
+        no TLS engine in this build, or a part of the request pipeline the engine does not
+        have yet (events or metrics being taken, a decider, secrets for the host, named
+        clients, an upstream proxy). ``KODARELAY_NO_ENGINE_INSPECT=1`` keeps every inspected
+        tunnel on the asyncio path."""
+        if self._engine is False or plan.kind != DIRECT or self.ca is None:
+            return None
+        if self._engine is None:
+            self._engine = _engine_available()
+            if self._engine is False:
+                return None
+        if (srv._events is not None or srv.metrics.port is not None or target.client is not None
+                or srv.clients is not None or srv.dialer.policy.decider is not None
+                or (self.secrets is not None and self.secrets.for_host(plan.host, plan.port))):
+            return None
+        try:
+            from . import _relay  # type: ignore[attr-defined]
+
+            if self._engine_client is None:
+                self._engine_client = _relay.tls_client_context(
+                    os.fspath(self.upstream_ca) if self.upstream_ca is not None else None)
+            judged, rules = srv.dialer_for(target.client).policy.filter.request_program(plan.host, plan.port)
+            return (self.ca.engine_context(plan.host), self._engine_client, _relay.RequestRules(judged, rules),
+                    plan.host, None)
+        except (ValueError, UnicodeError) as e:
+            log.info("inspected tunnel to %s:%d served on the asyncio path: %s", plan.host, plan.port, e)
+            return None
 
     def never_inspects(self, host: str, port: int | None) -> bool:
         return self.never is not None and self.never.allows(host, port)
@@ -104,6 +136,15 @@ class Inspection:
             if host is not None and self.never_inspects(host, None):
                 raise ValueError(f"request rule {pattern!r} names a host that --no-inspect never decrypts: "
                                  "its requests could not be judged")
+
+
+def _engine_available() -> bool:
+    if os.environ.get("KODARELAY_NO_ENGINE_INSPECT", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    from . import relay
+
+    impl = relay.impl
+    return getattr(impl, "tls_engine", None) is not None and impl.tls_engine() is not None
 
 
 def _request_rule_host(pattern: str) -> str | None:

@@ -809,7 +809,14 @@ class ProxyServer:
     def _engine_refused(self, records: list[tuple[Any, ...]], dropped: int) -> None:
         """Refusals the engine served from cached plans, in order (on the engine's completer
         thread): recorded like every other refusal."""
-        for when, proto, host, port, reason, status, client in records:
+        for rec in records:
+            when, proto, host, port, reason, status, client = rec[:7]
+            if len(rec) > 7:            # a request an inspected tunnel refused (kodarelay/_inspect.c)
+                method, path, detail = rec[7:]
+                self.record("socks5" if proto == 1 else "http", host.decode("utf-8", "backslashreplace"),
+                            port if port else None, reason, client, detail, when=when, method=method or None,
+                            path=path)
+                continue
             if reason == "!budget":     # a client spent its upload budget in the engine
                 account = self.clients.get(client) if self.clients is not None else None
                 if account is not None:
@@ -930,6 +937,10 @@ class ProxyServer:
         inspected = self._inspects(target, plan)
         if plan.kind == DIRECT and not inspected and self._dial_native(h, proto, target, plan):
             return
+        if inspected and self.inspection is not None:
+            spec = self.inspection.engine_spec(self, target, plan)
+            if spec is not None and self._dial_native(h, proto, target, plan, spec):
+                return
         ticket = self._judged(proto.name, target, plan, inspected=inspected)
         assert ticket is not None
         conn = socket.socket(fileno=h.detach())      # taken now: nothing else may answer it
@@ -941,11 +952,12 @@ class ProxyServer:
             self._handshaking[task] = None            # until its TLS handshake is done
         self._track(task)
 
-    def _dial_native(self, h: Any, proto: Protocol, target: Target, plan: Plan) -> bool:
+    def _dial_native(self, h: Any, proto: Protocol, target: Target, plan: Plan,
+                     inspect: tuple[Any, ...] | None = None) -> bool:
         """``h.dial`` the plan's checked addresses and track the tunnel; False when the engine
         cannot take an address (the asyncio path then serves it). Safe on either thread; the
         tunnel's end is reported on the engine's completer thread (no loop wakeup)."""
-        ticket = Ticket(proto.name, target.method, plan.host, plan.port, target.client)
+        ticket = Ticket(proto.name, target.method, plan.host, plan.port, target.client, inspected=inspect is not None)
         if self.clients is not None:
             ticket.account = self.clients.get(target.client)     # (its slot was taken in planning)
         native = self._native
@@ -981,7 +993,7 @@ class ProxyServer:
         try:
             tunnel = h.dial(list(plan.addresses), plan.port, proto.ok_reply, target.early,
                             self.dialer.connect_timeout, self.idle_timeout, self.total_timeout,
-                            proto.name == "socks5", self._loop, done)
+                            proto.name == "socks5", self._loop, done, inspect)
         except ValueError:
             return False
         announce()

@@ -1,0 +1,272 @@
+"""The engine's inspected tunnels (``kodarelay/_inspect.c``) against their specification, the
+asyncio path (``kodarelay.forward`` / ``kodarelay.inspection``): the same raw requests through
+both give the client the same bytes, the origin the same bytes, and the log the same
+violations. Real TLS on both sides, a raw origin that records every byte it is sent."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+
+import pytest
+
+from kodarelay import relay
+from peers import DEADLINE, http_connect, read_head, status_of, wait_until
+
+pytestmark = pytest.mark.skipif(getattr(relay.impl, "tls_engine", lambda: None)() is None,
+                                reason="this build has no TLS engine (no OpenSSL headers when it was built)")
+
+
+def test_the_engine_loaded_when_it_should_have():
+    import os
+
+    if os.environ.get("KODARELAY_REQUIRE_EXTENSION") == "1" and not os.environ.get("KODARELAY_NO_TLS_ENGINE"):
+        assert relay.impl.tls_engine().startswith("OpenSSL")
+
+
+# ── a raw HTTPS origin ───────────────────────────────────────────────────────
+
+RESPONSES = {
+    "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+                b"5;ext=1\r\nhello\r\n0\r\nX-Sum: 5\r\nSet-Cookie: no\r\n\r\n",
+    "/both": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "/204": b"HTTP/1.1 204 No Content\r\nX-B: 2\r\n\r\n",
+    "/hop": b"HTTP/1.1 200 OK\r\nConnection: x-private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\n"
+            b"Content-Length: 2\r\n\r\nok",
+    "/close": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+    "/origin-closes": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye",
+    "/continue": b"HTTP/1.1 100 Continue\r\nX-C: 3\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nk",
+    "/bad": b"HTTP/1.1 2x0 Nope\r\n\r\n",
+}
+
+
+def _read_request(f) -> bytes | None:  # type: ignore[no-untyped-def]
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        c = f.read(1)
+        if not c:
+            return None
+        head += c
+    lower = head.lower()
+    body = b""
+    if b"transfer-encoding: chunked" in lower:
+        while True:
+            line = f.readline()
+            body += line
+            n = int(line.split(b";")[0], 16)
+            if n == 0:
+                while True:
+                    t = f.readline()
+                    body += t
+                    if t == b"\r\n":
+                        break
+                break
+            body += f.read(n + 2)
+    elif b"content-length:" in lower:
+        n = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+        body = f.read(n)
+    return head + body
+
+
+class RawOrigin:
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []       # per connection, everything it was sent
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
+
+    def _conn(self, conn: socket.socket) -> None:
+        with self.lock:
+            idx = len(self.received)
+            self.received.append(b"")
+        try:
+            tls = self.ctx.wrap_socket(conn, server_side=True)
+            f = tls.makefile("rb")
+            while True:
+                req = _read_request(f)
+                if req is None:
+                    return
+                with self.lock:
+                    self.received[idx] += req
+                path = req.split(b" ")[1].decode().split("?")[0]
+                if req.startswith(b"HEAD "):
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+                    continue
+                tls.sendall(RESPONSES.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"))
+                if path in ("/close", "/origin-closes", "/bad"):
+                    tls.close()
+                    return
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _read_response(s, method: str) -> bytes:  # type: ignore[no-untyped-def]
+    """One whole response (interim ones included), by its framing."""
+    out = b""
+    while True:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            c = s.recv(1)
+            if not c:
+                return out + head
+            head += c
+        out += head
+        status = int(head.split(b" ")[1])
+        lower = head.lower()
+        if 100 <= status < 200:
+            continue
+        if method == "HEAD" or status in (204, 304):
+            return out
+        if b"transfer-encoding: chunked" in lower:
+            while not out.endswith(b"0\r\n\r\n") and not (b"\r\n0\r\n" in out[len(head):] and out.endswith(b"\r\n\r\n")):
+                c = s.recv(1)
+                if not c:
+                    return out
+                out += c
+            return out
+        if b"content-length:" in lower:
+            n = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+            while n:
+                c = s.recv(n)
+                if not c:
+                    return out
+                out += c
+                n -= len(c)
+            return out
+        while True:
+            c = s.recv(65536)
+            if not c:
+                return out
+            out += c
+
+
+CASES = {
+    "allowed and refused on one connection": [
+        "GET /a?token=SECRET#frag HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "POST /a HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "DELETE /a HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "GET /a/%2e%2e/b HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "GET /a HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        "HEAD /a HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "GET /204 HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "GET /chunked HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "GET /both HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "GET /hop HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive, X-Mine\r\nX-Mine: 1\r\nKeep-Alive: 5\r\n"
+        "TE: trailers\r\nProxy-Authorization: Basic eDp5\r\nX-Kept: yes\r\n\r\n",
+        "GET /continue HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "GET /close HTTP/1.1\r\nHost: {host}\r\n\r\n",
+    ],
+    "bodies": [
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 11\r\n\r\nhello world",
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Sum: 11\r\nSet-Cookie: dropped\r\n\r\n",
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n",
+        "GET /origin-closes HTTP/1.1\r\nHost: {host}\r\n\r\n",
+    ],
+    "smuggling: both framings": ["POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n"
+                                 "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"],
+    "smuggling: chunked not last": ["POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"],
+    "smuggling: unequal lengths": ["POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n"
+                                   "Content-Length: 4\r\n\r\nabcd"],
+    "smuggling: Connection names a framing field": ["GET /a HTTP/1.1\r\nHost: {host}\r\nConnection: Content-Length\r\n"
+                                                    "Content-Length: 0\r\n\r\n"],
+    "smuggling: two Hosts": ["GET /a HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n"],
+    "a bad chunk size": ["POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+    "a malformed request line": ["GET  /a HTTP/1.1\r\nHost: {host}\r\n\r\n"],
+    "a bare LF": ["GET /a HTTP/1.1\r\nHost: {host}\nX: y\r\n\r\n"],
+    "obs-fold": ["GET /a HTTP/1.1\r\nHost: {host}\r\nX: y\r\n z\r\n\r\n"],
+    "absolute form": ["GET http://evil.test/ HTTP/1.1\r\nHost: {host}\r\n\r\n"],
+    "HTTP/1.0 ends the connection": ["GET /a HTTP/1.0\r\nHost: {host}\r\n\r\n", "GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n"],
+    "a malformed response": ["GET /bad HTTP/1.1\r\nHost: {host}\r\n\r\n"],
+}
+
+
+def _run(proxy_port: int, origin_port: int, bundle: str, requests: list[str]) -> bytes:
+    s, rest = http_connect(proxy_port, f"localhost:{origin_port}")
+    assert status_of(read_head(s) if not rest else rest) == 200
+    ctx = ssl.create_default_context(cafile=bundle)
+    tls = ctx.wrap_socket(s, server_hostname="localhost")
+    tls.settimeout(DEADLINE)
+    got = b""
+    try:
+        for r in requests:
+            tls.sendall(r.format(host=f"localhost:{origin_port}").encode())
+            got += _read_response(tls, r.split(" ")[0]) + b"|"
+    except (OSError, ssl.SSLError):
+        got += b"<closed>"
+    finally:
+        tls.close()
+    return got
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_and_asyncio_path_agree(case, start_proxy, ca, run_ca, bundle):
+    origin = RawOrigin(ca[1])
+    try:
+        rules = [f"GET,HEAD localhost:{origin.port}/*", f"POST localhost:{origin.port}/upload"]
+        deny = [f"DELETE localhost:{origin.port}/*"]
+        results = []
+        for engine in (False, True):
+            from kodarelay import BuiltInProxy, Filter, UpstreamConfig
+
+            h = BuiltInProxy(Filter(rules, deny=deny), upstream=UpstreamConfig.direct(), inspect=run_ca,
+                             upstream_ca=str(ca[0])).start()
+            try:
+                server = h._servers[0]
+                if not engine:
+                    server.inspection._engine = False
+                before = len(origin.received)
+                client = _run(h.port, origin.port, bundle, CASES[case])
+                if engine:
+                    # (the engine's records arrive from its completer thread)
+                    want = len(results[0][2])
+                    wait_until(lambda: len(h.violations()) >= want, what="the engine's violations")
+                expected = {(v.reason, v.method, v.path) for v in h.violations()}
+                results.append((client, b"".join(origin.received[before:]), expected))
+            finally:
+                h.shutdown()
+        (c2, o2, v2), (c1, o1, v1) = results
+        assert c1 == c2
+        assert o1 == o2
+        assert v1 == v2
+        assert b"SECRET" not in c1 and not any("SECRET" in str(v) for v in v1)
+    finally:
+        origin.close()
+
+
+def test_inspected_tunnels_are_served_by_the_engine(start_proxy, ca, run_ca, bundle):
+    """The engine holds the tunnel (the asyncio path never sees it) and a busy interpreter does
+    not slow its requests down to the switch interval."""
+    origin = RawOrigin(ca[1])
+    h = start_proxy([f"GET localhost:{origin.port}/*"], inspect=run_ca, upstream_ca=str(ca[0]))
+    try:
+        server = h._servers[0]
+        s, rest = http_connect(h.port, f"localhost:{origin.port}")
+        assert status_of(read_head(s) if not rest else rest) == 200
+        tls = ssl.create_default_context(cafile=bundle).wrap_socket(s, server_hostname="localhost")
+        tls.settimeout(DEADLINE)
+        tls.sendall(f"GET /a HTTP/1.1\r\nHost: localhost:{origin.port}\r\n\r\n".encode())
+        assert _read_response(tls, "GET").endswith(b"hi")
+        assert len(server._native) == 1 and not server._handshaking
+        tls.close()
+        wait_until(lambda: not server._native, what="the tunnel's end")
+    finally:
+        origin.close()
