@@ -18,13 +18,14 @@ if [ "$MODE" = thread ]; then
     VENV=$PWD/.venv-tsan
     RUNTIME=$(gcc -print-file-name=libtsan.so)
     # fork tests deselected: TSan cannot start threads in a child forked from a threaded process
-    TESTS=(tests/test_relay.py tests/test_engine_faults.py tests/test_fleet.py -k "not fork")
+    TESTS=(tests/test_relay.py tests/test_engine_faults.py tests/test_fleet.py tests/test_inspect_engine.py -k "not fork")
 else
     VENV=$PWD/.venv-asan
     RUNTIME=$(gcc -print-file-name=libasan.so)
     TESTS=(tests/test_relay.py tests/test_engine_faults.py tests/test_native_frontend.py
            tests/test_engine_plans.py tests/test_engine_policy.py tests/test_http_server.py
-           tests/test_socks5.py tests/test_hostile.py tests/test_handshake_bound.py tests/test_fleet.py)
+           tests/test_socks5.py tests/test_hostile.py tests/test_handshake_bound.py tests/test_fleet.py
+           tests/test_inspect_engine.py)
 fi
 # test paths among the arguments (tests/..., with or without ::name) replace the default list
 ARGS=()

@@ -9,11 +9,14 @@ missing=()
 for tool in curl tinyproxy git unshare wget node npm; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
-if ((${#missing[@]})); then
-    pkgs=()
-    for tool in "${missing[@]}"; do
-        case "$tool" in unshare) pkgs+=(util-linux) ;; node) pkgs+=(nodejs) ;; *) pkgs+=("$tool") ;; esac
-    done
+pkgs=()
+for tool in "${missing[@]}"; do
+    case "$tool" in unshare) pkgs+=(util-linux) ;; node) pkgs+=(nodejs) ;; *) pkgs+=("$tool") ;; esac
+done
+# OpenSSL's headers: the engine's inspected tunnels are built against them (without, the
+# build leaves them out and inspection runs on the asyncio path)
+[ -f /usr/include/openssl/ssl.h ] || pkgs+=(libssl-dev)
+if ((${#pkgs[@]})); then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq

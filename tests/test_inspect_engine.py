@@ -109,8 +109,8 @@ class RawOrigin:
                 if path in ("/close", "/origin-closes", "/bad"):
                     tls.close()
                     return
-        except (OSError, ssl.SSLError):
-            return
+        except (OSError, ssl.SSLError, ValueError):
+            return                          # (ValueError: the proxy ended the body it found malformed)
         finally:
             conn.close()
 
