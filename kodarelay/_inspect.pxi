@@ -15,6 +15,30 @@ cdef void _ispec_free(InspSpec *s) noexcept nogil:
     free(s)
 
 
+cdef InspSpec *_ispec_copy(InspSpec *s) noexcept nogil:
+    """A tunnel's spec from a cached plan's (references taken; no listener yet): NULL when out
+    of memory."""
+    cdef InspSpec *n = <InspSpec *>malloc(sizeof(InspSpec))
+    if n == NULL:
+        return NULL
+    memcpy(n, s, sizeof(InspSpec))
+    kr_ctx_ref(n.sctx)
+    kr_ctx_ref(n.cctx)
+    kr_rules_ref(n.rules)
+    n.rl = NULL
+    return n
+
+
+cdef void _ispec_bind(InspSpec *s, Listener *l) noexcept nogil:
+    """The listener that records the tunnel's violations (a reference of the tunnel's)."""
+    s.cm = l.w.completer
+    s.hs_timeout = l.hs_timeout
+    pthread_mutex_lock(&s.cm.mu)
+    l.refs += 1
+    pthread_mutex_unlock(&s.cm.mu)
+    s.rl = l
+
+
 cdef void _insp_records(Tunnel *t) noexcept nogil:
     """The violations the machine found, to its listener's refusal ring (any worker: the ring
     and the completer's queue are guarded by the completer's mutex)."""
@@ -24,6 +48,12 @@ cdef void _insp_records(Tunnel *t) noexcept nogil:
     cdef Listener *l = s.rl
     cdef Completer *cm = s.cm
     cdef Refusal *slot
+    if l == NULL:
+        while r != NULL:              # (no listener: nobody to record them)
+            n = r.next
+            kr_rec_free(r)
+            r = n
+        return
     cdef bint named
     cdef const char *none = ""
     if r == NULL:
@@ -192,7 +222,8 @@ def _bad_path(str path):
 
 
 cdef InspSpec *_ispec_new(Listener *l, inspect, int port) except NULL:
-    """(``_NativeListener.dial``) the spec of an inspected tunnel, holding references."""
+    """(``_Handshake.dial``, ``set_plan``) the spec of an inspected tunnel, holding references
+    (of ``l`` too, unless NULL: a cached plan's template)."""
     cdef TlsContext sc
     cdef TlsContext cc
     cdef RequestRules rr
@@ -217,10 +248,6 @@ cdef InspSpec *_ispec_new(Listener *l, inspect, int port) except NULL:
     s.port = port
     memcpy(s.client, <const char *>client, len(client))
     s.clientn = <int>len(client)
-    s.cm = l.w.completer
-    s.hs_timeout = l.hs_timeout
-    pthread_mutex_lock(&s.cm.mu)
-    l.refs += 1
-    pthread_mutex_unlock(&s.cm.mu)
-    s.rl = l
+    if l != NULL:
+        _ispec_bind(s, l)
     return s

@@ -90,7 +90,8 @@ cdef class _NativeListener:
                  bytes client=None):
         """Cache ``plan`` for (proto, host as the client sent it, port) for ``ttl`` seconds.
 
-        ``plan`` is ``("direct", [IP strings], ok_reply)``, ``("refuse", reply, reason)`` or
+        ``plan`` is ``("direct", [IP strings], ok_reply[, inspect])`` (``inspect`` as for
+        ``_Handshake.dial``: the tunnels it opens are inspected ones), ``("refuse", reply, reason)`` or
         ``("chain", upstream_ip, upstream_port, connect_request, ok_reply)``. ``ttl``: ``inf``
         keeps it until ``clear_plans()``; ``<= 0`` stores nothing. With ``gen`` (a
         ``plan_generation`` read before deciding) a plan decided before a ``clear_plans()`` is
@@ -110,11 +111,14 @@ cdef class _NativeListener:
         if client is not None and not _client_name_ok(<const unsigned char *><char *>client, len(client)):
             return False
         what = plan[0]
+        inspect = None
         if what == "direct":
             kind = PLAN_DIRECT
             addresses = [str(a).encode("ascii") for a in plan[1]]
             reply = plan[2]
             dport = port
+            if len(plan) > 3:
+                inspect = plan[3]             # an inspected tunnel's (see _Handshake.dial)
         elif what == "refuse":
             kind = PLAN_REFUSE
             addresses = []
@@ -161,6 +165,12 @@ cdef class _NativeListener:
                 _plan_free(p)
                 raise ValueError(f"not an IP address: {addresses[i]!r}")
         p.naddr = <int>n
+        if inspect is not None:
+            try:
+                p.ispec = _ispec_new(NULL, inspect, dport)
+            except BaseException:
+                _plan_free(p)
+                raise
         cdef bint check = gen is not None
         cdef uint64_t g = gen if check else 0
         with nogil:

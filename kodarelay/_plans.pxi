@@ -166,6 +166,7 @@ cdef inline uint64_t _plan_hash(int proto, const char *host, int hostn, int port
 
 
 cdef void _plan_free(Plan *p) noexcept nogil:
+    _ispec_free(p.ispec)
     free(p.addrs)
     free(p.reply)
     free(p.req)
@@ -448,7 +449,10 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
             t.rhost = _dup(p.rhost, p.rhostn)
             t.rhostn = p.rhostn
             t.rport = port
-        if t.addrs == NULL or t.okrep == NULL or t.early == NULL or (kind == PLAN_CHAIN and (t.creq == NULL or t.rhost == NULL)):
+        if p.ispec != NULL:
+            t.ispec = _ispec_copy(p.ispec)
+        if t.addrs == NULL or t.okrep == NULL or t.early == NULL or (kind == PLAN_CHAIN and (t.creq == NULL or t.rhost == NULL)) \
+                or (p.ispec != NULL and t.ispec == NULL):
             _tunnel_free(t)
             t = NULL
         else:
@@ -464,6 +468,8 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
             _client_release(ent, 0, now)
             pthread_mutex_unlock(&ct.mu)
         return False                  # out of memory: Python answers it
+    if t.ispec != NULL:               # its violations are this listener's to deliver
+        _ispec_bind(t.ispec, l)
     t.cent = ent
     t.ctab = ct
     pthread_mutex_lock(&ct.mu)        # its metrics (Python counts the tunnels it serves itself)

@@ -455,6 +455,7 @@ cdef struct Plan:
     char rhost[PLAN_HOST_MAX + 1]   # the host a refusal is recorded under (canonical text)
     int clientn                     # the named client the plan is for (0: none)
     char client[CLIENT_MAX + 1]
+    InspSpec *ispec                 # direct: an inspected tunnel's spec (no listener reference)
 
 
 cdef struct PlanCache:

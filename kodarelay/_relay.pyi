@@ -40,7 +40,10 @@ class _Handshake:
     def dial(
         self, addresses: list[str], port: int, ok_reply: bytes, early: bytes, connect_timeout: float,
         idle: float, total: float, socks: bool, loop: Any = None, on_done: Any = None,
-    ) -> Any: ...
+        inspect: tuple[Any, ...] | None = None,
+    ) -> Any:
+        """``inspect``: ``(TlsContext server, TlsContext client, RequestRules, host, client)``
+        serves the tunnel inspected, in the engine."""
 
 class _NativeListener:
     """The engine serving a listening socket (see ``native_listen``)."""
@@ -56,7 +59,7 @@ class _NativeListener:
         record_host: str | None = None,
     ) -> bool:
         """Cache a plan for (proto 0 HTTP / 1 SOCKS5, host exactly as the client sent it, port):
-        ``("direct", [ip, ...], ok_reply)``, ``("refuse", reply, reason)`` or
+        ``("direct", [ip, ...], ok_reply[, inspect])``, ``("refuse", reply, reason)`` or
         ``("chain", upstream_ip, upstream_port, connect_request, ok_reply)``; ``ttl`` seconds
         (``inf``: until ``clear_plans``; ``<= 0``: not stored). A ``gen`` older than
         ``plan_generation`` (a ``clear_plans`` ran while deciding) stores nothing. At most 4,096
@@ -80,3 +83,24 @@ def native_listen(
     all reach Python, whose Dialer shares one lookup among them."""
 
 def _plan_key(proto: int, data: bytes) -> tuple[bytes, int, int] | None: ...
+
+# ── inspected tunnels in the engine (_inspect.pxi, _inspect.c) ──────────────
+
+class TlsContext:
+    """An OpenSSL context of the engine's own (never one of the ``ssl`` module's)."""
+
+def tls_server_context(pem: bytes) -> TlsContext:
+    """Presents ``pem`` (leaf, chain, key); ALPN ``http/1.1`` only. ``ValueError`` if it does not load."""
+
+def tls_client_context(cafile: str | None = None) -> TlsContext:
+    """Verifies origins (chain, name) against ``cafile`` or the system's store; ALPN ``http/1.1``."""
+
+def tls_engine() -> str | None:
+    """The OpenSSL version the engine's inspected tunnels use; None when built without it."""
+
+class RequestRules:
+    """A host's request rules for the engine: ``judged``, then ``(deny, methods, path, text)``."""
+    def __init__(self, judged: bool, rules: Any = ()) -> None: ...
+
+def _glob(pattern: str, path: str) -> bool: ...
+def _bad_path(path: str) -> str | None: ...

@@ -143,8 +143,8 @@ def _engine_available() -> bool:
         return False
     from . import relay
 
-    impl = relay.impl
-    return getattr(impl, "tls_engine", None) is not None and impl.tls_engine() is not None
+    engine = getattr(relay.impl, "tls_engine", None)
+    return engine is not None and engine() is not None
 
 
 def _request_rule_host(pattern: str) -> str | None:

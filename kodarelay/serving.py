@@ -776,8 +776,12 @@ class ProxyServer:
         if self.metrics.port is not None and target.client is not None and \
                 (self.clients is None or self.clients.get(target.client) is None):
             return                      # the engine counts by known client only: Python counts this one
+        inspect: tuple[Any, ...] = ()
         if self.inspection is not None and plan.kind != REFUSE and self._inspects(target, plan):
-            return                      # decrypted on the asyncio path, never spliced blind
+            insp_spec = self.inspection.engine_spec(self, target, plan)
+            if insp_spec is None:
+                return                  # decrypted on the asyncio path, never spliced blind
+            inspect = (insp_spec,)      # the engine decrypts it
         ttl = self.dialer_for(target.client).cached_for(target.host, target.port, plan)
         if ttl == 0:
             return
@@ -786,7 +790,7 @@ class ProxyServer:
             spec: tuple[Any, ...] = ("refuse", proto.refusal_reply(plan.refusal, plan.host, plan.port),
                                      plan.refusal.reason or "refused")
         elif plan.kind == DIRECT:
-            spec = ("direct", list(plan.addresses), proto.ok_reply)
+            spec = ("direct", list(plan.addresses), proto.ok_reply, *inspect)
         else:
             up = plan.upstream
             assert up is not None

@@ -270,3 +270,29 @@ def test_inspected_tunnels_are_served_by_the_engine(start_proxy, ca, run_ca, bun
         wait_until(lambda: not server._native, what="the tunnel's end")
     finally:
         origin.close()
+
+
+def test_later_tunnels_come_from_the_engines_plan_cache(start_proxy, ca, run_ca, bundle):
+    """The first CONNECT is planned by Python; the next ones to the same host are answered,
+    dialled and inspected by the engine alone, and their refusals still reach the log."""
+    origin = RawOrigin(ca[1])
+    h = start_proxy([f"GET localhost:{origin.port}/*"], inspect=run_ca, upstream_ca=str(ca[0]))
+    try:
+        for i in range(3):
+            s, rest = http_connect(h.port, f"localhost:{origin.port}")
+            assert status_of(read_head(s) if not rest else rest) == 200
+            tls = ssl.create_default_context(cafile=bundle).wrap_socket(s, server_hostname="localhost")
+            tls.settimeout(DEADLINE)
+            tls.sendall(f"GET /a HTTP/1.1\r\nHost: localhost:{origin.port}\r\n\r\n".encode())
+            assert _read_response(tls, "GET").endswith(b"hi")
+            tls.sendall(f"POST /n{i} HTTP/1.1\r\nHost: localhost:{origin.port}\r\n\r\n".encode())
+            assert b"request_not_allowed" in _read_response(tls, "POST")
+            tls.close()
+        front = h._servers[0]._front
+        if front is None:
+            pytest.skip("the asyncio front-end (KODARELAY_NO_NATIVE_FRONTEND)")
+        assert front.plan_stats()["hits"] >= 2
+        wait_until(lambda: sorted(v.path for v in h.violations()) == ["/n0", "/n1", "/n2"], what="three violations")
+        wait_until(lambda: front.plan_stats()["live"] == 0, what="the tunnels' ends")
+    finally:
+        origin.close()
