@@ -85,8 +85,8 @@ class Inspection:
         """What ``_NativeListener.dial(inspect=…)`` needs to serve this admitted tunnel in the
         compiled engine (``kodarelay/_inspect.c``), or None where the asyncio path serves it:
         no TLS engine in this build, or a part of the request pipeline the engine does not
-        have yet (events or metrics being taken, a decider, secrets for the host, named
-        clients, an upstream proxy). ``KODARELAY_NO_ENGINE_INSPECT=1`` keeps every inspected
+        have yet (events or metrics being taken, a decider, secrets, named clients, an
+        upstream proxy). ``KODARELAY_NO_ENGINE_INSPECT=1`` keeps every inspected
         tunnel on the asyncio path."""
         if self._engine is False or plan.kind != DIRECT or self.ca is None:
             return None
@@ -94,9 +94,10 @@ class Inspection:
             self._engine = _engine_available()
             if self._engine is False:
                 return None
+        # (any secret at all: every inspected request is searched for every phantom, a leak to
+        # another host included, and that search is the asyncio path's for now)
         if (srv._events is not None or srv.metrics.port is not None or target.client is not None
-                or srv.clients is not None or srv.dialer.policy.decider is not None
-                or (self.secrets is not None and self.secrets.for_host(plan.host, plan.port))):
+                or srv.clients is not None or srv.dialer.policy.decider is not None or self.secrets or srv.secrets):
             return None
         try:
             from . import _relay  # type: ignore[attr-defined]

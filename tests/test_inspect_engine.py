@@ -296,3 +296,26 @@ def test_later_tunnels_come_from_the_engines_plan_cache(start_proxy, ca, run_ca,
         wait_until(lambda: front.plan_stats()["live"] == 0, what="the tunnels' ends")
     finally:
         origin.close()
+
+
+def test_a_phantom_sent_to_another_inspected_host_is_refused(start_proxy, ca, run_ca, bundle):
+    """With secrets, every inspected request is searched for every phantom (here: a host
+    with request rules that is not the secret's)."""
+    from kodarelay import Secret
+
+    origin = RawOrigin(ca[1])
+    gh = Secret("GH_TOKEN", "real-value-123", ["secret-owner.test"])
+    h = start_proxy([f"GET localhost:{origin.port}/*", "secret-owner.test"], inspect=run_ca,
+                    upstream_ca=str(ca[0]), secrets=[gh])
+    try:
+        s, rest = http_connect(h.port, f"localhost:{origin.port}")
+        assert status_of(read_head(s) if not rest else rest) == 200
+        tls = ssl.create_default_context(cafile=bundle).wrap_socket(s, server_hostname="localhost")
+        tls.settimeout(DEADLINE)
+        tls.sendall(f"GET /a HTTP/1.1\r\nHost: localhost:{origin.port}\r\nAuthorization: Bearer {gh.phantom}\r\n\r\n"
+                    .encode())
+        assert b"secret_leak" in _read_response(tls, "GET")
+        tls.close()
+        assert not any(gh.phantom.encode() in r for r in origin.received)
+    finally:
+        origin.close()
