@@ -276,6 +276,188 @@ void kr_ctx_unref(kr_ctx *c) {
 
 void kr_ctx_ref(kr_ctx *c) { __atomic_fetch_add(&c->refs, 1, __ATOMIC_RELAXED); }
 
+/* ── secrets (kodarelay.secrets.SecretSet, the request / response half) ────────── */
+
+typedef struct {
+    char *name;
+    char *phantom; size_t pn;
+    char *value; size_t vn;
+    char *hosts;           /* the hosts it goes to, as a refusal names them */
+    int covers;            /* this tunnel's host is one of them */
+} kr_secret;
+
+struct kr_secrets {
+    int refs;
+    int n;
+    kr_secret *v;
+};
+
+kr_secrets *kr_secrets_new(void) {
+    kr_secrets *s = calloc(1, sizeof(*s));
+    if (s) s->refs = 1;
+    return s;
+}
+
+int kr_secrets_add(kr_secrets *s, const char *name, const char *phantom, size_t pn, const char *value, size_t vn,
+                   const char *hosts, int covers) {
+    kr_secret *v;
+    kr_secret *e;
+    if (s->n >= 32 || pn == 0 || vn == 0) return -1;
+    v = realloc(s->v, (size_t)(s->n + 1) * sizeof(kr_secret));
+    if (!v) return -1;
+    s->v = v;
+    e = &v[s->n];
+    e->name = dupn(name, strlen(name));
+    e->phantom = dupn(phantom, pn);
+    e->value = dupn(value, vn);
+    e->hosts = dupn(hosts, strlen(hosts));
+    if (!e->name || !e->phantom || !e->value || !e->hosts) {
+        free(e->name); free(e->phantom); free(e->value); free(e->hosts);
+        return -1;
+    }
+    e->pn = pn;
+    e->vn = vn;
+    e->covers = covers;
+    s->n++;
+    return 0;
+}
+
+void kr_secrets_ref(kr_secrets *s) { __atomic_fetch_add(&s->refs, 1, __ATOMIC_RELAXED); }
+
+void kr_secrets_unref(kr_secrets *s) {
+    int i;
+    if (!s || __atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+    for (i = 0; i < s->n; i++) {
+        kr_secret *e = &s->v[i];
+        explicit_bzero(e->value, e->vn);       /* the value is wiped before its memory goes back */
+        explicit_bzero(e->phantom, e->pn);
+        free(e->name); free(e->phantom); free(e->value); free(e->hosts);
+    }
+    free(s->v);
+    free(s);
+}
+
+static int b64v(unsigned char c) {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+}
+
+/* strict base64 (b64decode(validate=True)) into a malloc'd buffer: its length, or -1 */
+static long b64_decode(const char *in, size_t n, char **out) {
+    size_t i, o = 0;
+    char *d;
+    if (n == 0 || n % 4) return -1;
+    d = malloc(n / 4 * 3 + 1);
+    if (!d) return -1;
+    for (i = 0; i < n; i += 4) {
+        int v[4], j, pad = 0;
+        for (j = 0; j < 4; j++) {
+            if (in[i + j] == '=' && i + 4 == n && j >= 2) { v[j] = 0; pad++; continue; }
+            if (pad || (v[j] = b64v((unsigned char)in[i + j])) < 0) { free(d); return -1; }
+        }
+        d[o++] = (char)((v[0] << 2) | (v[1] >> 4));
+        if (pad < 2) d[o++] = (char)((v[1] << 4) | (v[2] >> 2));
+        if (pad < 1) d[o++] = (char)((v[2] << 6) | v[3]);
+    }
+    *out = d;
+    return (long)o;
+}
+
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static size_t b64_encode(const char *in, size_t n, char *out) {
+    size_t i, o = 0;
+    for (i = 0; i + 2 < n; i += 3) {
+        unsigned v = ((unsigned)(unsigned char)in[i] << 16) | ((unsigned)(unsigned char)in[i + 1] << 8)
+                     | (unsigned char)in[i + 2];
+        out[o++] = B64[v >> 18]; out[o++] = B64[(v >> 12) & 63]; out[o++] = B64[(v >> 6) & 63]; out[o++] = B64[v & 63];
+    }
+    if (n - i == 1) {
+        unsigned v = (unsigned)(unsigned char)in[i] << 16;
+        out[o++] = B64[v >> 18]; out[o++] = B64[(v >> 12) & 63]; out[o++] = '='; out[o++] = '=';
+    } else if (n - i == 2) {
+        unsigned v = ((unsigned)(unsigned char)in[i] << 16) | ((unsigned)(unsigned char)in[i + 1] << 8);
+        out[o++] = B64[v >> 18]; out[o++] = B64[(v >> 12) & 63]; out[o++] = B64[(v >> 6) & 63]; out[o++] = '=';
+    }
+    return o;
+}
+
+/* ``Basic <base64>`` (secrets._BASIC on a stripped value): where the base64 starts, or 0 */
+static size_t basic_at(const char *v, size_t n) {
+    size_t i = 5, s;
+    if (n < 7 || strncasecmp(v, "basic", 5) != 0 || (v[5] != ' ' && v[5] != '\t')) return 0;
+    while (i < n && (v[i] == ' ' || v[i] == '\t')) i++;
+    s = i;
+    if (s == n) return 0;
+    for (; i < n; i++) {
+        unsigned char c = (unsigned char)v[i];
+        if (!(b64v(c) >= 0 || c == '=')) return 0;
+    }
+    return s;
+}
+
+/* whether v (or its decoded Basic credential) holds needle */
+static int value_has(const char *v, size_t n, const char *needle, size_t nn) {
+    size_t at;
+    if (memmem(v, n, needle, nn)) return 1;
+    if ((at = basic_at(v, n)) != 0) {
+        char *d = NULL;
+        long dn = b64_decode(v + at, n - at, &d);
+        int r = dn >= 0 && memmem(d, (size_t)dn, needle, nn) != NULL;
+        if (d) { explicit_bzero(d, dn > 0 ? (size_t)dn : 0); free(d); }
+        return r;
+    }
+    return 0;
+}
+
+/* secrets._swap_value: every ``old`` in v becomes ``nw``, then (basic) in its Basic
+ * credential too; the result is malloc'd in *out (its length returned), or -1 */
+static long swap_value(const char *v, size_t n, const char *old, size_t on, const char *nw, size_t nn, char **out,
+                       int basic) {
+    size_t cap = n + 64, o = 0, i = 0, at;
+    char *r = malloc(cap);
+    if (!r) return -1;
+    while (i < n) {
+        const char *hit = on ? memmem(v + i, n - i, old, on) : NULL;
+        size_t take = hit ? (size_t)(hit - (v + i)) : n - i;
+        size_t need = o + take + (hit ? nn : 0) + 1;
+        if (need > cap) {
+            char *q;
+            while (cap < need) cap *= 2;
+            q = realloc(r, cap);
+            if (!q) { free(r); return -1; }
+            r = q;
+        }
+        memcpy(r + o, v + i, take); o += take; i += take;
+        if (hit) { memcpy(r + o, nw, nn); o += nn; i += on; }
+    }
+    if (basic && (at = basic_at(r, o)) != 0) {
+        char *d = NULL;
+        long dn = b64_decode(r + at, o - at, &d);
+        if (dn >= 0 && memmem(d, (size_t)dn, old, on)) {
+            char *sw = NULL, *enc;
+            long sn = swap_value(d, (size_t)dn, old, on, nw, nn, &sw, 0);
+            if (sn < 0) { free(d); free(r); return -1; }
+            enc = malloc(at + ((size_t)sn + 2) / 3 * 4 + 1);
+            if (!enc) { free(sw); free(d); free(r); return -1; }
+            memcpy(enc, r, at);
+            explicit_bzero(r, o);
+            free(r);
+            o = at + b64_encode(sw, (size_t)sn, enc + at);
+            explicit_bzero(sw, (size_t)sn);
+            free(sw);
+            r = enc;
+        }
+        if (d) { explicit_bzero(d, dn > 0 ? (size_t)dn : 0); free(d); }
+    }
+    *out = r;
+    return (long)o;
+}
+
 /* ── the machine ───────────────────────────────────────────────────────────── */
 
 typedef struct side {
@@ -337,6 +519,8 @@ struct kr_insp {
     kr_rec *recs, **rtail;
     int err;
     int closing;
+    kr_secrets *secrets;   /* NULL: none */
+    unsigned swap;         /* the secrets (bits) the request in flight carries */
 };
 
 static int grow_out(side *s, size_t more) {
@@ -861,6 +1045,32 @@ static void append(char **o, size_t *on, size_t *cap, const char *p, size_t n, i
 #define APP(s, n) append(&ob, &on, &ocap, (s), (n), &fail)
 #define APPS(s) APP((s), strlen(s))
 
+/* one field's value into the head being rebuilt, secrets swapped: a request's phantoms of
+ * the secrets it carries become their values, a response's values of the host's secrets
+ * their phantoms (SecretSet.check / unswap) */
+static void put_value(kr_insp *x, int request, const field *f, char **ob, size_t *on, size_t *ocap, int *fail) {
+    char *cur = NULL;
+    size_t cn = f->valuen;
+    int i;
+    kr_secrets *s = x->secrets;
+    if (s && (request ? (x->swap && !name_is(f, "proxy-authorization")) : x->tls)) {
+        for (i = 0; i < s->n; i++) {
+            const kr_secret *e = &s->v[i];
+            char *next = NULL;
+            long k;
+            if (request ? !(x->swap & (1u << i)) : !e->covers) continue;
+            k = request ? swap_value(cur ? cur : f->value, cur ? cn : f->valuen, e->phantom, e->pn, e->value, e->vn, &next, 1)
+                        : swap_value(cur ? cur : f->value, cur ? cn : f->valuen, e->value, e->vn, e->phantom, e->pn, &next, 1);
+            if (k < 0) { *fail = 1; break; }
+            if (cur) { explicit_bzero(cur, cn); free(cur); }
+            cur = next;
+            cn = (size_t)k;
+        }
+    }
+    append(ob, on, ocap, cur ? cur : f->value, cur ? cn : f->valuen, fail);
+    if (cur) { explicit_bzero(cur, cn); free(cur); }
+}
+
 /* the request judged and allowed: its rebuilt head for the origin (InspectedExchange._rebuild) */
 static int send_request(kr_insp *x, const char *method, const char *origin, size_t originn, const char *version,
                         const fields *fs) {
@@ -870,18 +1080,85 @@ static int send_request(kr_insp *x, const char *method, const char *origin, size
     char authority[300];
     if (x->port == 80 || (x->tls && x->port == 443)) snprintf(authority, sizeof(authority), "%s", x->shown);
     else snprintf(authority, sizeof(authority), "%s:%d", x->shown, x->port);
-    APPS(method); APP(" ", 1); APP(origin, originn); APP(" ", 1); APPS(version); APP("\r\n", 2);
+    APPS(method); APP(" ", 1);
+    if (x->swap) {                           /* the target: phantoms only (no Basic there) */
+        kr_secrets *s = x->secrets;
+        char *cur = NULL;
+        size_t cn = originn;
+        for (i = 0; i < s->n && !fail; i++) {
+            char *next = NULL;
+            long k;
+            if (!(x->swap & (1u << i))) continue;
+            k = swap_value(cur ? cur : origin, cur ? cn : originn, s->v[i].phantom, s->v[i].pn, s->v[i].value,
+                           s->v[i].vn, &next, 0);
+            if (k < 0) { fail = 1; break; }
+            if (cur) { explicit_bzero(cur, cn); free(cur); }
+            cur = next;
+            cn = (size_t)k;
+        }
+        APP(cur ? cur : origin, cur ? cn : originn);
+        if (cur) { explicit_bzero(cur, cn); free(cur); }
+    } else APP(origin, originn);
+    APP(" ", 1); APPS(version); APP("\r\n", 2);
     APP("Host: ", 6); APPS(authority); APP("\r\n", 2);
     for (i = 0; i < fs->n; i++) {
         const field *f = &fs->f[i];
         if (name_is(f, "host") || dropped(fs, f, x->upgrade)) continue;
-        APP(f->name, f->namen); APP(": ", 2); APP(f->value, f->valuen); APP("\r\n", 2);
+        APP(f->name, f->namen); APP(": ", 2); put_value(x, 1, f, &ob, &on, &ocap, &fail); APP("\r\n", 2);
     }
     if (x->upgrade) APPS("Connection: Upgrade\r\n");
     APP("\r\n", 2);
     if (fail || out_put(x, &x->o, ob, on) < 0) { free(ob); x->err = ENOMEM; return -1; }
     free(ob);
     return 0;
+}
+
+/* secrets.redact: a path for records and replies with every phantom and value as [NAME] */
+static size_t redact(kr_insp *x, const char *p, size_t n, char *out, size_t cap) {
+    char *cur = NULL;
+    size_t cn = n;
+    int i, pass;
+    kr_secrets *s = x->secrets;
+    for (i = 0; s && i < s->n; i++) {
+        char tag[80];
+        int tn = snprintf(tag, sizeof(tag), "[%s]", s->v[i].name);
+        for (pass = 0; pass < 2; pass++) {
+            const char *old = pass ? s->v[i].value : s->v[i].phantom;
+            size_t on = pass ? s->v[i].vn : s->v[i].pn;
+            char *next = NULL;
+            long k;
+            if (!memmem(cur ? cur : p, cn, old, on)) continue;
+            k = swap_value(cur ? cur : p, cn, old, on, tag, (size_t)tn, &next, 0);
+            if (k < 0) { if (cur) free(cur); cur = NULL; cn = 0; break; }
+            if (cur) { explicit_bzero(cur, cn); free(cur); }
+            cur = next;
+            cn = (size_t)k;
+        }
+    }
+    if (cn >= cap) cn = cap - 1;
+    memcpy(out, cur ? cur : p, cn);
+    out[cn] = 0;
+    if (cur) { explicit_bzero(cur, cn); free(cur); }
+    return cn;
+}
+
+/* the secrets a request carries (bits), in its target or a field (Basic decoded) */
+static unsigned carried(kr_insp *x, const char *origin, size_t originn, const fields *fs) {
+    unsigned found = 0;
+    int i, j;
+    kr_secrets *s = x->secrets;
+    for (i = 0; s && i < s->n; i++) {
+        const kr_secret *e = &s->v[i];
+        if (memmem(origin, originn, e->phantom, e->pn)) { found |= 1u << i; continue; }
+        for (j = 0; j < fs->n; j++) {
+            const field *f = &fs->f[j];
+            if (!name_is(f, "proxy-authorization") && value_has(f->value, f->valuen, e->phantom, e->pn)) {
+                found |= 1u << i;
+                break;
+            }
+        }
+    }
+    return found;
 }
 
 /* forward.request_refusal */
@@ -891,6 +1168,10 @@ static void request_refusal(kr_insp *x, const char *reason, const char *method, 
     if (strchr(x->shown, ':')) snprintf(at, sizeof(at), "[%s]", x->shown); else snprintf(at, sizeof(at), "%s", x->shown);
     snprintf(where, sizeof(where), "%s:%d%s", at, x->port, path);
     if (!strcmp(reason, "request_denied")) snprintf(why, sizeof(why), "a deny rule matches it (%s)", rule ? rule : "None");
+    else if (!strcmp(reason, "secret_leak"))
+        snprintf(why, sizeof(why), "it carries the phantom of %s, which goes only to %s", detail, rule);
+    else if (!strcmp(reason, "secret_plaintext"))
+        snprintf(why, sizeof(why), "the phantom of %s is swapped for its value only over HTTPS; use https://", detail);
     else if (!strcmp(reason, "bad_path")) snprintf(why, sizeof(why), "%s; paths must be plain on hosts with request rules", detail);
     else {
         char at2[310];
@@ -1015,11 +1296,29 @@ static int on_request_head(kr_insp *x, size_t hn) {
         if (q) shown_n = (size_t)(q - origin);
     }
     reason = judge(x, method, s1, origin, originn, &rule, &detail);
+    x->swap = 0;
+    if (!reason && x->secrets) {
+        /* SecretSet.check: a phantom to a host not its own is a leak, over plain HTTP it is
+         * never swapped; else the request goes on with the values in */
+        unsigned found = carried(x, origin, originn, fs);
+        int i;
+        for (i = 0; found && i < x->secrets->n; i++) {
+            if (!(found & (1u << i))) continue;
+            if (!x->secrets->v[i].covers || !x->tls) {
+                static __thread char secret_detail[96];
+                snprintf(secret_detail, sizeof(secret_detail), "secret %s", x->secrets->v[i].name);
+                reason = x->secrets->v[i].covers ? "secret_plaintext" : "secret_leak";
+                detail = secret_detail;
+                rule = x->secrets->v[i].hosts;
+                break;
+            }
+        }
+        if (!reason) x->swap = found;
+    }
     if (reason) {
         char shown_path[MAX_HEAD];
-        memcpy(shown_path, origin, shown_n);
-        shown_path[shown_n] = 0;
-        rec(x, reason, method, 1, origin, shown_n, detail);
+        size_t pn = redact(x, origin, shown_n, shown_path, sizeof(shown_path));
+        rec(x, reason, method, 1, shown_path, pn, detail);
         keep = (kind == 0 || (kind == 1 && len == 0)) && strcmp(version, "HTTP/1.0") != 0
                && !has_token(fs, "connection", "close");
         request_refusal(x, reason, method, shown_path, detail, rule, keep);
@@ -1078,7 +1377,7 @@ static int on_response_head(kr_insp *x, size_t hn) {
         for (i = 0; i < (size_t)fs->n; i++) {
             const field *f = &fs->f[i];
             if (dropped(fs, f, 0)) continue;
-            APP(f->name, f->namen); APP(": ", 2); APP(f->value, f->valuen); APP("\r\n", 2);
+            APP(f->name, f->namen); APP(": ", 2); put_value(x, 0, f, &ob, &on, &ocap, &fail); APP("\r\n", 2);
         }
         APP("\r\n", 2);
         goto emit_interim;
@@ -1103,7 +1402,7 @@ static int on_response_head(kr_insp *x, size_t hn) {
         const field *f = &fs->f[i];
         if (dropped(fs, f, status == 101)) continue;
         if (status != 101 && count_fields(fs, "transfer-encoding") && name_is(f, "content-length")) continue;
-        APP(f->name, f->namen); APP(": ", 2); APP(f->value, f->valuen); APP("\r\n", 2);
+        APP(f->name, f->namen); APP(": ", 2); put_value(x, 0, f, &ob, &on, &ocap, &fail); APP("\r\n", 2);
     }
     if (status == 101) APPS("Connection: Upgrade\r\n");
     else if (close || !upload_done) APPS("Connection: close\r\n");
@@ -1296,8 +1595,15 @@ void kr_insp_free(kr_insp *x) {
     kr_ctx_unref(x->sctx);
     kr_ctx_unref(x->cctx);
     kr_rules_unref(x->rules);
+    kr_secrets_unref(x->secrets);
     while ((r = x->recs) != NULL) { x->recs = r->next; kr_rec_free(r); }
     free(x);
+}
+
+void kr_insp_set_secrets(kr_insp *x, kr_secrets *s) {
+    if (s) kr_secrets_ref(s);
+    kr_secrets_unref(x->secrets);
+    x->secrets = s;
 }
 
 kr_rec *kr_insp_take(kr_insp *x) {

@@ -37,6 +37,16 @@ int kr_glob(const char *pat, size_t pn, const char *s, size_t n);
 /* why a path is not plain (requestrules.bad_path), or NULL */
 const char *kr_bad_path(const char *p, size_t n);
 
+/* The secrets of a server as one tunnel sees them (kodarelay.secrets): name, phantom, value,
+ * the hosts they go to (as a refusal names them) and whether this tunnel's host is one. */
+typedef struct kr_secrets kr_secrets;
+kr_secrets *kr_secrets_new(void);
+/* 0, or -1 (out of memory, an empty phantom or value, more than 32) */
+int kr_secrets_add(kr_secrets *s, const char *name, const char *phantom, size_t pn, const char *value, size_t vn,
+                   const char *hosts, int covers);
+void kr_secrets_ref(kr_secrets *s);
+void kr_secrets_unref(kr_secrets *s);
+
 /* One violation for Python, queued by the machine, taken with kr_insp_take. */
 typedef struct kr_rec {
     struct kr_rec *next;
@@ -57,6 +67,8 @@ enum { KR_I_AGAIN = 0, KR_I_DONE = 1, KR_I_MORE = 2, KR_I_ERROR = -1 };
  * handshake; sctx may be NULL (then only plain HTTP inside the tunnel is served) */
 kr_insp *kr_insp_new(int cfd, int ofd, kr_ctx *sctx, kr_ctx *cctx, kr_rules *rules, const char *host,
                      int port, const char *early, size_t earlyn);
+/* the secrets its requests are searched for (a reference is taken) */
+void kr_insp_set_secrets(kr_insp *x, kr_secrets *s);
 /* bytes for the client before anything else (the handshake's ok reply); 0 or -1 */
 int kr_insp_reply(kr_insp *x, const char *p, size_t n);
 /* drive it until every socket it waits on would block: KR_I_AGAIN (wait for epoll),

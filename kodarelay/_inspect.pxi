@@ -10,6 +10,7 @@ cdef void _ispec_free(InspSpec *s) noexcept nogil:
     kr_ctx_unref(s.sctx)
     kr_ctx_unref(s.cctx)
     kr_rules_unref(s.rules)
+    kr_secrets_unref(s.secrets)
     if s.rl != NULL:
         _l_drop(s.cm, s.rl)
     free(s)
@@ -25,6 +26,8 @@ cdef InspSpec *_ispec_copy(InspSpec *s) noexcept nogil:
     kr_ctx_ref(n.sctx)
     kr_ctx_ref(n.cctx)
     kr_rules_ref(n.rules)
+    if n.secrets != NULL:
+        kr_secrets_ref(n.secrets)
     n.rl = NULL
     return n
 
@@ -125,6 +128,7 @@ cdef void _insp_begin(Worker *w, Tunnel *t, double now) noexcept nogil:
     if t.insp == NULL or kr_insp_reply(t.insp, t.okrep, t.okn) < 0:
         _finish_errno(w, t, ENOMEM)
         return
+    kr_insp_set_secrets(t.insp, s.secrets)
     free(t.okrep)
     t.okrep = NULL
     free(t.early)
@@ -210,6 +214,29 @@ cdef class RequestRules:
         kr_rules_unref(self.r)
 
 
+cdef class SecretTable:
+    """A server's secrets as one tunnel's host sees them: ``(name, phantom, value, hosts
+    text, covers)`` each (at most 32); the engine wipes the values when it lets them go."""
+    cdef kr_secrets *s
+
+    def __cinit__(self, secrets):
+        cdef bytes name, phantom, value, hosts
+        self.s = kr_secrets_new()
+        if self.s == NULL:
+            raise MemoryError()
+        for name_s, phantom, value, hosts_s, covers in secrets:
+            name = name_s.encode("ascii")
+            hosts = hosts_s.encode("utf-8", "replace")
+            if kr_secrets_add(self.s, name, phantom, len(phantom), value, len(value), hosts, 1 if covers else 0) < 0:
+                raise ValueError("the engine takes at most 32 secrets, none empty")
+
+    def __dealloc__(self):
+        kr_secrets_unref(self.s)
+
+    def __reduce__(self):
+        raise TypeError("a SecretTable is not pickled: its values stay in this process")
+
+
 def _glob(str pattern, str path):
     cdef bytes a = pattern.encode("latin-1"), b = path.encode("latin-1")
     return bool(kr_glob(a, len(a), b, len(b)))
@@ -227,9 +254,12 @@ cdef InspSpec *_ispec_new(Listener *l, inspect, int port) except NULL:
     cdef TlsContext sc
     cdef TlsContext cc
     cdef RequestRules rr
+    cdef SecretTable st = None
     cdef bytes host, client
     cdef InspSpec *s
-    sc, cc, rr, host_s, client_s = inspect
+    sc, cc, rr, host_s, client_s = inspect[:5]
+    if len(inspect) > 5 and inspect[5] is not None:
+        st = inspect[5]
     host = host_s.encode("ascii")
     client = client_s.encode("ascii") if client_s is not None else b""
     if len(host) > PLAN_HOST_MAX or len(client) > CLIENT_MAX or b"\0" in host:
@@ -243,6 +273,9 @@ cdef InspSpec *_ispec_new(Listener *l, inspect, int port) except NULL:
     kr_ctx_ref(s.sctx)
     kr_ctx_ref(s.cctx)
     kr_rules_ref(s.rules)
+    if st is not None:
+        s.secrets = st.s
+        kr_secrets_ref(s.secrets)
     memcpy(s.host, <const char *>host, len(host))
     s.hostn = <int>len(host)
     s.port = port

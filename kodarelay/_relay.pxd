@@ -130,6 +130,14 @@ cdef extern from "_inspect.h" nogil:
         KR_I_DONE
         KR_I_MORE
         KR_I_ERROR
+    ctypedef struct kr_secrets:
+        pass
+    kr_secrets *kr_secrets_new()
+    int kr_secrets_add(kr_secrets *s, const char *name, const char *phantom, size_t pn, const char *value, size_t vn,
+                       const char *hosts, int covers)
+    void kr_secrets_ref(kr_secrets *s)
+    void kr_secrets_unref(kr_secrets *s)
+    void kr_insp_set_secrets(kr_insp *x, kr_secrets *s)
     int kr_tls_available()
     const char *kr_tls_version()
     kr_ctx *kr_server_ctx(const char *pem, size_t n, char *err, size_t errn)
@@ -480,6 +488,7 @@ cdef struct InspSpec:
     kr_ctx *sctx
     kr_ctx *cctx
     kr_rules *rules
+    kr_secrets *secrets    # NULL: the server has none
     Listener *rl
     Completer *cm
     double idle            # the tunnel's idle cap once its handshake is done (until then: hs_timeout)

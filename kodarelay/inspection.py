@@ -94,10 +94,11 @@ class Inspection:
             self._engine = _engine_available()
             if self._engine is False:
                 return None
-        # (any secret at all: every inspected request is searched for every phantom, a leak to
-        # another host included, and that search is the asyncio path's for now)
         if (srv._events is not None or srv.metrics.port is not None or target.client is not None
-                or srv.clients is not None or srv.dialer.policy.decider is not None or self.secrets or srv.secrets):
+                or srv.clients is not None or srv.dialer.policy.decider is not None):
+            return None
+        secrets = srv.secrets
+        if secrets and len(secrets.secrets) > 32:
             return None
         try:
             from . import _relay  # type: ignore[attr-defined]
@@ -106,8 +107,12 @@ class Inspection:
                 self._engine_client = _relay.tls_client_context(
                     os.fspath(self.upstream_ca) if self.upstream_ca is not None else None)
             judged, rules = srv.dialer_for(target.client).policy.filter.request_program(plan.host, plan.port)
+            # every inspected request is searched for every phantom (a leak to another host
+            # included); the values are read now, once per tunnel
+            table = _relay.SecretTable([(s.name, s.phantom_bytes, s.value.encode(), ",".join(s.hosts),
+                                         s.covers(plan.host, plan.port)) for s in secrets.secrets]) if secrets else None
             return (self.ca.engine_context(plan.host), self._engine_client, _relay.RequestRules(judged, rules),
-                    plan.host, None)
+                    plan.host, None, table)
         except (ValueError, UnicodeError) as e:
             log.info("inspected tunnel to %s:%d served on the asyncio path: %s", plan.host, plan.port, e)
             return None

@@ -778,9 +778,9 @@ class ProxyServer:
             return                      # the engine counts by known client only: Python counts this one
         inspect: tuple[Any, ...] = ()
         if self.inspection is not None and plan.kind != REFUSE and self._inspects(target, plan):
-            insp_spec = self.inspection.engine_spec(self, target, plan)
+            insp_spec = self.inspection.engine_spec(self, target, plan) if not self.secrets else None
             if insp_spec is None:
-                return                  # decrypted on the asyncio path, never spliced blind
+                return                  # (with secrets: a value read from a file may change)
             inspect = (insp_spec,)      # the engine decrypts it
         ttl = self.dialer_for(target.client).cached_for(target.host, target.port, plan)
         if ttl == 0:

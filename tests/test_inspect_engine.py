@@ -102,6 +102,10 @@ class RawOrigin:
                 with self.lock:
                     self.received[idx] += req
                 path = req.split(b" ")[1].decode().split("?")[0]
+                if path == "/echo":             # what it was sent in Authorization, in a header
+                    auth = [ln.split(b":", 1)[1].strip() for ln in req.split(b"\r\n") if ln.lower().startswith(b"authorization:")]
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nX-Seen: " + (auth[0] if auth else b"-") + b"\r\nContent-Length: 0\r\n\r\n")
+                    continue
                 if req.startswith(b"HEAD "):
                     tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
                     continue
@@ -199,6 +203,82 @@ CASES = {
 }
 
 
+SECRET_CASES = {
+    "swapped in headers, Basic and the query; unswapped in the response": [
+        "GET /echo HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {phantom}\r\nX-Api-Key: k-{phantom}\r\n\r\n",
+        "GET /echo?token={phantom} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {basic}\r\n\r\n",
+        "GET /a/{phantom} HTTP/1.1\r\nHost: {host}\r\n\r\n",
+    ],
+    "another secret's phantom is a leak": [
+        "GET /echo HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {other}\r\n\r\n",
+        "GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n",
+    ],
+    "a leak in the path is redacted": ["GET /x/{other}?q=1 HTTP/1.1\r\nHost: {host}\r\n\r\n"],
+    "a refused request's path is redacted": ["DELETE /x/{phantom} HTTP/1.1\r\nHost: {host}\r\n\r\n"],
+}
+
+
+@pytest.mark.parametrize("case", list(SECRET_CASES))
+def test_engine_and_asyncio_path_agree_on_secrets(case, ca, run_ca, bundle):
+    import base64
+
+    from kodarelay import BuiltInProxy, Filter, Secret, UpstreamConfig
+
+    origin = RawOrigin(ca[1])
+    mine = Secret("API_TOKEN", "sk-real-value-0123456789", ["localhost"])
+    other = Secret("OTHER_TOKEN", "gh-other-value-0123456789", ["other.test"])
+    basic = base64.b64encode(f"user:{mine.phantom}".encode()).decode()
+    requests = [r.replace("{phantom}", mine.phantom).replace("{other}", other.phantom).replace("{basic}", basic)
+                for r in SECRET_CASES[case]]
+    try:
+        results = []
+        for engine in (False, True):
+            h = BuiltInProxy(Filter([f"GET localhost:{origin.port}/*", "other.test"], deny=[f"DELETE localhost:{origin.port}/*"]),
+                             upstream=UpstreamConfig.direct(), inspect=run_ca, upstream_ca=str(ca[0]),
+                             secrets=[mine, other]).start()
+            try:
+                server = h._servers[0]
+                if not engine:
+                    server.inspection._engine = False
+                inspected = _count_engine_tunnels(server)
+                before = len(origin.received)
+                client = _run(h.port, origin.port, bundle, requests)
+                assert (inspected == [1]) == engine       # the engine served it (or, asked not to, did not)
+                if engine:
+                    want = len(results[0][2])
+                    wait_until(lambda: len(h.violations()) >= want, what="the engine's violations")
+                got = {(v.reason, v.method, v.path, v.detail) for v in h.violations()}
+                results.append((client, b"".join(origin.received[before:]), got))
+            finally:
+                h.shutdown()
+        (c2, o2, v2), (c1, o1, v1) = results
+        assert c1 == c2
+        assert o1 == o2
+        assert v1 == v2
+        # the origin has the value, never a phantom; the client the phantom, never the value
+        assert mine.phantom.encode() not in o1 and other.phantom.encode() not in o1
+        assert b"sk-real-value" not in c1
+        if "swapped" in case:
+            assert o1.count(b"sk-real-value-0123456789") == 4 and mine.phantom.encode() in c1
+        assert not any(mine.phantom in str(v) or other.phantom in str(v) for v in v1)
+    finally:
+        origin.close()
+
+
+def _count_engine_tunnels(server) -> list[int]:  # type: ignore[no-untyped-def]
+    """How many tunnels the server hands to the engine as inspected ones (from now on)."""
+    seen = [0]
+    dial = server._dial_native
+
+    def counting(h, proto, target, plan, inspect=None):  # type: ignore[no-untyped-def]
+        if inspect is not None:
+            seen[0] += 1
+        return dial(h, proto, target, plan, inspect)
+
+    server._dial_native = counting
+    return seen
+
+
 def _run(proxy_port: int, origin_port: int, bundle: str, requests: list[str]) -> bytes:
     s, rest = http_connect(proxy_port, f"localhost:{origin_port}")
     assert status_of(read_head(s) if not rest else rest) == 200
@@ -233,8 +313,10 @@ def test_engine_and_asyncio_path_agree(case, start_proxy, ca, run_ca, bundle):
                 server = h._servers[0]
                 if not engine:
                     server.inspection._engine = False
+                inspected = _count_engine_tunnels(server)
                 before = len(origin.received)
                 client = _run(h.port, origin.port, bundle, CASES[case])
+                assert (inspected == [1]) == engine       # the engine served it (or, asked not to, did not)
                 if engine:
                     # (the engine's records arrive from its completer thread)
                     want = len(results[0][2])
