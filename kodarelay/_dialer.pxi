@@ -21,7 +21,7 @@ cdef void _dial_fail(Worker *w, Tunnel *t, int err) noexcept nogil:
         rep[3] = 1
         _send_all_nb(t.fd[0], rep, 10)
     else:
-        _send_all_nb(t.fd[0], b"HTTP/1.1 502 Bad Gateway\r\n\r\n", 28)
+        _send_all_nb(t.fd[0], g_reply_502, g_reply_502n)
     _finish(w, t, RES_DIAL, err)
 
 

@@ -188,7 +188,7 @@ cdef void _hs_read(Worker *w, Listener *l, Hs *h) noexcept nogil:
 
 cdef void _hs_timeout(Worker *w, Listener *l, Hs *h) noexcept nogil:
     if h.state == ST_FIRST or h.state == ST_HTTP:
-        _send_all_nb(h.fd, b"HTTP/1.1 408 Request Timeout\r\n\r\n", 32)
+        _send_all_nb(h.fd, g_reply_408, g_reply_408n)
     _hs_close(w, l, h)
 
 

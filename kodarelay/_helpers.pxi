@@ -7,6 +7,16 @@ cdef int g_pipe_size = 256 * 1024  # F_SETPIPE_SZ request for new pipes (0: kern
 cdef double ACCEPT_BACKOFF = 0.05  # seconds before a listener is re-armed after an accept error
 cdef double TRIM_EVERY = 1.0       # seconds between trims of a worker's pipe and buffer pools
 
+# The engine's own bare replies, written by kodarelay.replies.status_line (the one place a
+# status line is spelled): a native dial that failed, a handshake that timed out.
+from .replies import status_line as _status_line
+cdef bytes _REPLY_502 = _status_line(502)
+cdef bytes _REPLY_408 = _status_line(408)
+cdef const char *g_reply_502 = _REPLY_502
+cdef size_t g_reply_502n = len(_REPLY_502)
+cdef const char *g_reply_408 = _REPLY_408
+cdef size_t g_reply_408n = len(_REPLY_408)
+
 
 cdef inline double _mono() noexcept nogil:
     cdef timespec ts

@@ -52,10 +52,12 @@ KODARELAY_SANITIZE=$MODE "$VENV/bin/python" -m pip install -q "$src[test]"     #
 KODARELAY_SANITIZE=$MODE "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$src"
 so=$(cd / && "$VENV/bin/python" -c 'import importlib.util as u; print(u.find_spec("kodarelay._relay").origin)')
 case "$so" in "$VENV"/*) ;; *) echo "sanitize.sh: imported $so, not $VENV's build" >&2; exit 2 ;; esac
+# (the symbol list is read whole: grep -q stopping early would SIGPIPE nm, a failure under pipefail)
+syms=$(nm -D "$so")
 if [ "$MODE" = thread ]; then
-    nm -D "$so" | grep -q __tsan_init || { echo "sanitize.sh: $so is not instrumented" >&2; exit 2; }
+    grep -q __tsan_init <<<"$syms" || { echo "sanitize.sh: $so is not instrumented" >&2; exit 2; }
 else
-    nm -D "$so" | grep -q __asan_init || { echo "sanitize.sh: $so is not instrumented" >&2; exit 2; }
+    grep -q __asan_init <<<"$syms" || { echo "sanitize.sh: $so is not instrumented" >&2; exit 2; }
 fi
 
 status=0
