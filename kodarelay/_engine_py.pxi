@@ -220,6 +220,19 @@ cdef class _TunnelHandle:
     def fut(self):
         return self.fut
 
+    def take_handback(self):
+        """A forwarded connection the engine gave back (``RES_HANDBACK``): ``(fd, unread
+        bytes)``, the fd now the caller's; None otherwise (or once taken)."""
+        cdef Tunnel *t = self.t
+        if t == NULL or t.result != RES_HANDBACK or t.hbfd < 0:
+            return None
+        data = t.hb[:t.hbn] if t.hb != NULL else b""
+        fd = t.hbfd
+        t.hbfd = -1
+        free(t.hb)
+        t.hb = NULL
+        return fd, data
+
     @property
     def moved(self):
         """(bytes to the target, bytes to the client) so far."""
@@ -489,6 +502,7 @@ cdef Tunnel *_tunnel_new(double idle, double total) noexcept nogil:
         t.fd[i] = -1
         t.d[i].pr = -1
         t.d[i].pw = -1
+    t.hbfd = -1
     t.hidx = -1
     t.idle = idle if idle == idle else 1e300
     t.total = total if total == total else 1e300

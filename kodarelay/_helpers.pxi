@@ -47,6 +47,9 @@ cdef void _drop_ref(Tunnel *t) noexcept nogil:
     left = t.refs
     pthread_mutex_unlock(&w.mu)
     if left == 0:
+        if t.hbfd >= 0:           # a handback nobody took
+            close(t.hbfd)
+        free(t.hb)
         free(t)
 
 

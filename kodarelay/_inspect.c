@@ -521,6 +521,9 @@ struct kr_insp {
     int closing;
     kr_secrets *secrets;   /* NULL: none */
     unsigned swap;         /* the secrets (bits) the request in flight carries */
+    int fwd;               /* plain-HTTP forwarding: absolute-form requests to host:port */
+    int handback;          /* a request Python serves: the connection goes back to it */
+    char authority[300];   /* (fwd) the request's authority as written: its Host */
 };
 
 static int grow_out(side *s, size_t more) {
@@ -1078,7 +1081,8 @@ static int send_request(kr_insp *x, const char *method, const char *origin, size
     size_t on = 0, ocap = 0;
     int fail = 0, i;
     char authority[300];
-    if (x->port == 80 || (x->tls && x->port == 443)) snprintf(authority, sizeof(authority), "%s", x->shown);
+    if (x->fwd) snprintf(authority, sizeof(authority), "%s", x->authority);
+    else if (x->port == 80 || (x->tls && x->port == 443)) snprintf(authority, sizeof(authority), "%s", x->shown);
     else snprintf(authority, sizeof(authority), "%s:%d", x->shown, x->port);
     APPS(method); APP(" ", 1);
     if (x->swap) {                           /* the target: phantoms only (no Basic there) */
@@ -1211,6 +1215,44 @@ static const char *judge(kr_insp *x, const char *method, size_t mn, const char *
 
 /* a complete request head h[0..hn) at the front of c.ib: judged, then refused or forwarded.
  * 0 served (or refused), -1 error (x->err) */
+/* (forwarding) parse_absolute_target for the requests the engine serves: ``http://`` then
+ * host[:port] naming this machine's host and port; 1 with the origin-form tail in
+ * tailbuf, 0 for anything else (Python serves it: another host, userinfo, v6, errors) */
+static int absolute_target(kr_insp *x, const char *t, size_t n, char *tailbuf, size_t *tailn) {
+    size_t i = 7, a, hn, k;
+    int port = 80;
+    const char *colon;
+    if (n < 8 || strncasecmp(t, "http://", 7) != 0) return 0;
+    while (i < n && t[i] != '/' && t[i] != '?' && t[i] != '#') i++;
+    a = i - 7;
+    if (a == 0 || a >= sizeof(x->authority) || memchr(t + 7, '@', a) || memchr(t + 7, '[', a) || memchr(t + 7, ']', a))
+        return 0;
+    colon = memchr(t + 7, ':', a);
+    hn = colon ? (size_t)(colon - (t + 7)) : a;
+    if (colon) {
+        size_t pn = a - hn - 1;
+        if (pn < 1 || pn > 5) return 0;
+        port = 0;
+        for (k = 0; k < pn; k++) {
+            char c = colon[1 + k];
+            if (c < '0' || c > '9') return 0;
+            port = port * 10 + (c - '0');
+        }
+    }
+    if (port != x->port || !host_names(t + 7, hn, x->host)) return 0;
+    memcpy(x->authority, t + 7, a);
+    x->authority[a] = 0;
+    {   /* the tail: fragment dropped, "/" first */
+        const char *hash = memchr(t + i, '#', n - i);
+        size_t tn = (hash ? (size_t)(hash - t) : n) - i, o = 0;
+        if (tn + 2 > MAX_HEAD) return 0;
+        if (tn == 0 || t[i] != '/') tailbuf[o++] = '/';
+        memcpy(tailbuf + o, t + i, tn);
+        *tailn = o + tn;
+    }
+    return 1;
+}
+
 static int on_request_head(kr_insp *x, size_t hn) {
     const char *h = x->c.ib;
     const char *bad;
@@ -1243,6 +1285,20 @@ static int on_request_head(kr_insp *x, size_t hn) {
     snprintf(x->method, sizeof(x->method), "%s", method);
     origin = h + s1 + 1;
     originn = s2 - s1 - 1;
+    if (x->fwd) {
+        /* forwarding: an absolute-form request to this machine's host and port, naming no
+         * proxy user, or Python serves it (from this request on) */
+        static __thread char tail[MAX_HEAD];
+        size_t tn = 0;
+        if (!strcmp(method, "CONNECT") || count_fields(fs, "proxy-authorization") > 0
+            || !absolute_target(x, origin, originn, tail, &tn)) {
+            x->handback = 1;
+            goto done;
+        }
+        origin = tail;
+        originn = tn;
+        goto judged;
+    }
     /* _captured_target: origin-form to this host only (absolute form: a 400 here) */
     if (origin[0] != '/') {
         rec(x, "bad_request", NULL, 1, NULL, 0, NULL);
@@ -1270,6 +1326,7 @@ static int on_request_head(kr_insp *x, size_t hn) {
             goto done;
         }
     }
+judged:
     {   /* the fragment is never sent on */
         const char *hash = memchr(origin, '#', originn);
         if (hash) originn = (size_t)(hash - origin);
@@ -1396,7 +1453,7 @@ static int on_response_head(kr_insp *x, size_t hn) {
     } else kind = 3;
     upload_done = x->rqb.done;
     x->reusable = kind != 3 && !(h[5] == '1' && h[7] == '0') && !has_token(fs, "connection", "close");
-    close = x->client_close || kind == 3 || !x->reusable;
+    close = x->client_close || kind == 3 || (!x->fwd && !x->reusable);
     APP(h, eol + 2);
     for (i = 0; i < (size_t)fs->n; i++) {
         const field *f = &fs->f[i];
@@ -1694,6 +1751,11 @@ int kr_insp_run(kr_insp *x) {
             }
             progress |= r;
         }
+        if (x->handback) {
+            if (out_pending(&x->c) == 0) return KR_I_HANDBACK;
+            if (x->c.wblocked) return KR_I_AGAIN;
+            continue;
+        }
         if (x->closing) {
             if (out_pending(&x->c) == 0) return finish_ok(x);
             if (x->c.wblocked) return KR_I_AGAIN;
@@ -1839,7 +1901,9 @@ int kr_insp_run(kr_insp *x) {
                 if (x->rsb.done) {
                     /* the exchange is over */
                     x->rs = RS_NONE;
-                    if (x->close_after || x->rq != RQ_WAIT || x->o.il > 0) { x->closing = 1; }
+                    if (x->close_after || x->rq != RQ_WAIT) { x->closing = 1; }
+                    else if (x->fwd && (!x->reusable || x->o.il > 0)) { x->handback = 1; }   /* Python dials again */
+                    else if (x->o.il > 0) { x->closing = 1; }
                     else { x->rq = RQ_HEAD; }
                     progress = 1;
                 }
@@ -1868,6 +1932,25 @@ int kr_insp_run(kr_insp *x) {
         if (!progress) return KR_I_AGAIN;
     }
     return KR_I_MORE;
+}
+
+int kr_insp_set_forward(kr_insp *x) {
+    size_t have = x->c.pren - x->c.preoff;
+    x->fwd = 1;
+    x->phase = P_HTTP;
+    x->rq = RQ_HEAD;
+    if (have > IN_CAP) { x->handback = 1; return 0; }
+    if (have) memcpy(x->c.ib, x->c.pre + x->c.preoff, have);
+    x->c.il = have;
+    free(x->c.pre);
+    x->c.pre = NULL;
+    x->c.pren = x->c.preoff = 0;
+    return 0;
+}
+
+size_t kr_insp_leftover(const kr_insp *x, const char **p) {
+    *p = x->c.ib;
+    return x->c.il;
 }
 
 int kr_insp_reply(kr_insp *x, const char *p, size_t n) {

@@ -60,13 +60,19 @@ void kr_rec_free(kr_rec *r);
 
 typedef struct kr_insp kr_insp;
 
-enum { KR_I_AGAIN = 0, KR_I_DONE = 1, KR_I_MORE = 2, KR_I_ERROR = -1 };
+enum { KR_I_AGAIN = 0, KR_I_DONE = 1, KR_I_MORE = 2, KR_I_HANDBACK = 3, KR_I_ERROR = -1 };
 
 /* a machine for an answered tunnel: cfd the client, ofd the origin (connected), host / port
  * what it was admitted for (host as the plan names it), early the bytes that came after the
  * handshake; sctx may be NULL (then only plain HTTP inside the tunnel is served) */
 kr_insp *kr_insp_new(int cfd, int ofd, kr_ctx *sctx, kr_ctx *cctx, kr_rules *rules, const char *host,
                      int port, const char *early, size_t earlyn);
+/* plain-HTTP forwarding instead of an inspected tunnel: the early bytes are the first
+ * request; a request the engine does not serve (another host, a proxy user, anything
+ * unusual) ends the run with KR_I_HANDBACK, the connection Python's again */
+int kr_insp_set_forward(kr_insp *x);
+/* (after KR_I_HANDBACK) the client's bytes not consumed yet: Python reads them first */
+size_t kr_insp_leftover(const kr_insp *x, const char **p);
 /* the secrets its requests are searched for (a reference is taken) */
 void kr_insp_set_secrets(kr_insp *x, kr_secrets *s);
 /* bytes for the client before anything else (the handshake's ok reply); 0 or -1 */

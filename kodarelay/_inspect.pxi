@@ -23,8 +23,10 @@ cdef InspSpec *_ispec_copy(InspSpec *s) noexcept nogil:
     if n == NULL:
         return NULL
     memcpy(n, s, sizeof(InspSpec))
-    kr_ctx_ref(n.sctx)
-    kr_ctx_ref(n.cctx)
+    if n.sctx != NULL:
+        kr_ctx_ref(n.sctx)
+    if n.cctx != NULL:
+        kr_ctx_ref(n.cctx)
     kr_rules_ref(n.rules)
     if n.secrets != NULL:
         kr_secrets_ref(n.secrets)
@@ -105,6 +107,26 @@ cdef void _insp_service(Worker *w, Tunnel *t, double now) noexcept nogil:
         _finish_errno(w, t, e if e != 0 else 71)      # (EPROTO)
     elif r == KR_I_MORE:
         _rq_push(w, t, 3)
+    elif r == KR_I_HANDBACK:
+        _insp_handback(w, t)
+
+
+cdef void _insp_handback(Worker *w, Tunnel *t) noexcept nogil:
+    """The forwarded connection goes back to Python with the bytes it has not read (the
+    origin's connection ends here)."""
+    cdef const char *p = NULL
+    cdef size_t n = kr_insp_leftover(t.insp, &p)
+    t.hb = <char *>malloc(n + 1)
+    if t.hb == NULL:
+        _finish_errno(w, t, ENOMEM)
+        return
+    memcpy(t.hb, p, n)
+    t.hbn = n
+    if t.registered:
+        epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[0], NULL)
+    t.hbfd = t.fd[0]
+    t.fd[0] = -1
+    _finish(w, t, RES_HANDBACK, 0)
 
 
 cdef void _insp_end(Tunnel *t) noexcept nogil:
@@ -129,6 +151,8 @@ cdef void _insp_begin(Worker *w, Tunnel *t, double now) noexcept nogil:
         _finish_errno(w, t, ENOMEM)
         return
     kr_insp_set_secrets(t.insp, s.secrets)
+    if s.forward:
+        kr_insp_set_forward(t.insp)
     free(t.okrep)
     t.okrep = NULL
     free(t.early)
@@ -260,6 +284,7 @@ cdef InspSpec *_ispec_new(Listener *l, inspect, int port) except NULL:
     sc, cc, rr, host_s, client_s = inspect[:5]
     if len(inspect) > 5 and inspect[5] is not None:
         st = inspect[5]
+    forward = len(inspect) > 6 and inspect[6]
     host = host_s.encode("ascii")
     client = client_s.encode("ascii") if client_s is not None else b""
     if len(host) > PLAN_HOST_MAX or len(client) > CLIENT_MAX or b"\0" in host:
@@ -267,11 +292,14 @@ cdef InspSpec *_ispec_new(Listener *l, inspect, int port) except NULL:
     s = <InspSpec *>calloc(1, sizeof(InspSpec))
     if s == NULL:
         raise MemoryError()
-    s.sctx = sc.c
-    s.cctx = cc.c
+    s.sctx = sc.c if sc is not None else NULL
+    s.cctx = cc.c if cc is not None else NULL
     s.rules = rr.r
-    kr_ctx_ref(s.sctx)
-    kr_ctx_ref(s.cctx)
+    s.forward = bool(forward)
+    if s.sctx != NULL:
+        kr_ctx_ref(s.sctx)
+    if s.cctx != NULL:
+        kr_ctx_ref(s.cctx)
     kr_rules_ref(s.rules)
     if st is not None:
         s.secrets = st.s

@@ -129,6 +129,7 @@ cdef extern from "_inspect.h" nogil:
         KR_I_AGAIN
         KR_I_DONE
         KR_I_MORE
+        KR_I_HANDBACK
         KR_I_ERROR
     ctypedef struct kr_secrets:
         pass
@@ -138,6 +139,8 @@ cdef extern from "_inspect.h" nogil:
     void kr_secrets_ref(kr_secrets *s)
     void kr_secrets_unref(kr_secrets *s)
     void kr_insp_set_secrets(kr_insp *x, kr_secrets *s)
+    int kr_insp_set_forward(kr_insp *x)
+    size_t kr_insp_leftover(const kr_insp *x, const char **p)
     int kr_tls_available()
     const char *kr_tls_version()
     kr_ctx *kr_server_ctx(const char *pem, size_t n, char *err, size_t errn)
@@ -202,6 +205,7 @@ cdef enum:                       # Tunnel.result
     RES_CANCELLED = 5
     RES_SHUTDOWN = 6
     RES_DIAL = 7                 # native dial failed (err: the last connect error)
+    RES_HANDBACK = 8             # a forwarded connection goes back to Python (hbfd, hb)
 
 cdef enum:                       # Hs.state
     ST_FIRST = 0                 # mux: the first byte decides HTTP or SOCKS5
@@ -320,6 +324,9 @@ cdef struct Tunnel:
     # an inspected tunnel (kodarelay._inspect.c): what it needs until it is relayed, then its machine
     InspSpec *ispec
     kr_insp *insp
+    int hbfd               # RES_HANDBACK: the client's fd and its unread bytes, Python's to take
+    char *hb
+    size_t hbn
 
 
 cdef struct Completer:
@@ -493,6 +500,7 @@ cdef struct InspSpec:
     Completer *cm
     double idle            # the tunnel's idle cap once its handshake is done (until then: hs_timeout)
     double hs_timeout
+    bint forward           # plain-HTTP forwarding (kr_insp_set_forward), not an inspected tunnel
     int hostn
     char host[PLAN_HOST_MAX + 1]
     int port

@@ -41,7 +41,7 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import relay
 from ._aio import wait_ready
@@ -49,7 +49,7 @@ from ._relay_py import _TOKEN_CHARS
 from .events import Event
 from .replies import basic_user, refusal_reply
 from .requestrules import shown_path
-from .dial import CHAIN, REP_CONNECTION_REFUSED, Plan, Refusal
+from .dial import CHAIN, DIRECT as DIRECT_PLAN, REP_CONNECTION_REFUSED, Plan, Refusal
 from .secrets import Leak
 from .serving import HandshakeTimeout, Target, Ticket
 from .upstream import UpstreamConfig, _open_proxy, proxy_authorization
@@ -910,6 +910,47 @@ async def captured_session(srv: ProxyServer, conn: socket.socket, host: str, por
         return await ex.run(deadline)
     finally:
         ex.drop_upstream()
+
+
+def engine_forwarding(srv: ProxyServer, data: bytes) -> tuple[Target, Plan, tuple[Any, ...]] | None:
+    """Whether the engine can serve a forwarded connection whose first bytes are ``data``
+    (``kodarelay/_inspect.c`` in forwarding mode): its first request parses, names no proxy
+    user, and its host's plan is known now and direct; the server takes no events or
+    metrics and has no decider or named clients. Returns the request's target and plan and
+    what ``_Handshake.dial(inspect=…)`` takes, else None (the asyncio path serves it). A
+    later request the engine does not serve (another host, a proxy user, an error reply it
+    does not write) hands the connection back to ``forward_session``.
+    ``KODARELAY_NO_ENGINE_FORWARD=1`` keeps forwarding on the asyncio path."""
+    rules_type = getattr(relay.impl, "RequestRules", None)
+    if rules_type is None or os.environ.get("KODARELAY_NO_ENGINE_FORWARD", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    if (srv._events is not None or srv.metrics.port is not None or srv.clients is not None
+            or srv.dialer.policy.decider is not None or srv._closed):
+        return None
+    parsers = relay.parsers
+    try:
+        end = parsers.http_head_end(data, MAX_HEAD)
+        if end < 0:
+            return None
+        method, target, _version, fields = parsers.parse_http_head(data[:end])
+        host, port, _authority, _origin = parsers.parse_absolute_target(target)
+    except HeadError:
+        return None
+    if method == "CONNECT" or host.startswith("[") or any(k.lower() == b"proxy-authorization" for k, _ in fields):
+        return None
+    first = Target(host, port, b"", method, None)
+    plan = srv._plan_now(first)
+    if plan is None or plan.kind != DIRECT_PLAN:
+        return None
+    judged, rules = srv.dialer.policy.filter.request_program(plan.host, plan.port)
+    secrets = srv.secrets
+    table = None
+    if secrets:
+        if len(secrets.secrets) > 32:
+            return None
+        table = relay.impl.SecretTable([(s.name, s.phantom_bytes, s.value.encode(), ",".join(s.hosts),  # type: ignore[attr-defined]
+                                         s.covers(plan.host, plan.port)) for s in secrets.secrets])
+    return first, plan, (None, None, rules_type(judged, rules), plan.host, None, table, True)
 
 
 def request_refusal(reason: str, method: str, host: str, port: int, path: str, detail: str | None,

@@ -892,6 +892,8 @@ class ProxyServer:
             else:
                 h.close()
             return
+        if isinstance(parsed, Handover) and self._forward_native(h, proto, parsed):
+            return
         if isinstance(parsed, Handover):
             conn = socket.socket(fileno=h.detach())
             conn.setblocking(False)
@@ -956,8 +958,34 @@ class ProxyServer:
             self._handshaking[task] = None            # until its TLS handshake is done
         self._track(task)
 
+    def _forward_native(self, h: Any, proto: Protocol, parsed: Handover) -> bool:
+        """Plain-HTTP forwarding served by the engine (``forward.engine_forwarding``): True
+        when it took the connection."""
+        from .forward import engine_forwarding
+
+        found = engine_forwarding(self, parsed.data)
+        if found is None:
+            return False
+        target, plan, spec = found
+        return self._dial_native(h, proto, target, plan, spec, ok_reply=b"", early=parsed.data)
+
+    def _resume_forward(self, fd: int, data: bytes) -> None:
+        """(on the loop) a forwarded connection the engine gave back: ``forward_session``
+        serves it from the request the engine did not."""
+        conn = socket.socket(fileno=fd)
+        if self._closed:
+            conn.close()
+            return
+        conn.setblocking(False)
+
+        async def session(c: socket.socket) -> Handoff | None:
+            return await self.handover(c, Handover(data))
+
+        self._track(self._loop.create_task(self._run(conn, session)))
+
     def _dial_native(self, h: Any, proto: Protocol, target: Target, plan: Plan,
-                     inspect: tuple[Any, ...] | None = None) -> bool:
+                     inspect: tuple[Any, ...] | None = None, ok_reply: bytes | None = None,
+                     early: bytes | None = None) -> bool:
         """``h.dial`` the plan's checked addresses and track the tunnel; False when the engine
         cannot take an address (the asyncio path then serves it). Safe on either thread; the
         tunnel's end is reported on the engine's completer thread (no loop wakeup)."""
@@ -985,6 +1013,12 @@ class ProxyServer:
                     return
                 reported.append(True)
             native.pop(tunnel, None)
+            back = tunnel.take_handback() if inspect is not None else None
+            if back is not None:                # forwarding: Python serves the next request
+                try:
+                    self._loop.call_soon_threadsafe(self._resume_forward, *back)
+                except RuntimeError:
+                    os.close(back[0])           # the loop is closed: so is the server
             announce()
             if isinstance(e, relay.impl.DialError):  # type: ignore[attr-defined]
                 log.info("%s tunnel to %s:%d failed: %s", proto.name, plan.host, plan.port, e)
@@ -995,7 +1029,8 @@ class ProxyServer:
             self._ended(ticket, getattr(tunnel, "moved", None))
 
         try:
-            tunnel = h.dial(list(plan.addresses), plan.port, proto.ok_reply, target.early,
+            tunnel = h.dial(list(plan.addresses), plan.port, proto.ok_reply if ok_reply is None else ok_reply,
+                            target.early if early is None else early,
                             self.dialer.connect_timeout, self.idle_timeout, self.total_timeout,
                             proto.name == "socks5", self._loop, done, inspect)
         except ValueError:

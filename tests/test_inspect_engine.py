@@ -70,7 +70,9 @@ def _read_request(f) -> bytes | None:  # type: ignore[no-untyped-def]
 
 
 class RawOrigin:
-    def __init__(self, ctx: ssl.SSLContext) -> None:
+    """(``ctx`` None: plain HTTP, for forwarding)"""
+
+    def __init__(self, ctx: ssl.SSLContext | None) -> None:
         self.ctx = ctx
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -93,7 +95,7 @@ class RawOrigin:
             idx = len(self.received)
             self.received.append(b"")
         try:
-            tls = self.ctx.wrap_socket(conn, server_side=True)
+            tls = self.ctx.wrap_socket(conn, server_side=True) if self.ctx is not None else conn
             f = tls.makefile("rb")
             while True:
                 req = _read_request(f)
@@ -399,5 +401,108 @@ def test_a_phantom_sent_to_another_inspected_host_is_refused(start_proxy, ca, ru
         assert b"secret_leak" in _read_response(tls, "GET")
         tls.close()
         assert not any(gh.phantom.encode() in r for r in origin.received)
+    finally:
+        origin.close()
+
+
+# ── plain-HTTP forwarding in the engine (the same machine, absolute-form requests) ───
+
+FORWARD_CASES = {
+    "allowed and refused on one connection": [
+        "GET http://{host}/a?token=SECRET#frag HTTP/1.1\r\nHost: ignored.test\r\n\r\n",
+        "POST http://{host}/a HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "DELETE http://{host}/a HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "GET http://{host}/a/%2e%2e/b HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "HEAD http://{host}/a HTTP/1.1\r\n\r\n",
+        "GET http://{host}/chunked HTTP/1.1\r\n\r\n",
+        "GET http://{host}/hop HTTP/1.1\r\nConnection: keep-alive, X-Mine\r\nX-Mine: 1\r\nKeep-Alive: 5\r\n"
+        "TE: trailers\r\nX-Kept: yes\r\n\r\n",
+        "GET http://{host}/continue HTTP/1.1\r\n\r\n",
+        "GET http://{host}/close HTTP/1.1\r\n\r\n",
+    ],
+    "bodies, and an origin that closes (Python dials again)": [
+        "POST http://{host}/upload HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello world",
+        "POST http://{host}/upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n0\r\nX-Sum: 5\r\nSet-Cookie: dropped\r\n\r\n",
+        "GET http://{host}/origin-closes HTTP/1.1\r\n\r\n",
+        "GET http://{host}/a HTTP/1.1\r\n\r\n",
+    ],
+    "another host, then back (handed back to Python)": [
+        "GET http://{host}/a HTTP/1.1\r\n\r\n",
+        "GET http://blocked.test/ HTTP/1.1\r\n\r\n",
+    ],
+    "a proxy user (handed back)": [
+        "GET http://{host}/a HTTP/1.1\r\n\r\n",
+        "GET http://{host}/a HTTP/1.1\r\nProxy-Authorization: Basic dXNlcjpwdw==\r\n\r\n",
+        "GET http://{host}/a HTTP/1.1\r\n\r\n",
+    ],
+    "smuggling": ["POST http://{host}/upload HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"],
+    "userinfo (handed back)": ["GET http://{host}/a HTTP/1.1\r\n\r\n", "GET http://u:p@{host}/a HTTP/1.1\r\n\r\n"],
+    "HTTP/1.0": ["GET http://{host}/a HTTP/1.0\r\n\r\n"],
+    "a malformed response": ["GET http://{host}/bad HTTP/1.1\r\n\r\n"],
+}
+
+
+def _run_plain(proxy_port: int, origin_port: int, requests: list[str]) -> bytes:
+    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=DEADLINE)
+    got = b""
+    try:
+        for r in requests:
+            s.sendall(r.format(host=f"127.0.0.1:{origin_port}").encode())
+            got += _read_response(s, r.split(" ")[0]) + b"|"
+    except OSError:
+        got += b"<closed>"
+    finally:
+        s.close()
+    return got
+
+
+def _count_engine_forwards(server) -> list[int]:  # type: ignore[no-untyped-def]
+    seen = [0]
+    forward = server._forward_native
+
+    def counting(h, proto, parsed):  # type: ignore[no-untyped-def]
+        took = forward(h, proto, parsed)
+        seen[0] += took
+        return took
+
+    server._forward_native = counting
+    return seen
+
+
+@pytest.mark.parametrize("case", list(FORWARD_CASES))
+def test_forwarding_engine_and_asyncio_path_agree(case, monkeypatch):
+    from kodarelay import BuiltInProxy, Filter, UpstreamConfig
+
+    origin = RawOrigin(None)
+    try:
+        rules = [f"GET,HEAD 127.0.0.1:{origin.port}/*", f"POST 127.0.0.1:{origin.port}/upload"]
+        results = []
+        for engine in (False, True):
+            if engine:
+                monkeypatch.delenv("KODARELAY_NO_ENGINE_FORWARD", raising=False)
+            else:
+                monkeypatch.setenv("KODARELAY_NO_ENGINE_FORWARD", "1")
+            h = BuiltInProxy(Filter(rules, deny=[f"DELETE 127.0.0.1:{origin.port}/*"]), upstream=UpstreamConfig.direct(),
+                             forward_http=True).start()
+            try:
+                server = h._servers[0]
+                took = _count_engine_forwards(server)
+                before = len(origin.received)
+                client = _run_plain(h.port, origin.port, FORWARD_CASES[case])
+                if server._front is not None:
+                    assert (took[0] >= 1) == engine     # the engine served it (or, asked not to, did not)
+                if engine:
+                    want = len(results[0][2])
+                    wait_until(lambda: len(h.violations()) >= want, what="the engine's violations")
+                got = {(v.reason, v.method, v.path) for v in h.violations()}
+                results.append((client, b"".join(origin.received[before:]), got))
+            finally:
+                h.shutdown()
+        (c2, o2, v2), (c1, o1, v1) = results
+        assert c1 == c2
+        assert o1 == o2
+        assert v1 == v2
+        assert b"SECRET" not in c1 and not any("SECRET" in str(v) for v in v1)
     finally:
         origin.close()
