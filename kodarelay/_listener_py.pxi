@@ -88,7 +88,8 @@ cdef class _NativeListener:
 
     def set_plan(self, int proto, bytes host, int port, tuple plan, double ttl, gen=None, str record_host=None,
                  bytes client=None):
-        """Cache ``plan`` for (proto, host as the client sent it, port) for ``ttl`` seconds.
+        """Cache ``plan`` for (proto, host as the client sent it, port) for ``ttl`` seconds
+        (proto 0 CONNECT, 1 SOCKS5, 2 a forwarded plain-HTTP request, ``http://host:port/...``).
 
         ``plan`` is ``("direct", [IP strings], ok_reply[, inspect])`` (``inspect`` as for
         ``_Handshake.dial``: the tunnels it opens are inspected ones), ``("refuse", reply, reason)`` or
@@ -105,7 +106,7 @@ cdef class _NativeListener:
         cdef Py_ssize_t i, n
         cdef bytes reply, req = None, reason = b"", rhost
         cdef int kind
-        if not ttl > 0 or proto not in (0, 1) or not 0 <= port <= 65535 or len(host) == 0 \
+        if not ttl > 0 or proto not in (0, 1, 2) or not 0 <= port <= 65535 or len(host) == 0 \
                 or len(host) > PLAN_HOST_MAX:
             return False
         if client is not None and not _client_name_ok(<const unsigned char *><char *>client, len(client)):

@@ -27,6 +27,108 @@ cdef int _port_of(const unsigned char *p, size_t n) noexcept nogil:
     return v
 
 
+cdef bint _header_lines(const unsigned char *p, size_t line, size_t hend, bint named, size_t *auth_off,
+                       size_t *auth_len) noexcept nogil:
+    """Header lines from ``line`` up to the blank line ending at ``hend``: ``name: value`` (a
+    token, visible ASCII, spaces and tabs; no obs-fold, no bare CR or LF). A
+    ``Proxy-Authorization`` header names the client: without ``named`` it is a miss, with it
+    its value goes to ``auth_off`` / ``auth_len`` (two of them are a miss)."""
+    cdef size_t i, colon, va, vb
+    cdef size_t c
+    while line < hend - 2:
+        colon = 0
+        i = line
+        while i < hend and p[i] != 13:
+            if p[i] == 10:
+                return False
+            if colon == 0:
+                if p[i] == 0x3A:
+                    if i == line:
+                        return False
+                    colon = i
+                elif not _tchar(p[i]):
+                    return False
+            elif not ((p[i] >= 0x20 and p[i] < 0x7F) or p[i] == 9):
+                return False
+            i += 1
+        if colon == 0 or i + 1 >= hend or p[i + 1] != 10:
+            return False
+        if colon - line == 19:
+            for c in range(19):
+                if _lower(p[line + c]) != (<const unsigned char *>b"proxy-authorization")[c]:
+                    break
+            else:
+                if not named or auth_len[0] != 0:
+                    return False
+                va = colon + 1
+                while va < i and (p[va] == 0x20 or p[va] == 9):
+                    va += 1
+                vb = i
+                while vb > va and (p[vb - 1] == 0x20 or p[vb - 1] == 9):
+                    vb -= 1
+                if vb == va:
+                    return False
+                auth_off[0] = va
+                auth_len[0] = vb - va
+        line = i + 2
+    return True
+
+
+cdef bint _fwd_key(const char *buf, size_t n, size_t *host_off, int *hostn, int *port) noexcept nogil:
+    """The host and port of a plain, well-formed forwarded request: ``METHOD
+    http://host[:port]/target HTTP/1.x`` (a method of 1-20 token bytes, not CONNECT; a
+    host of letters, digits, dots and dashes; a path), header lines as ``_http_key`` reads
+    them, no ``Proxy-Authorization``. Anything else is a miss."""
+    cdef const unsigned char *p = <const unsigned char *>buf
+    cdef size_t i, s, hend = 0, m, hs, he
+    cdef size_t aoff = 0, alen = 0
+    cdef int pv = 80
+    i = 0
+    while i + 3 < n:
+        if p[i] == 13 and p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
+            hend = i + 4
+            break
+        i += 1
+    if hend == 0:
+        return False
+    m = 0
+    while m < hend and m <= 20 and _tchar(p[m]):
+        m += 1
+    if m == 0 or m > 20 or p[m] != 0x20 or (m == 7 and memcmp(p, b"CONNECT", 7) == 0):
+        return False
+    s = m + 1
+    if s + 7 >= hend or memcmp(p + s, b"http://", 7) != 0:
+        return False
+    hs = s + 7
+    he = hs
+    while he < hend and ((p[he] >= 0x61 and p[he] <= 0x7A) or (p[he] >= 0x41 and p[he] <= 0x5A)
+                         or (p[he] >= 0x30 and p[he] <= 0x39) or p[he] == 0x2E or p[he] == 0x2D):
+        he += 1
+    if he == hs or he - hs > PLAN_HOST_MAX:
+        return False
+    i = he
+    if p[i] == 0x3A:
+        i += 1
+        while i < hend and p[i] >= 0x30 and p[i] <= 0x39:
+            i += 1
+        pv = _port_of(p + he + 1, i - he - 1)
+        if pv < 0:
+            return False
+    if p[i] != 0x2F:
+        return False
+    while i < hend and p[i] > 0x20 and p[i] < 0x7F:
+        i += 1
+    if i + 11 > hend or p[i] != 0x20 or memcmp(p + i + 1, b"HTTP/1.", 7) != 0 \
+            or (p[i + 8] != 0x30 and p[i + 8] != 0x31) or p[i + 9] != 13 or p[i + 10] != 10:
+        return False
+    if not _header_lines(p, i + 11, hend, False, &aoff, &alen):
+        return False
+    host_off[0] = hs
+    hostn[0] = <int>(he - hs)
+    port[0] = pv
+    return True
+
+
 cdef bint _http_key(const char *buf, size_t n, size_t *host_off, int *hostn, int *port,
                     size_t *end, bint named, size_t *auth_off, size_t *auth_len) noexcept nogil:
     """The target of a plain, well-formed ``CONNECT host:port HTTP/1.x`` head in ``buf``.
@@ -39,7 +141,7 @@ cdef bint _http_key(const char *buf, size_t n, size_t *host_off, int *hostn, int
     returned in ``auth_off`` / ``auth_len`` (two of them are a miss). Anything else is a miss.
     """
     cdef const unsigned char *p = <const unsigned char *>buf
-    cdef size_t i, s, tend, line, colon, k, va, vb, hend = 0
+    cdef size_t i, s, tend, k, hend = 0
     cdef size_t c
     cdef int pv
     # the first CRLFCRLF ends the head (http_head_end)
@@ -89,44 +191,8 @@ cdef bint _http_key(const char *buf, size_t n, size_t *host_off, int *hostn, int
         k = c - s
     if pv < 0 or k > PLAN_HOST_MAX:
         return False
-    # header lines up to the blank line
-    line = tend + 11
-    while line < hend - 2:
-        colon = 0
-        i = line
-        while i < hend and p[i] != 13:
-            if p[i] == 10:
-                return False
-            if colon == 0:
-                if p[i] == 0x3A:
-                    if i == line:
-                        return False
-                    colon = i
-                elif not _tchar(p[i]):
-                    return False
-            elif not ((p[i] >= 0x20 and p[i] < 0x7F) or p[i] == 9):
-                return False
-            i += 1
-        if colon == 0 or i + 1 >= hend or p[i + 1] != 10:
-            return False
-        if colon - line == 19:
-            for c in range(19):
-                if _lower(p[line + c]) != (<const unsigned char *>b"proxy-authorization")[c]:
-                    break
-            else:
-                if not named or auth_len[0] != 0:
-                    return False
-                va = colon + 1
-                while va < i and (p[va] == 0x20 or p[va] == 9):
-                    va += 1
-                vb = i
-                while vb > va and (p[vb - 1] == 0x20 or p[vb - 1] == 9):
-                    vb -= 1
-                if vb == va:
-                    return False
-                auth_off[0] = va
-                auth_len[0] = vb - va
-        line = i + 2
+    if not _header_lines(p, tend + 11, hend, named, auth_off, auth_len):
+        return False
     host_off[0] = s
     hostn[0] = <int>k
     port[0] = pv
@@ -353,7 +419,7 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     cdef Plan *p
     cdef size_t off = 0, end = 0, earlyn, aoff = 0, alen = 0, k
     cdef int hostn = 0, port = 0, kind, i, cn = 0, dn
-    cdef bint ok, named, have_pw = False
+    cdef bint ok, named, have_pw = False, fwd = False
     cdef Tunnel *t = NULL
     cdef const char *base
     cdef const char *cname = b""
@@ -372,6 +438,10 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     if h.proto == 0:
         base = h.buf
         ok = _http_key(base, h.len, &off, &hostn, &port, &end, named, &aoff, &alen)
+        if not ok and not named and _fwd_key(base, h.len, &off, &hostn, &port):
+            ok = True
+            fwd = True                # forwarded plain HTTP: the whole head is the machine's
+            end = 0
         if ok and alen > 0:
             # ``Basic <base64 of user:password>``: the user names the client, the password's
             # SHA-256 is its token's
@@ -415,12 +485,16 @@ cdef bint _plan_serve(Worker *w, Listener *l, Hs *h) noexcept nogil:
     earlyn = (h.len - h.off - end) if h.proto == 1 else (h.len - end)
     now = _mono()
     pthread_mutex_lock(&c.mu)
-    p = _plan_find(c, h.proto, base + off, hostn, port, now, cname, cn)
+    p = _plan_find(c, 2 if fwd else h.proto, base + off, hostn, port, now, cname, cn)
     if p == NULL:
         c.misses += 1
         pthread_mutex_unlock(&c.mu)
         return False
     kind = p.kind
+    if fwd and (kind != PLAN_DIRECT or p.ispec == NULL or not p.ispec.forward):
+        c.misses += 1
+        pthread_mutex_unlock(&c.mu)
+        return False
     if kind == PLAN_REFUSE:
         c.refused += 1
         # recorded (with its own time) before the client has the refusal, as Python does

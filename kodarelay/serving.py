@@ -963,10 +963,22 @@ class ProxyServer:
         when it took the connection."""
         from .forward import engine_forwarding
 
+        gen = self._engine_generation()          # (read before deciding: see _engine_plan)
         found = engine_forwarding(self, parsed.data)
         if found is None:
             return False
         target, plan, spec = found
+        front = self._front
+        if front is not None and gen is not None and target.host.isascii() and not self.secrets:
+            # the next connections to this host are the engine's alone (proto 2: forwarded)
+            ttl = self.dialer.cached_for(target.host, target.port, plan)
+            if ttl != 0:
+                try:
+                    front.set_plan(2, target.host.encode("ascii"), target.port,
+                                   ("direct", list(plan.addresses), b"", spec), float("inf") if ttl is None else ttl,
+                                   gen, plan.host)
+                except (ValueError, UnicodeError):
+                    pass
         return self._dial_native(h, proto, target, plan, spec, ok_reply=b"", early=parsed.data)
 
     def _resume_forward(self, fd: int, data: bytes) -> None:

@@ -506,3 +506,24 @@ def test_forwarding_engine_and_asyncio_path_agree(case, monkeypatch):
         assert b"SECRET" not in c1 and not any("SECRET" in str(v) for v in v1)
     finally:
         origin.close()
+
+
+def test_later_forwarded_connections_come_from_the_engines_plan_cache():
+    from kodarelay import BuiltInProxy, Filter, UpstreamConfig
+
+    origin = RawOrigin(None)
+    h = BuiltInProxy(Filter([f"GET 127.0.0.1:{origin.port}/*"]), upstream=UpstreamConfig.direct(), forward_http=True).start()
+    try:
+        for i in range(3):
+            got = _run_plain(h.port, origin.port, [f"GET http://{{host}}/a HTTP/1.1\r\n\r\n",
+                                                   f"POST http://{{host}}/n{i} HTTP/1.1\r\n\r\n"])
+            assert got.count(b"HTTP/1.1 200") == 1 and b"request_not_allowed" in got
+        front = h._servers[0]._front
+        if front is None:
+            pytest.skip("the asyncio front-end (KODARELAY_NO_NATIVE_FRONTEND)")
+        assert front.plan_stats()["hits"] >= 2
+        wait_until(lambda: sorted(v.path for v in h.violations()) == ["/n0", "/n1", "/n2"], what="three violations")
+        assert len(origin.received) == 3 and all(r.startswith(b"GET /a HTTP/1.1\r\nHost: 127.0.0.1:") for r in origin.received)
+    finally:
+        h.shutdown()
+        origin.close()
