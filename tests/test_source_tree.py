@@ -34,6 +34,9 @@ def _checkout(tmp_path: Path, with_extension: bool = False) -> Path:
         if not built:
             pytest.skip("no built extension beside the imported package to copy")
         shutil.copy(built[0], pkg / built[0].name)
+        libs = PACKAGE.parent / "kodarelay.libs"     # a repaired wheel's vendored libssl / libcrypto
+        if libs.is_dir():
+            shutil.copytree(libs, root / "kodarelay.libs")
     (root / "pyproject.toml").write_text("[project]\nname = 'kodarelay'\n")
     return root
 
