@@ -20,6 +20,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 #include <pthread.h>
+#include <sys/epoll.h>
 
 #ifdef KR_HAVE_TLS
 #include <openssl/ssl.h>
@@ -152,9 +153,17 @@ void kr_rec_free(kr_rec *r) {
 
 /* ── TLS contexts ──────────────────────────────────────────────────────────── */
 
+#define SESSION_SLOTS 64
+
 struct kr_ctx {
 #ifdef KR_HAVE_TLS
     SSL_CTX *ctx;
+    /* (a client context) the last resumable session per origin "host port": a new tunnel
+     * to an origin resumes instead of a full handshake and chain check, as haproxy does */
+    pthread_mutex_t mu;
+    struct { char key[300]; SSL_SESSION *s; } sessions[SESSION_SLOTS];
+    int next;
+    int client;
 #endif
     int refs;
 };
@@ -192,6 +201,7 @@ kr_ctx *kr_server_ctx(const char *pem, size_t n, char *err, size_t errn) {
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
     SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL);
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_num_tickets(ctx, 0);
@@ -218,6 +228,7 @@ kr_ctx *kr_server_ctx(const char *pem, size_t n, char *err, size_t errn) {
     if (!c) { SSL_CTX_free(ctx); snprintf(err, errn, "out of memory"); return NULL; }
     c->ctx = ctx;
     c->refs = 1;
+    pthread_mutex_init(&c->mu, NULL);
     return c;
 fail:
     ssl_err(err, errn, "loading the leaf");
@@ -228,6 +239,8 @@ fail:
     return NULL;
 }
 
+static int new_session(SSL *ssl, SSL_SESSION *sess);
+
 kr_ctx *kr_client_ctx(const char *cafile, char *err, size_t errn) {
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     kr_ctx *c;
@@ -236,7 +249,10 @@ kr_ctx *kr_client_ctx(const char *cafile, char *err, size_t errn) {
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
     SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+    SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, new_session);
     if ((cafile ? SSL_CTX_load_verify_locations(ctx, cafile, NULL) : SSL_CTX_set_default_verify_paths(ctx)) != 1) {
         ssl_err(err, errn, "loading the CA store");
         SSL_CTX_free(ctx);
@@ -251,11 +267,45 @@ kr_ctx *kr_client_ctx(const char *cafile, char *err, size_t errn) {
     if (!c) { SSL_CTX_free(ctx); snprintf(err, errn, "out of memory"); return NULL; }
     c->ctx = ctx;
     c->refs = 1;
+    c->client = 1;
+    pthread_mutex_init(&c->mu, NULL);
+    SSL_CTX_set_app_data(ctx, c);
     return c;
 }
 
+/* the key a session is kept under (the SSL's app data is its tunnel's "host port") */
+static int new_session(SSL *ssl, SSL_SESSION *sess) {
+    kr_ctx *c = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+    const char *key = SSL_get_app_data(ssl);
+    int i, slot = -1;
+    if (!c || !key || !SSL_SESSION_is_resumable(sess)) return 0;
+    pthread_mutex_lock(&c->mu);
+    for (i = 0; i < SESSION_SLOTS; i++) if (c->sessions[i].s && !strcmp(c->sessions[i].key, key)) { slot = i; break; }
+    if (slot < 0) { slot = c->next; c->next = (c->next + 1) % SESSION_SLOTS; }
+    if (c->sessions[slot].s) SSL_SESSION_free(c->sessions[slot].s);
+    snprintf(c->sessions[slot].key, sizeof(c->sessions[slot].key), "%s", key);
+    c->sessions[slot].s = sess;                  /* (the reference OpenSSL hands us: return 1) */
+    pthread_mutex_unlock(&c->mu);
+    return 1;
+}
+
+static void resume_session(kr_ctx *c, SSL *ssl, const char *key) {
+    int i;
+    pthread_mutex_lock(&c->mu);
+    for (i = 0; i < SESSION_SLOTS; i++) {
+        if (c->sessions[i].s && !strcmp(c->sessions[i].key, key)) {
+            SSL_set_session(ssl, c->sessions[i].s);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
 void kr_ctx_unref(kr_ctx *c) {
+    int i;
     if (!c || __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+    for (i = 0; i < SESSION_SLOTS; i++) if (c->sessions[i].s) SSL_SESSION_free(c->sessions[i].s);
+    pthread_mutex_destroy(&c->mu);
     SSL_CTX_free(c->ctx);
     free(c);
 }
@@ -470,6 +520,7 @@ typedef struct side {
     char *pre;             /* bytes read before the TLS object existed (served to it first) */
     size_t pren, preoff;
     int rblocked, wblocked;
+    int hs_want;           /* what the handshake waits for (SSL_ERROR_WANT_READ / _WRITE) */
     int eof;
     int err;
     int hs;                /* TLS handshake done (always 1 for plain) */
@@ -524,6 +575,7 @@ struct kr_insp {
     int fwd;               /* plain-HTTP forwarding: absolute-form requests to host:port */
     int handback;          /* a request Python serves: the connection goes back to it */
     char authority[300];   /* (fwd) the request's authority as written: its Host */
+    char skey[300];        /* the origin's session key: "host port" */
 };
 
 static int grow_out(side *s, size_t more) {
@@ -638,7 +690,7 @@ static void bio_init(void) {
     g_bio_method = m;
 }
 
-static int side_tls(side *s, kr_ctx *c, int server, const char *sni) {
+static int side_tls(side *s, kr_ctx *c, int server, const char *sni, const char *skey) {
     BIO *b;
     pthread_once(&g_bio_once, bio_init);
     if (!g_bio_method) return -1;
@@ -656,6 +708,8 @@ static int side_tls(side *s, kr_ctx *c, int server, const char *sni) {
         if (strchr(sni, ':') || strspn(sni, "0123456789.") == strlen(sni)) {
             if (X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(s->ssl), sni) != 1) return -1;
         } else if (SSL_set1_host(s->ssl, sni) != 1) return -1;
+        SSL_set_app_data(s->ssl, (void *)skey);
+        resume_session(c, s->ssl, skey);
     }
     s->hs = 0;
     return 0;
@@ -666,7 +720,13 @@ static int side_tls(side *s, kr_ctx *c, int server, const char *sni) {
 static int side_fill(kr_insp *x, side *s) {
     size_t room = IN_CAP - s->il;
     if (room == 0 || s->eof) return s->eof ? -1 : 0;
-    s->rblocked = 0;
+    /* drained since its last readable edge: no read (no EAGAIN syscall) until the next one,
+     * unless the TLS object holds bytes it read ahead */
+    if (s->rblocked && s->preoff >= s->pren
+#ifdef KR_HAVE_TLS
+        && !(s->ssl && SSL_has_pending(s->ssl))
+#endif
+        ) return 0;
 #ifdef KR_HAVE_TLS
     if (s->ssl) {
         size_t got = 0;
@@ -704,7 +764,7 @@ static int side_flush(kr_insp *x, side *s) {
     int progress = 0;
     while (s->oo < s->ol) {
         size_t n = s->ol - s->oo;
-        s->wblocked = 0;
+        if (s->wblocked) return progress;        /* full since its last writable edge */
 #ifdef KR_HAVE_TLS
         if (s->ssl) {
             size_t put = 0;
@@ -1692,12 +1752,14 @@ static int first_bytes(const char *b, size_t n) {
 #ifdef KR_HAVE_TLS
 /* advance a handshake: 1 done now, 0 waiting, -1 failed */
 static int handshake(kr_insp *x, side *s, int origin) {
-    int r;
+    int r, e;
+    if ((s->hs_want == SSL_ERROR_WANT_READ && s->rblocked) || (s->hs_want == SSL_ERROR_WANT_WRITE && s->wblocked))
+        return 0;                                /* nothing new since it last had to wait */
     ERR_clear_error();
     r = SSL_do_handshake(s->ssl);
-    if (r == 1) { s->hs = 1; return 1; }
-    switch (SSL_get_error(s->ssl, r)) {
-    case SSL_ERROR_WANT_READ: case SSL_ERROR_WANT_WRITE: return 0;
+    if (r == 1) { s->hs = 1; s->hs_want = 0; return 1; }
+    switch ((e = SSL_get_error(s->ssl, r))) {
+    case SSL_ERROR_WANT_READ: case SSL_ERROR_WANT_WRITE: s->hs_want = e; return 0;
     default:
         if (origin) {
             long v = SSL_get_verify_result(s->ssl);
@@ -1797,7 +1859,9 @@ int kr_insp_run(kr_insp *x) {
                 break;
             }
 #ifdef KR_HAVE_TLS
-            if (!x->sctx || !x->cctx || side_tls(&x->c, x->sctx, 1, "") < 0 || side_tls(&x->o, x->cctx, 0, x->host) < 0) {
+            snprintf(x->skey, sizeof(x->skey), "%s %d", x->host, x->port);
+            if (!x->sctx || !x->cctx || side_tls(&x->c, x->sctx, 1, "", NULL) < 0
+                || side_tls(&x->o, x->cctx, 0, x->host, x->skey) < 0) {
                 x->err = ENOMEM;
                 return KR_I_ERROR;
             }
@@ -1932,6 +1996,12 @@ int kr_insp_run(kr_insp *x) {
         if (!progress) return KR_I_AGAIN;
     }
     return KR_I_MORE;
+}
+
+void kr_insp_event(kr_insp *x, int side_, uint32_t ev) {
+    side *s = side_ ? &x->o : &x->c;
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->rblocked = 0;
+    if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->wblocked = 0;
 }
 
 int kr_insp_set_forward(kr_insp *x) {

@@ -67,6 +67,9 @@ enum { KR_I_AGAIN = 0, KR_I_DONE = 1, KR_I_MORE = 2, KR_I_HANDBACK = 3, KR_I_ERR
  * handshake; sctx may be NULL (then only plain HTTP inside the tunnel is served) */
 kr_insp *kr_insp_new(int cfd, int ofd, kr_ctx *sctx, kr_ctx *cctx, kr_rules *rules, const char *host,
                      int port, const char *early, size_t earlyn);
+/* an epoll event on the client's (side 0) or the origin's (side 1) socket: what it may do
+ * again (the machine skips reads and writes that would only say EAGAIN) */
+void kr_insp_event(kr_insp *x, int side, uint32_t ev);
 /* plain-HTTP forwarding instead of an inspected tunnel: the early bytes are the first
  * request; a request the engine does not serve (another host, a proxy user, anything
  * unusual) ends the run with KR_I_HANDBACK, the connection Python's again */

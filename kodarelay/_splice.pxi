@@ -245,6 +245,7 @@ cdef void _on_event(Worker *w, Tunnel *t, int side, uint32_t ev, double now) noe
             _chain_event(w, t, ev, now)
         return
     if t.insp != NULL:
+        kr_insp_event(t.insp, side, ev)
         _insp_service(w, t, now)
         return
     # Edge-triggered epoll reports every ready bit on each wakeup (a writable socket shows
