@@ -37,6 +37,21 @@
 #define HIGH_WATER (256 * 1024)      /* a side's output: stop moving body bytes beyond this */
 #define BUDGET 64
 
+/* ── fault injection (tests): the Nth allocation of a machine fails ─────────────── */
+
+static int g_fail_after;          /* 0: off */
+
+int kr_inspect_fail_after(int n) { __atomic_store_n(&g_fail_after, n, __ATOMIC_RELAXED); return 0; }
+
+static int fail_now(void) {
+    int v = __atomic_load_n(&g_fail_after, __ATOMIC_RELAXED);
+    while (v > 0) {
+        if (__atomic_compare_exchange_n(&g_fail_after, &v, v - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return v == 1;
+    }
+    return 0;
+}
+
 /* ── rules ──────────────────────────────────────────────────────────────────── */
 
 typedef struct {
@@ -469,7 +484,7 @@ static int value_has(const char *v, size_t n, const char *needle, size_t nn) {
 static long swap_value(const char *v, size_t n, const char *old, size_t on, const char *nw, size_t nn, char **out,
                        int basic) {
     size_t cap = n + 64, o = 0, i = 0, at;
-    char *r = malloc(cap);
+    char *r = fail_now() ? NULL : malloc(cap);
     if (!r) return -1;
     while (i < n) {
         const char *hit = on ? memmem(v + i, n - i, old, on) : NULL;
@@ -580,6 +595,7 @@ struct kr_insp {
 
 static int grow_out(side *s, size_t more) {
     size_t need;
+    if (fail_now()) return -1;
     if (s->oo > 0 && s->oo == s->ol) { s->oo = s->ol = 0; }
     need = s->ol + more;
     if (need <= s->ocap) return 0;
@@ -1324,7 +1340,7 @@ static int on_request_head(kr_insp *x, size_t hn) {
     int kind, keep, r = 0;
     const char *why = NULL, *reason, *rule, *detail;
     char path_buf[MAX_HEAD];
-    fs = malloc(sizeof(*fs));
+    fs = fail_now() ? NULL : malloc(sizeof(*fs));
     if (!fs) { x->err = ENOMEM; return -1; }
     if ((bad = check_line_ends(h, hn)) != NULL) goto bad_head;
     eol = (size_t)((const char *)memmem(h, hn, "\r\n", 2) - h);
@@ -1469,7 +1485,7 @@ done:
 /* the response head at the front of o.ib (parse_response_head, then _respond's choices) */
 static int on_response_head(kr_insp *x, size_t hn) {
     const char *h = x->o.ib;
-    fields *fs = malloc(sizeof(*fs));
+    fields *fs = fail_now() ? NULL : malloc(sizeof(*fs));
     const char *bad = NULL;
     size_t eol, i;
     int status, kind = 0, upload_done, close;
@@ -1670,7 +1686,7 @@ static int body_step(kr_insp *x, framer *f, side *src, side *dst) {
 
 kr_insp *kr_insp_new(int cfd, int ofd, kr_ctx *sctx, kr_ctx *cctx, kr_rules *rules, const char *host,
                      int port, const char *early, size_t earlyn) {
-    kr_insp *x = calloc(1, sizeof(*x));
+    kr_insp *x = fail_now() ? NULL : calloc(1, sizeof(*x));
     if (!x) return NULL;
     x->c.fd = cfd;
     x->o.fd = ofd;

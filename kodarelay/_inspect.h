@@ -92,4 +92,7 @@ uint64_t kr_insp_down(const kr_insp *x);
 int kr_insp_handshaking(const kr_insp *x);
 void kr_insp_free(kr_insp *x);
 
+/* (tests) the Nth allocation of the machines from now on fails (0: none) */
+int kr_inspect_fail_after(int n);
+
 #endif

@@ -261,6 +261,11 @@ cdef class SecretTable:
         raise TypeError("a SecretTable is not pickled: its values stay in this process")
 
 
+def _inspect_fail_after(int n):
+    """(tests) the Nth allocation of the engine's inspect / forward machines fails (0: none)."""
+    kr_inspect_fail_after(n)
+
+
 def _glob(str pattern, str path):
     cdef bytes a = pattern.encode("latin-1"), b = path.encode("latin-1")
     return bool(kr_glob(a, len(a), b, len(b)))

@@ -140,6 +140,7 @@ cdef extern from "_inspect.h" nogil:
     void kr_secrets_unref(kr_secrets *s)
     void kr_insp_set_secrets(kr_insp *x, kr_secrets *s)
     int kr_insp_set_forward(kr_insp *x)
+    int kr_inspect_fail_after(int n)
     void kr_insp_event(kr_insp *x, int side, uint32_t ev)
     size_t kr_insp_leftover(const kr_insp *x, const char **p)
     int kr_tls_available()
