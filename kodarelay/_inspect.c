@@ -619,6 +619,7 @@ static int grow_out(side *s, size_t more) {
 }
 
 static int out_put(kr_insp *x, side *s, const char *p, size_t n) {
+    if (n == 0) return 0;                        /* (a forwarded connection's empty "ok reply") */
     if (grow_out(s, n) < 0) { x->err = ENOMEM; return -1; }
     memcpy(s->ob + s->ol, p, n);
     s->ol += n;

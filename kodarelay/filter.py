@@ -128,8 +128,10 @@ def _check_port_text(text: str) -> int:
     return port
 
 
-def split_host_port(text: str) -> tuple[str, int | None]:
-    """Split ``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or bare ``v6`` into (host, port).
+def split_pattern_target(text: str) -> tuple[str, int | None]:
+    """Split a pattern's ``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or bare ``v6`` into
+    (host, port): the pattern grammar, where the port is optional (a CONNECT target's
+    ``host:port``, port required, is ``relay.parsers.split_host_port``).
 
     The host comes back as written, brackets kept, so that ``canonical_host`` can insist a
     bracketed host is an IPv6 address (``[github.com]:443`` must not pass as github.com).
@@ -309,7 +311,7 @@ def parse_target(text: str | IPAddress, port: int | None = None) -> tuple[Canoni
         raise TypeError(f"host must be a str, not {type(text).__name__}")
     if text.isascii() and _CONTROL.search(text):
         raise ValueError("control byte, NUL or whitespace in host")
-    host, text_port = split_host_port(text)
+    host, text_port = split_pattern_target(text)
     if text_port is not None and port is not None and text_port != port:
         raise ValueError(f"host carries port {text_port} but port {port} was given")
     return canonical_host(host), text_port if text_port is not None else port

@@ -61,12 +61,14 @@ else
 fi
 
 status=0
+# --capture=sys: a report the runtime writes to fd 2 (UBSan's under the combined runtime does,
+# whatever log_path says) reaches this script's stderr, not a capture file lost with the process
 LD_PRELOAD=$RUNTIME \
 ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:log_path=$logdir/asan" \
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$logdir/ubsan" \
 TSAN_OPTIONS="halt_on_error=0:log_path=$logdir/tsan:second_deadlock_stack=1:suppressions=$PWD/scripts/tsan.supp" \
 KODARELAY_REQUIRE_EXTENSION=1 KODARELAY_REQUIRE_PEERS=${KODARELAY_REQUIRE_PEERS:-0} \
-    "$VENV/bin/pytest" -q -p no:cacheprovider ${ARGS[@]+"${ARGS[@]}"} "${TESTS[@]}" || status=$?
+    "$VENV/bin/pytest" -q -p no:cacheprovider --capture=sys ${ARGS[@]+"${ARGS[@]}"} "${TESTS[@]}" || status=$?
 if compgen -G "$logdir/*" >/dev/null; then
     echo "== sanitizer reports" >&2
     cat "$logdir"/* >&2

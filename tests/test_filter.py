@@ -22,7 +22,7 @@ from kodarelay.filter import (
     is_ip_literal,
     parse_ipv4,
     parse_target,
-    split_host_port,
+    split_pattern_target,
 )
 
 def allowed(rule: str) -> Decision:
@@ -575,13 +575,13 @@ def test_repr_lists_patterns() -> None:
     ],
 )
 def test_split_host_port(text: str, expected: tuple[str, int | None]) -> None:
-    assert split_host_port(text) == expected
+    assert split_pattern_target(text) == expected
 
 
 @pytest.mark.parametrize("text", ["a:", "a:0", "a:b", "[::1", "[::1]x", "a]", "a[b", "[::1]:99999"])
 def test_split_host_port_errors(text: str) -> None:
     with pytest.raises(ValueError):
-        split_host_port(text)
+        split_pattern_target(text)
 
 
 def test_canonical_host_types() -> None:
