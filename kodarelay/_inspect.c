@@ -21,6 +21,7 @@
 #include <unistd.h>
 #include <pthread.h>
 #include <sys/epoll.h>
+#include <time.h>
 
 #ifdef KR_HAVE_TLS
 #include <openssl/ssl.h>
@@ -169,6 +170,8 @@ void kr_rec_free(kr_rec *r) {
 /* ── TLS contexts ──────────────────────────────────────────────────────────── */
 
 #define SESSION_SLOTS 64
+#define POOL_SLOTS 64
+#define POOL_IDLE 4.0      /* seconds an idle origin connection is kept (origins close theirs at 5 s and up) */
 
 struct kr_ctx {
 #ifdef KR_HAVE_TLS
@@ -179,6 +182,9 @@ struct kr_ctx {
     struct { char key[300]; SSL_SESSION *s; } sessions[SESSION_SLOTS];
     int next;
     int client;
+    /* idle origin connections, kept after a clean exchange for the next tunnel to the same
+     * origin (haproxy's http-reuse): one TLS handshake per new tunnel instead of two */
+    struct { char key[300]; int fd; SSL *ssl; double since; } pool[POOL_SLOTS];
 #endif
     int refs;
 };
@@ -316,9 +322,68 @@ static void resume_session(kr_ctx *c, SSL *ssl, const char *key) {
     pthread_mutex_unlock(&c->mu);
 }
 
+static double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void pool_drop(kr_ctx *c, int i) {
+    SSL_free(c->pool[i].ssl);
+    close(c->pool[i].fd);
+    c->pool[i].ssl = NULL;
+    c->pool[i].fd = -1;
+}
+
+/* keep an idle origin connection (the SSL's BIO must not point at a machine any more) */
+static void pool_put(kr_ctx *c, const char *key, int fd, SSL *ssl) {
+    int i, slot = -1, oldest = 0;
+    double now = mono_now();
+    pthread_mutex_lock(&c->mu);
+    for (i = 0; i < POOL_SLOTS; i++) {
+        if (c->pool[i].ssl && now - c->pool[i].since > POOL_IDLE) pool_drop(c, i);
+        if (!c->pool[i].ssl) { if (slot < 0) slot = i; }
+        else if (c->pool[i].since < c->pool[oldest].since || !c->pool[oldest].ssl) oldest = i;
+    }
+    if (slot < 0) { pool_drop(c, oldest); slot = oldest; }
+    snprintf(c->pool[slot].key, sizeof(c->pool[slot].key), "%s", key);
+    c->pool[slot].fd = fd;
+    c->pool[slot].ssl = ssl;
+    c->pool[slot].since = now;
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* an idle origin connection to key that is still open and quiet, or -1 */
+static int pool_take(kr_ctx *c, const char *key, SSL **ssl) {
+    for (;;) {
+        int i, best = -1, fd;
+        double now = mono_now();
+        char b;
+        ssize_t k;
+        pthread_mutex_lock(&c->mu);
+        for (i = 0; i < POOL_SLOTS; i++) {
+            if (!c->pool[i].ssl) continue;
+            if (now - c->pool[i].since > POOL_IDLE) { pool_drop(c, i); continue; }
+            if (!strcmp(c->pool[i].key, key) && (best < 0 || c->pool[i].since > c->pool[best].since)) best = i;
+        }
+        if (best < 0) { pthread_mutex_unlock(&c->mu); return -1; }
+        fd = c->pool[best].fd;
+        *ssl = c->pool[best].ssl;
+        c->pool[best].ssl = NULL;
+        c->pool[best].fd = -1;
+        pthread_mutex_unlock(&c->mu);
+        k = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return fd;   /* open, nothing unasked-for */
+        SSL_free(*ssl);                               /* closed by the origin (or it spoke first) */
+        close(fd);
+        *ssl = NULL;
+    }
+}
+
 void kr_ctx_unref(kr_ctx *c) {
     int i;
     if (!c || __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+    for (i = 0; i < POOL_SLOTS; i++) if (c->pool[i].ssl) pool_drop(c, i);
     for (i = 0; i < SESSION_SLOTS; i++) if (c->sessions[i].s) SSL_SESSION_free(c->sessions[i].s);
     pthread_mutex_destroy(&c->mu);
     SSL_CTX_free(c->ctx);
@@ -591,6 +656,8 @@ struct kr_insp {
     int handback;          /* a request Python serves: the connection goes back to it */
     char authority[300];   /* (fwd) the request's authority as written: its Host */
     char skey[300];        /* the origin's session key: "host port" */
+    int exchanges;         /* responses relayed in full */
+    int nopool;            /* the origin authenticates the connection itself: never reused */
 };
 
 static int grow_out(side *s, size_t more) {
@@ -669,8 +736,10 @@ static pthread_once_t g_bio_once = PTHREAD_ONCE_INIT;
 
 static int bio_write(BIO *b, const char *buf, int n) {
     side *s = BIO_get_data(b);
-    ssize_t k = raw_write(s, buf, (size_t)n);
+    ssize_t k;
     BIO_clear_retry_flags(b);
+    if (!s) return -1;                           /* (pooled: no machine to write for) */
+    k = raw_write(s, buf, (size_t)n);
     if (k >= 0) return (int)k;
     if (errno == EAGAIN) { BIO_set_retry_write(b); s->wblocked = 1; }
     else s->err = errno;
@@ -679,8 +748,10 @@ static int bio_write(BIO *b, const char *buf, int n) {
 
 static int bio_read(BIO *b, char *buf, int n) {
     side *s = BIO_get_data(b);
-    ssize_t k = raw_read(s, buf, (size_t)n);
+    ssize_t k;
     BIO_clear_retry_flags(b);
+    if (!s) return -1;
+    k = raw_read(s, buf, (size_t)n);
     if (k > 0) return (int)k;
     if (k == 0) { s->eof = 1; return 0; }
     if (errno == EAGAIN) { BIO_set_retry_read(b); s->rblocked = 1; }
@@ -1504,6 +1575,14 @@ static int on_response_head(kr_insp *x, size_t hn) {
     for (i = 12; i < eol; i++) if (value_bad((unsigned char)h[i])) goto bad;
     if (parse_fields(h, hn, eol + 2, fs) != NULL) goto bad;
     status = (h[9] - '0') * 100 + (h[10] - '0') * 10 + (h[11] - '0');
+    for (i = 0; i < (size_t)fs->n; i++) {
+        /* NTLM / Negotiate bind a login to the TCP connection: such a connection is never
+         * handed to another tunnel */
+        const field *f = &fs->f[i];
+        if (name_is(f, "www-authenticate") && ((f->valuen >= 4 && !strncasecmp(f->value, "NTLM", 4))
+                                               || (f->valuen >= 9 && !strncasecmp(f->value, "Negotiate", 9))))
+            x->nopool = 1;
+    }
     if (status == 101 && !x->upgrade) goto bad;
     if (status >= 100 && status < 200 && status != 101) {
         /* an interim response: forwarded as it is rebuilt, then the next head */
@@ -1877,10 +1956,23 @@ int kr_insp_run(kr_insp *x) {
             }
 #ifdef KR_HAVE_TLS
             snprintf(x->skey, sizeof(x->skey), "%s %d", x->host, x->port);
-            if (!x->sctx || !x->cctx || side_tls(&x->c, x->sctx, 1, "", NULL) < 0
-                || side_tls(&x->o, x->cctx, 0, x->host, x->skey) < 0) {
+            if (!x->sctx || !x->cctx || side_tls(&x->c, x->sctx, 1, "", NULL) < 0) {
                 x->err = ENOMEM;
                 return KR_I_ERROR;
+            }
+            {   /* an idle connection to this origin from an earlier tunnel: this tunnel's (the
+                 * one dialled for it is closed by the engine, kr_insp_origin_fd) */
+                SSL *ps = NULL;
+                int pfd = pool_take(x->cctx, x->skey, &ps);
+                if (pfd >= 0) {
+                    x->o.fd = pfd;
+                    x->o.ssl = ps;
+                    x->o.hs = 1;
+                    BIO_set_data(SSL_get_rbio(ps), &x->o);
+                } else if (side_tls(&x->o, x->cctx, 0, x->host, x->skey) < 0) {
+                    x->err = ENOMEM;
+                    return KR_I_ERROR;
+                }
             }
             x->tls = 1;
             x->phase = P_HS;
@@ -1982,6 +2074,7 @@ int kr_insp_run(kr_insp *x) {
                 if (x->rsb.done) {
                     /* the exchange is over */
                     x->rs = RS_NONE;
+                    x->exchanges++;
                     if (x->close_after || x->rq != RQ_WAIT) { x->closing = 1; }
                     else if (x->fwd && (!x->reusable || x->o.il > 0)) { x->handback = 1; }   /* Python dials again */
                     else if (x->o.il > 0) { x->closing = 1; }
@@ -2013,6 +2106,26 @@ int kr_insp_run(kr_insp *x) {
         if (!progress) return KR_I_AGAIN;
     }
     return KR_I_MORE;
+}
+
+int kr_insp_origin_fd(const kr_insp *x) { return x->o.fd; }
+
+int kr_insp_donate(kr_insp *x) {
+#ifdef KR_HAVE_TLS
+    side *o = &x->o;
+    if (!x->tls || !x->cctx || !o->ssl || !o->hs || x->ohs_failed || x->phase != P_HTTP || x->rs != RS_NONE
+        || x->rq == RQ_BODY || x->err || o->err || o->eof || o->il || out_pending(o) || SSL_has_pending(o->ssl)
+        || (x->exchanges && !x->reusable) || x->nopool)
+        return 0;
+    BIO_set_data(SSL_get_rbio(o->ssl), NULL);
+    pool_put(x->cctx, x->skey, o->fd, o->ssl);
+    o->ssl = NULL;
+    o->fd = -1;
+    return 1;
+#else
+    (void)x;
+    return 0;
+#endif
 }
 
 void kr_insp_event(kr_insp *x, int side_, uint32_t ev) {

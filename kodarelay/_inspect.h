@@ -67,6 +67,12 @@ enum { KR_I_AGAIN = 0, KR_I_DONE = 1, KR_I_MORE = 2, KR_I_HANDBACK = 3, KR_I_ERR
  * handshake; sctx may be NULL (then only plain HTTP inside the tunnel is served) */
 kr_insp *kr_insp_new(int cfd, int ofd, kr_ctx *sctx, kr_ctx *cctx, kr_rules *rules, const char *host,
                      int port, const char *early, size_t earlyn);
+/* the origin's fd now: another than the dialled one when an idle connection was reused (the
+ * caller closes the dialled one and watches this one) */
+int kr_insp_origin_fd(const kr_insp *x);
+/* (a tunnel that ended cleanly) 1 when its origin connection was kept for the next tunnel to
+ * that origin: the fd is no longer the caller's to close */
+int kr_insp_donate(kr_insp *x);
 /* an epoll event on the client's (side 0) or the origin's (side 1) socket: what it may do
  * again (the machine skips reads and writes that would only say EAGAIN) */
 void kr_insp_event(kr_insp *x, int side, uint32_t ev);

@@ -93,6 +93,20 @@ cdef void _insp_records(Tunnel *t) noexcept nogil:
 cdef void _insp_service(Worker *w, Tunnel *t, double now) noexcept nogil:
     cdef int r = kr_insp_run(t.insp)
     cdef int e
+    cdef int ofd = kr_insp_origin_fd(t.insp)
+    cdef epoll_event ev
+    if ofd >= 0 and ofd != t.fd[1]:
+        # an idle origin connection of an earlier tunnel took over: the one dialled goes
+        if t.registered:
+            epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[1], NULL)
+        _close_fd(&t.fd[1])
+        t.fd[1] = ofd
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.u64 = <uint64_t><uintptr_t>t | <uint64_t>1
+        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, ofd, &ev) < 0:
+            _insp_records(t)
+            _finish_errno(w, t, errno)
+            return
     if kr_insp_handshaking(t.insp):
         pass                        # the handshake's deadline runs from the tunnel's start
     else:

@@ -142,6 +142,8 @@ cdef extern from "_inspect.h" nogil:
     int kr_insp_set_forward(kr_insp *x)
     int kr_inspect_fail_after(int n)
     void kr_insp_event(kr_insp *x, int side, uint32_t ev)
+    int kr_insp_origin_fd(const kr_insp *x)
+    int kr_insp_donate(kr_insp *x)
     size_t kr_insp_leftover(const kr_insp *x, const char **p)
     int kr_tls_available()
     const char *kr_tls_version()

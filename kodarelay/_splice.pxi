@@ -16,6 +16,11 @@ cdef void _finish(Worker *w, Tunnel *t, int result, int err) noexcept nogil:
         return
     t.result = result
     t.err = err
+    if result == RES_OK and t.insp != NULL and t.fd[1] >= 0 and kr_insp_donate(t.insp):
+        # its origin connection is kept for the next tunnel to that origin (_inspect.c's pool)
+        if t.registered:
+            epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[1], NULL)
+        t.fd[1] = -1
     for i in range(2):
         if t.fd[i] >= 0:
             if t.registered:

@@ -38,6 +38,7 @@ RESPONSES = {
     "/origin-closes": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye",
     "/continue": b"HTTP/1.1 100 Continue\r\nX-C: 3\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nk",
     "/bad": b"HTTP/1.1 2x0 Nope\r\n\r\n",
+    "/ntlm": b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\nContent-Length: 0\r\n\r\n",
 }
 
 
@@ -554,5 +555,34 @@ def test_an_allocation_that_fails_ends_only_its_tunnel(n, start_proxy, ca, run_c
         assert got.endswith(b"<closed>") or got.count(b"hi") == 3
         assert b"hi" in _run(h.port, origin.port, bundle, ["GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n"])
         wait_until(lambda: not h._servers[0]._native and fd_count() <= before, what="no fd left behind")
+    finally:
+        origin.close()
+
+
+def test_an_idle_origin_connection_serves_the_next_tunnel(start_proxy, ca, run_ca, bundle):
+    """After a clean exchange the engine keeps the origin's TLS connection for the next
+    tunnel to that origin (one handshake per tunnel, as haproxy's reuse); a response the
+    origin ends (``Connection: close``) is never kept."""
+    origin = RawOrigin(ca[1])
+    h = start_proxy([f"GET localhost:{origin.port}/*"], inspect=run_ca, upstream_ca=str(ca[0]))
+    try:
+        for _ in range(3):
+            assert _run(h.port, origin.port, bundle, ["GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n"]).endswith(b"hi|")
+            wait_until(lambda: not h._servers[0]._native and (h._servers[0]._front is None
+                                                             or h._servers[0]._front.plan_stats()["live"] == 0),
+                       what="the tunnel's end")
+        served = [r for r in origin.received if r]
+        assert len(served) == 1 and served[0].count(b"GET /a ") == 3       # one origin connection, reused
+        got = _run(h.port, origin.port, bundle, ["GET /origin-closes HTTP/1.1\r\nHost: {host}\r\n\r\n"])
+        assert got.endswith(b"bye|")
+        assert _run(h.port, origin.port, bundle, ["GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n"]).endswith(b"hi|")
+        served = [r for r in origin.received if r]
+        assert len(served) == 2 and served[1] == b"GET /a HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % origin.port
+        # a login bound to the connection (NTLM): the connection is never another tunnel's
+        assert b" 401 " in _run(h.port, origin.port, bundle, ["GET /ntlm HTTP/1.1\r\nHost: {host}\r\n\r\n"])
+        wait_until(lambda: not h._servers[0]._native, what="the tunnel's end")
+        assert _run(h.port, origin.port, bundle, ["GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n"]).endswith(b"hi|")
+        served = [r for r in origin.received if r]
+        assert len(served) == 3 and served[2] == b"GET /a HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % origin.port
     finally:
         origin.close()
