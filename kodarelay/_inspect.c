@@ -1337,9 +1337,8 @@ static void request_refusal(kr_insp *x, const char *reason, const char *method, 
 }
 
 /* what the rules say: NULL (allowed) or the reason; *rule / *detail set */
-static const char *judge(kr_insp *x, const char *method, size_t mn, const char *path, size_t pn,
-                         const char **rule, const char **detail) {
-    kr_rules *r = x->rules;
+const char *kr_rules_judge(const kr_rules *r, const char *method, size_t mn, const char *path, size_t pn,
+                           const char **rule, const char **detail) {
     int i, pass;
     size_t qn = pn;
     const char *q = memchr(path, '?', pn);
@@ -1359,6 +1358,11 @@ static const char *judge(kr_insp *x, const char *method, size_t mn, const char *
         }
     }
     return "request_not_allowed";
+}
+
+static const char *judge(kr_insp *x, const char *method, size_t mn, const char *path, size_t pn,
+                         const char **rule, const char **detail) {
+    return kr_rules_judge(x->rules, method, mn, path, pn, rule, detail);
 }
 
 /* a complete request head h[0..hn) at the front of c.ib: judged, then refused or forwarded.

@@ -32,6 +32,10 @@ int kr_rules_add(kr_rules *r, int deny, const char *methods, size_t methodsn, co
                  const char *text);
 void kr_rules_ref(kr_rules *r);
 void kr_rules_unref(kr_rules *r);
+/* what the rules say of one request (Filter.explain_request for its host): NULL (allowed)
+ * or the reason (request_denied with *rule, bad_path with *detail, request_not_allowed) */
+const char *kr_rules_judge(const kr_rules *r, const char *method, size_t mn, const char *path, size_t pn,
+                           const char **rule, const char **detail);
 /* (exposed for the tests) 1 when the pattern matches the path (query excluded by the caller) */
 int kr_glob(const char *pat, size_t pn, const char *s, size_t n);
 /* why a path is not plain (requestrules.bad_path), or NULL */

@@ -251,6 +251,16 @@ cdef class RequestRules:
     def __dealloc__(self):
         kr_rules_unref(self.r)
 
+    def judge(self, str method, str path):
+        """``(reason or None, rule text or None, detail or None)`` for one request (the
+        engine's ``Filter.explain_request`` for this host; tests hold the two together)."""
+        cdef bytes m = method.encode("latin-1"), p = path.encode("latin-1")
+        cdef const char *rule = NULL
+        cdef const char *detail = NULL
+        cdef const char *why = kr_rules_judge(self.r, m, len(m), p, len(p), &rule, &detail)
+        return (None if why == NULL else why.decode("ascii"), None if rule == NULL else rule.decode("utf-8"),
+                None if detail == NULL else detail.decode("ascii"))
+
 
 cdef class SecretTable:
     """A server's secrets as one tunnel's host sees them: ``(name, phantom, value, hosts

@@ -156,6 +156,8 @@ cdef extern from "_inspect.h" nogil:
     void kr_rules_ref(kr_rules *r)
     void kr_rules_unref(kr_rules *r)
     int kr_glob(const char *pat, size_t pn, const char *s, size_t n)
+    const char *kr_rules_judge(const kr_rules *r, const char *method, size_t mn, const char *path, size_t pn,
+                               const char **rule, const char **detail)
     const char *kr_bad_path(const char *p, size_t n)
     void kr_rec_free(kr_rec *r)
     kr_insp *kr_insp_new(int cfd, int ofd, kr_ctx *sctx, kr_ctx *cctx, kr_rules *rules, const char *host,
