@@ -1099,7 +1099,8 @@ static void reply_text(kr_insp *x, int code, const char *reason, const char *tex
                   "Connection: %s\r\n\r\n", code, status_text(code), reason ? "X-Proxy-Error: " : "",
                   reason ? reason : "", reason ? "\r\n" : "", bn, connection);
     out_put(x, &x->c, head, (size_t)hn);
-    out_put(x, &x->c, body, bn);
+    if (strcmp(x->method, "HEAD") != 0)          /* a HEAD gets the head only */
+        out_put(x, &x->c, body, bn);
 }
 
 /* refusal_reply(code, reason, host, port, method, detail): codes other than 403 with detail */
@@ -1416,6 +1417,7 @@ static int on_request_head(kr_insp *x, size_t hn) {
     int kind, keep, r = 0;
     const char *why = NULL, *reason, *rule, *detail;
     char path_buf[MAX_HEAD];
+    x->method[0] = 0;                            /* (until this head's method is known) */
     fs = fail_now() ? NULL : malloc(sizeof(*fs));
     if (!fs) { x->err = ENOMEM; return -1; }
     if ((bad = check_line_ends(h, hn)) != NULL) goto bad_head;

@@ -349,6 +349,10 @@ async def _copy_chunked(src: _Stream, dst: _Stream, scratch: bytearray) -> None:
         await dst.send(b"\r\n")
 
 
+def _head_only(data: bytes) -> bytes:
+    return data[: data.find(b"\r\n\r\n") + 4]
+
+
 def _field_map(fields: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
     out: dict[bytes, list[bytes]] = {}
     for name, value in fields:
@@ -470,9 +474,14 @@ class _Exchange:
         except OSError:
             pass
 
+    async def reply_to(self, method: str, data: bytes) -> None:
+        """A reply of the proxy's own to a request: a ``HEAD`` gets its head only (a body
+        would be read as the start of the next response)."""
+        await self.reply(_head_only(data) if method == "HEAD" else data)
+
     async def refuse(self, code: int, what: str, method: str = "", host: str = "", port: int | None = None,
                      reason: str | None = None, address: str | None = None, private: bool = False) -> None:
-        await self.reply(refusal_reply(code, reason, host, port, method, what, address, private))
+        await self.reply_to(method, refusal_reply(code, reason, host, port, method, what, address, private))
 
     # ── the request loop ────────────────────────────────────────────────────
 
@@ -549,7 +558,7 @@ class _Exchange:
             keep = keep and version != "HTTP/1.0" and b"close" not in _tokens(fmap.get(b"connection", []))
             body = (f"kodarelay: {method} refused (host_mismatch): this connection was made to {shown}, "
                     f"its Host names {named}\n").encode("ascii", "replace")
-            await self.reply((f"HTTP/1.1 421 Misdirected Request\r\nX-Proxy-Error: host_mismatch\r\n"
+            await self.reply_to(method, (f"HTTP/1.1 421 Misdirected Request\r\nX-Proxy-Error: host_mismatch\r\n"
                               f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
                               f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n").encode("ascii") + body)
             return keep
@@ -647,7 +656,7 @@ class _Exchange:
                            self.tunnel.id if self.tunnel is not None else None, detail=detail, path=shown,
                            inspected=inspected))
             keep = not body and version != "HTTP/1.0" and b"close" not in _tokens(fmap.get(b"connection", []))
-            await self.reply(request_refusal(reason, method, host, port, shown, detail, rule, keep))
+            await self.reply_to(method, request_refusal(reason, method, host, port, shown, detail, rule, keep))
             return True if keep else None
         try:
             plan, ticket = await _judge(srv, method, host, port, client, path, self.proto, self.tunnel, swapped, token)
