@@ -85,9 +85,9 @@ class Inspection:
         """What ``_NativeListener.dial(inspect=…)`` needs to serve this admitted tunnel in the
         compiled engine (``kodarelay/_inspect.c``), or None where the asyncio path serves it:
         no TLS engine in this build, or a part of the request pipeline the engine does not
-        have yet (events or metrics being taken, a decider, secrets, named clients, an
-        upstream proxy). ``KODARELAY_NO_ENGINE_INSPECT=1`` keeps every inspected
-        tunnel on the asyncio path."""
+        have yet (events or metrics being taken, a decider, named clients, an upstream
+        proxy, more than 32 secrets). ``KODARELAY_NO_ENGINE_INSPECT=1`` keeps every
+        inspected tunnel on the asyncio path."""
         if self._engine is False or plan.kind != DIRECT or self.ca is None:
             return None
         if self._engine is None:
