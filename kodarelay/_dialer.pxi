@@ -90,15 +90,15 @@ cdef void _connect_event(Worker *w, Tunnel *t, uint32_t ev, double now) noexcept
 cdef void _begin_relay(Worker *w, Tunnel *t, size_t extra, double now) noexcept nogil:
     """Connected (and chained): the ok reply (plus ``extra`` bytes the upstream proxy sent
     after its reply head, appended to it) to the client, the client's early bytes to the
-    target, then relay."""
+    target, then relay (an inspected tunnel's machine takes both instead: ``_insp_start``)."""
     cdef int e
     cdef epoll_event cev
     if t.ispec != NULL:
-        _insp_begin(w, t, now)
-        return
-    e = _preload(w, &t.d[1], t.fd[0], t.okrep, t.okn)
-    if e == 0:
-        e = _preload(w, &t.d[0], t.fd[1], t.early, t.earlyn)
+        e = _insp_start(t)
+    else:
+        e = _preload(w, &t.d[1], t.fd[0], t.okrep, t.okn)
+        if e == 0:
+            e = _preload(w, &t.d[0], t.fd[1], t.early, t.earlyn)
     if e != 0:
         _finish_errno(w, t, e)
         return
@@ -126,7 +126,7 @@ cdef void _begin_relay(Worker *w, Tunnel *t, size_t extra, double now) noexcept 
     if epoll_ctl(w.epfd, EPOLL_CTL_ADD, t.fd[0], &cev) < 0:
         _finish_errno(w, t, errno)
         return
-    _service(w, t, 3, now)
+    _service(w, t, 3, now)    # (an inspected tunnel's: its machine, _insp_service)
 
 
 # ── chaining through the upstream HTTP proxy (phase PH_CHAIN) ────────────────

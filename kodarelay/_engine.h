@@ -1,4 +1,4 @@
-/* Small C helpers of the kodarelay engine (included by _relay.pxd): socket addresses,
+/* Small C helpers of the kodarelay engine (included by _relay.pxd and _inspect.c): socket addresses,
  * non-blocking connect and accept, and the end-of-head search. No Python here. */
 #ifndef KODARELAY_ENGINE_H
 #define KODARELAY_ENGINE_H
@@ -15,7 +15,7 @@
 typedef struct { struct sockaddr_storage ss; socklen_t len; } kr_addr;
 
 /* parse the IP literal txt into a (port included); 0, or -1 when txt is not an address */
-static int kr_addr_set(kr_addr *a, const char *txt, int port) {
+static inline int kr_addr_set(kr_addr *a, const char *txt, int port) {
     struct sockaddr_in *s4 = (struct sockaddr_in *)&a->ss;
     struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a->ss;
     memset(a, 0, sizeof(*a));
@@ -29,7 +29,7 @@ static int kr_addr_set(kr_addr *a, const char *txt, int port) {
 }
 
 /* a non-blocking socket connecting to a; returns the fd (err: 0 or EINPROGRESS) or -1 (err set) */
-static int kr_connect(const kr_addr *a, int *err) {
+static inline int kr_connect(const kr_addr *a, int *err) {
     int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) { *err = errno; return -1; }
     if (connect(fd, (const struct sockaddr *)&a->ss, a->len) == 0) { *err = 0; return fd; }
@@ -39,16 +39,16 @@ static int kr_connect(const kr_addr *a, int *err) {
     return -1;
 }
 
-static int kr_accept(int lfd) { return accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); }
+static inline int kr_accept(int lfd) { return accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); }
 
 /* a connection waits in lfd's accept queue (accept4 fails with EMFILE before it looks: out
  * of fds, an empty queue reads as EMFILE too) */
-static int kr_pending(int lfd) {
+static inline int kr_pending(int lfd) {
     struct pollfd p = { lfd, POLLIN, 0 };
     return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
 }
 
-static int kr_has_crlfcrlf(const char *buf, size_t from, size_t len) {
+static inline int kr_has_crlfcrlf(const char *buf, size_t from, size_t len) {
     return memmem(buf + from, len - from, "\r\n\r\n", 4) != NULL;
 }
 
@@ -76,7 +76,7 @@ static const uint32_t kr_sha_k[64] = {
 
 #define KR_ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
 
-static void kr_sha_block(uint32_t h[8], const unsigned char *p) {
+static inline void kr_sha_block(uint32_t h[8], const unsigned char *p) {
     uint32_t w[64], a, b, c, d, e, f, g, k, t1, t2;
     int i;
     for (i = 0; i < 16; i++)
@@ -95,7 +95,7 @@ static void kr_sha_block(uint32_t h[8], const unsigned char *p) {
     h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
 }
 
-static void kr_sha256(const unsigned char *p, size_t n, unsigned char out[32]) {
+static inline void kr_sha256(const unsigned char *p, size_t n, unsigned char out[32]) {
     uint32_t h[8] = {0x6a09e667,0xbb67ae85,0x3c6ef372,0xa54ff53a,0x510e527f,0x9b05688c,0x1f83d9ab,0x5be0cd19};
     unsigned char tail[128];
     size_t i, rest, tn;
@@ -118,7 +118,7 @@ static void kr_sha256(const unsigned char *p, size_t n, unsigned char out[32]) {
     }
 }
 
-static int kr_b64val(unsigned char c) {
+static inline int kr_b64val(unsigned char c) {
     if (c >= 'A' && c <= 'Z') return c - 'A';
     if (c >= 'a' && c <= 'z') return c - 'a' + 26;
     if (c >= '0' && c <= '9') return c - '0' + 52;
@@ -129,7 +129,7 @@ static int kr_b64val(unsigned char c) {
 
 /* strict base64 (Python's b64decode(validate=True)): length a multiple of 4, '=' only at the
  * end; the decoded bytes in out (at most outcap); their count, or -1 */
-static int kr_b64decode(const unsigned char *in, size_t n, unsigned char *out, size_t outcap) {
+static inline int kr_b64decode(const unsigned char *in, size_t n, unsigned char *out, size_t outcap) {
     size_t i, o = 0;
     int v[4], j, pad;
     if (n == 0 || n % 4 != 0)
@@ -151,7 +151,7 @@ static int kr_b64decode(const unsigned char *in, size_t n, unsigned char *out, s
 }
 
 /* constant-time comparison of two 32-byte hashes */
-static int kr_hash_eq(const unsigned char *a, const unsigned char *b) {
+static inline int kr_hash_eq(const unsigned char *a, const unsigned char *b) {
     unsigned char d = 0;
     int i;
     for (i = 0; i < 32; i++) d |= a[i] ^ b[i];

@@ -317,13 +317,19 @@ cdef void _l_flush(Worker *w, Listener *l) noexcept nogil:
     l.ready_head = NULL
     l.ready_tail = NULL
     l.accept_err = 0
+    _l_queue_locked(c, l)
+    pthread_mutex_unlock(&c.mu)
+
+
+cdef void _l_queue_locked(Completer *c, Listener *l) noexcept nogil:
+    """Give ``l``'s pending handshakes and refusals to the completer (caller holds c.mu; any
+    worker: an inspected tunnel's records come from the worker serving it)."""
     if not l.cqueued:
         l.cqueued = True
         l.refs += 1
         l.cnext = c.lhead
         c.lhead = l
     pthread_cond_signal(&c.cond)
-    pthread_mutex_unlock(&c.mu)
 
 
 cdef void _listeners_service(Worker *w, double now) noexcept nogil:

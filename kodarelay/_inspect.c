@@ -11,6 +11,7 @@
  */
 #define _GNU_SOURCE 1
 #include "_inspect.h"
+#include "_engine.h"          /* the engine's strict base64 (kr_b64decode), shared */
 
 /* replies and records are bounded on purpose (snprintf cuts an absurd method or host) */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -472,34 +473,19 @@ void kr_secrets_unref(kr_secrets *s) {
     free(s);
 }
 
-static int b64v(unsigned char c) {
-    if (c >= 'A' && c <= 'Z') return c - 'A';
-    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-    if (c >= '0' && c <= '9') return c - '0' + 52;
-    if (c == '+') return 62;
-    if (c == '/') return 63;
-    return -1;
-}
-
-/* strict base64 (b64decode(validate=True)) into a malloc'd buffer: its length, or -1 */
+/* strict base64 (b64decode(validate=True), the engine's kr_b64decode) into a malloc'd
+ * buffer: its length, or -1 */
 static long b64_decode(const char *in, size_t n, char **out) {
-    size_t i, o = 0;
+    size_t cap = n / 4 * 3;
     char *d;
+    int k;
     if (n == 0 || n % 4) return -1;
-    d = malloc(n / 4 * 3 + 1);
+    d = malloc(cap + 1);
     if (!d) return -1;
-    for (i = 0; i < n; i += 4) {
-        int v[4], j, pad = 0;
-        for (j = 0; j < 4; j++) {
-            if (in[i + j] == '=' && i + 4 == n && j >= 2) { v[j] = 0; pad++; continue; }
-            if (pad || (v[j] = b64v((unsigned char)in[i + j])) < 0) { free(d); return -1; }
-        }
-        d[o++] = (char)((v[0] << 2) | (v[1] >> 4));
-        if (pad < 2) d[o++] = (char)((v[1] << 4) | (v[2] >> 2));
-        if (pad < 1) d[o++] = (char)((v[2] << 6) | v[3]);
-    }
+    k = kr_b64decode((const unsigned char *)in, n, (unsigned char *)d, cap);
+    if (k < 0) { free(d); return -1; }
     *out = d;
-    return (long)o;
+    return k;
 }
 
 static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -530,7 +516,7 @@ static size_t basic_at(const char *v, size_t n) {
     if (s == n) return 0;
     for (; i < n; i++) {
         unsigned char c = (unsigned char)v[i];
-        if (!(b64v(c) >= 0 || c == '=')) return 0;
+        if (!(kr_b64val(c) >= 0 || c == '=')) return 0;
     }
     return s;
 }
@@ -1202,30 +1188,43 @@ static void append(char **o, size_t *on, size_t *cap, const char *p, size_t n, i
 #define APP(s, n) append(&ob, &on, &ocap, (s), (n), &fail)
 #define APPS(s) APP((s), strlen(s))
 
-/* one field's value into the head being rebuilt, secrets swapped: a request's phantoms of
- * the secrets it carries become their values, a response's values of the host's secrets
- * their phantoms (SecretSet.check / unswap) */
-static void put_value(kr_insp *x, int request, const field *f, char **ob, size_t *on, size_t *ocap, int *fail) {
-    char *cur = NULL;
-    size_t cn = f->valuen;
-    int i;
+/* v with the secrets swapped in (request: the phantoms of those in x->swap become their
+ * values) or out (a response: the values of the host's secrets become their phantoms), one
+ * secret after another, as SecretSet.check / unswap do; basic: inside a Basic credential
+ * too. Into out (*outn), the caller's to wipe and free; v itself (nothing malloc'd) when no
+ * secret applies; NULL when out of memory. */
+static const char *swapped(kr_insp *x, int request, int basic, const char *v, size_t n, size_t *outn) {
     kr_secrets *s = x->secrets;
-    if (s && (request ? (x->swap && !name_is(f, "proxy-authorization")) : x->tls)) {
-        for (i = 0; i < s->n; i++) {
-            const kr_secret *e = &s->v[i];
-            char *next = NULL;
-            long k;
-            if (request ? !(x->swap & (1u << i)) : !e->covers) continue;
-            k = request ? swap_value(cur ? cur : f->value, cur ? cn : f->valuen, e->phantom, e->pn, e->value, e->vn, &next, 1)
-                        : swap_value(cur ? cur : f->value, cur ? cn : f->valuen, e->value, e->vn, e->phantom, e->pn, &next, 1);
-            if (k < 0) { *fail = 1; break; }
-            if (cur) { explicit_bzero(cur, cn); free(cur); }
-            cur = next;
-            cn = (size_t)k;
-        }
+    char *cur = NULL;
+    size_t cn = n;
+    int i;
+    for (i = 0; s && i < s->n; i++) {
+        const kr_secret *e = &s->v[i];
+        char *next = NULL;
+        long k;
+        if (request ? !(x->swap & (1u << i)) : !e->covers) continue;
+        k = request ? swap_value(cur ? cur : v, cn, e->phantom, e->pn, e->value, e->vn, &next, basic)
+                    : swap_value(cur ? cur : v, cn, e->value, e->vn, e->phantom, e->pn, &next, basic);
+        if (cur) { explicit_bzero(cur, cn); free(cur); }
+        if (k < 0) return NULL;
+        cur = next;
+        cn = (size_t)k;
     }
-    append(ob, on, ocap, cur ? cur : f->value, cur ? cn : f->valuen, fail);
-    if (cur) { explicit_bzero(cur, cn); free(cur); }
+    *outn = cn;
+    return cur ? cur : v;
+}
+
+/* one field's value into the head being rebuilt, secrets swapped (a request's phantoms, a
+ * response's values: see swapped; never the proxy's own credentials) */
+static void put_value(kr_insp *x, int request, const field *f, char **ob, size_t *on, size_t *ocap, int *fail) {
+    const char *v = f->value;
+    size_t n = f->valuen;
+    if (x->secrets && (request ? (x->swap && !name_is(f, "proxy-authorization")) : x->tls)) {
+        v = swapped(x, request, 1, f->value, f->valuen, &n);
+        if (!v) { *fail = 1; return; }
+    }
+    append(ob, on, ocap, v, n, fail);
+    if (v != f->value) { explicit_bzero((char *)v, n); free((char *)v); }
 }
 
 /* the request judged and allowed: its rebuilt head for the origin (InspectedExchange._rebuild) */
@@ -1240,22 +1239,13 @@ static int send_request(kr_insp *x, const char *method, const char *origin, size
     else snprintf(authority, sizeof(authority), "%s:%d", x->shown, x->port);
     APPS(method); APP(" ", 1);
     if (x->swap) {                           /* the target: phantoms only (no Basic there) */
-        kr_secrets *s = x->secrets;
-        char *cur = NULL;
-        size_t cn = originn;
-        for (i = 0; i < s->n && !fail; i++) {
-            char *next = NULL;
-            long k;
-            if (!(x->swap & (1u << i))) continue;
-            k = swap_value(cur ? cur : origin, cur ? cn : originn, s->v[i].phantom, s->v[i].pn, s->v[i].value,
-                           s->v[i].vn, &next, 0);
-            if (k < 0) { fail = 1; break; }
-            if (cur) { explicit_bzero(cur, cn); free(cur); }
-            cur = next;
-            cn = (size_t)k;
+        size_t tn = 0;
+        const char *t = swapped(x, 1, 0, origin, originn, &tn);
+        if (!t) fail = 1;
+        else {
+            APP(t, tn);
+            if (t != origin) { explicit_bzero((char *)t, tn); free((char *)t); }
         }
-        APP(cur ? cur : origin, cur ? cn : originn);
-        if (cur) { explicit_bzero(cur, cn); free(cur); }
     } else APP(origin, originn);
     APP(" ", 1); APPS(version); APP("\r\n", 2);
     APP("Host: ", 6); APPS(authority); APP("\r\n", 2);

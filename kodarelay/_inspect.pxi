@@ -81,12 +81,7 @@ cdef void _insp_records(Tunnel *t) noexcept nogil:
         n = r.next
         kr_rec_free(r)
         r = n
-    if not l.cqueued:
-        l.cqueued = True
-        l.refs += 1
-        l.cnext = cm.lhead
-        cm.lhead = l
-    pthread_cond_signal(&cm.cond)
+    _l_queue_locked(cm, l)
     pthread_mutex_unlock(&cm.mu)
 
 
@@ -155,41 +150,21 @@ cdef void _insp_end(Tunnel *t) noexcept nogil:
     t.ispec = NULL
 
 
-cdef void _insp_begin(Worker *w, Tunnel *t, double now) noexcept nogil:
-    """Connected: the machine takes over (the ok reply goes out first, the client's early
-    bytes are the machine's to read)."""
+cdef int _insp_start(Tunnel *t) noexcept nogil:
+    """(``_begin_relay``) connected: the machine takes over. The ok reply goes out first, the
+    client's early bytes are the machine's to read, and until the client's first bytes and
+    TLS handshake are done the idle cap is ``handshake_timeout``. 0, or ENOMEM."""
     cdef InspSpec *s = t.ispec
-    cdef epoll_event cev
     t.insp = kr_insp_new(t.fd[0], t.fd[1], s.sctx, s.cctx, s.rules, s.host, s.port, t.early, t.earlyn)
     if t.insp == NULL or kr_insp_reply(t.insp, t.okrep, t.okn) < 0:
-        _finish_errno(w, t, ENOMEM)
-        return
+        return ENOMEM
     kr_insp_set_secrets(t.insp, s.secrets)
     if s.forward:
         kr_insp_set_forward(t.insp)
-    free(t.okrep)
-    t.okrep = NULL
-    free(t.early)
-    t.early = NULL
-    free(t.addrs)
-    t.addrs = NULL
-    t.phase = PH_RELAY
-    t.start = now
-    t.last = now
     s.idle = t.idle
     if s.hs_timeout < t.idle:
-        t.idle = s.hs_timeout       # the client's first bytes and TLS handshake: handshake_timeout
-    _heap_remove(w, t)
-    t.key = t.start + (t.idle if t.idle < t.total else t.total)
-    if _heap_push(w, t) < 0:
-        _finish_errno(w, t, ENOMEM)
-        return
-    cev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-    cev.data.u64 = <uint64_t><uintptr_t>t
-    if epoll_ctl(w.epfd, EPOLL_CTL_ADD, t.fd[0], &cev) < 0:
-        _finish_errno(w, t, errno)
-        return
-    _insp_service(w, t, now)
+        t.idle = s.hs_timeout
+    return 0
 
 
 # ── Python's side ────────────────────────────────────────────────────────────

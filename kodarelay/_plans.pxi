@@ -27,6 +27,16 @@ cdef int _port_of(const unsigned char *p, size_t n) noexcept nogil:
     return v
 
 
+cdef size_t _head_end(const unsigned char *p, size_t n) noexcept nogil:
+    """Where the first CRLFCRLF ends (0: none yet)."""
+    cdef size_t i = 0
+    while i + 3 < n:
+        if p[i] == 13 and p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
+            return i + 4
+        i += 1
+    return 0
+
+
 cdef bint _header_lines(const unsigned char *p, size_t line, size_t hend, bint named, size_t *auth_off,
                        size_t *auth_len) noexcept nogil:
     """Header lines from ``line`` up to the blank line ending at ``hend``: ``name: value`` (a
@@ -83,12 +93,7 @@ cdef bint _fwd_key(const char *buf, size_t n, size_t *host_off, int *hostn, int 
     cdef size_t i, s, hend = 0, m, hs, he
     cdef size_t aoff = 0, alen = 0
     cdef int pv = 80
-    i = 0
-    while i + 3 < n:
-        if p[i] == 13 and p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
-            hend = i + 4
-            break
-        i += 1
+    hend = _head_end(p, n)
     if hend == 0:
         return False
     m = 0
@@ -144,13 +149,7 @@ cdef bint _http_key(const char *buf, size_t n, size_t *host_off, int *hostn, int
     cdef size_t i, s, tend, k, hend = 0
     cdef size_t c
     cdef int pv
-    # the first CRLFCRLF ends the head (http_head_end)
-    i = 0
-    while i + 3 < n:
-        if p[i] == 13 and p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
-            hend = i + 4
-            break
-        i += 1
+    hend = _head_end(p, n)          # the first CRLFCRLF ends the head (http_head_end)
     if hend == 0:
         return False
     if hend < 8 + 1 + 1 + 8 + 4 or memcmp(p, b"CONNECT ", 8) != 0:
