@@ -931,10 +931,9 @@ def engine_forwarding(srv: ProxyServer, data: bytes) -> tuple[Target, Plan, tupl
     does not write) hands the connection back to ``forward_session``.
     ``KODARELAY_NO_ENGINE_FORWARD=1`` keeps forwarding on the asyncio path."""
     rules_type = getattr(relay.impl, "RequestRules", None)
-    if rules_type is None or os.environ.get("KODARELAY_NO_ENGINE_FORWARD", "").strip().lower() in ("1", "true", "yes", "on"):
+    if rules_type is None or relay.env_flag("KODARELAY_NO_ENGINE_FORWARD"):
         return None
-    if (srv._events is not None or srv.metrics.port is not None or srv.clients is not None
-            or srv.dialer.policy.decider is not None or srv._closed):
+    if srv._closed or not srv._engine_takes_requests():
         return None
     parsers = relay.parsers
     try:
@@ -952,13 +951,7 @@ def engine_forwarding(srv: ProxyServer, data: bytes) -> tuple[Target, Plan, tupl
     if plan is None or plan.kind != DIRECT_PLAN:
         return None
     judged, rules = srv.dialer.policy.filter.request_program(plan.host, plan.port)
-    secrets = srv.secrets
-    table = None
-    if secrets:
-        if len(secrets.secrets) > 32:
-            return None
-        table = relay.impl.SecretTable([(s.name, s.phantom_bytes, s.value.encode(), ",".join(s.hosts),  # type: ignore[attr-defined]
-                                         s.covers(plan.host, plan.port)) for s in secrets.secrets])
+    table = srv.secrets.engine_table(plan.host, plan.port) if srv.secrets else None
     return first, plan, (None, None, rules_type(judged, rules), plan.host, None, table, True)
 
 

@@ -94,11 +94,7 @@ class Inspection:
             self._engine = _engine_available()
             if self._engine is False:
                 return None
-        if (srv._events is not None or srv.metrics.port is not None or target.client is not None
-                or srv.clients is not None or srv.dialer.policy.decider is not None):
-            return None
-        secrets = srv.secrets
-        if secrets and len(secrets.secrets) > 32:
+        if target.client is not None or not srv._engine_takes_requests():
             return None
         try:
             from . import _relay  # type: ignore[attr-defined]
@@ -107,10 +103,7 @@ class Inspection:
                 self._engine_client = _relay.tls_client_context(
                     os.fspath(self.upstream_ca) if self.upstream_ca is not None else None)
             judged, rules = srv.dialer_for(target.client).policy.filter.request_program(plan.host, plan.port)
-            # every inspected request is searched for every phantom (a leak to another host
-            # included); the values are read now, once per tunnel
-            table = _relay.SecretTable([(s.name, s.phantom_bytes, s.value.encode(), ",".join(s.hosts),
-                                         s.covers(plan.host, plan.port)) for s in secrets.secrets]) if secrets else None
+            table = srv.secrets.engine_table(plan.host, plan.port) if srv.secrets else None
             return (self.ca.engine_context(plan.host), self._engine_client, _relay.RequestRules(judged, rules),
                     plan.host, None, table)
         except (ValueError, UnicodeError) as e:
@@ -145,10 +138,10 @@ class Inspection:
 
 
 def _engine_available() -> bool:
-    if os.environ.get("KODARELAY_NO_ENGINE_INSPECT", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
     from . import relay
 
+    if relay.env_flag("KODARELAY_NO_ENGINE_INSPECT"):
+        return False
     engine = getattr(relay.impl, "tls_engine", None)
     return engine is not None and engine() is not None
 

@@ -30,6 +30,15 @@ log = logging.getLogger("kodarelay.serving")
 
 
 class NativeFront:
+    def _engine_takes_requests(self: ProxyServer) -> bool:
+        """Whether the engine's request pipeline (inspected tunnels, forwarded requests) can
+        serve this server's requests: it has no per-request events or metrics, decider or
+        named clients yet, nor more secrets than it takes."""
+        secrets = self.secrets
+        return (self._events is None and self.metrics.port is None and self.clients is None
+                and self.dialer.policy.decider is None
+                and not (secrets and len(secrets.secrets) > secrets.ENGINE_MAX))
+
     # ── the compiled front-end ───────────────────────────────────────────────
 
     #: "http", "socks5" or "mux": what the engine reads before handing a connection over

@@ -33,7 +33,7 @@ import string
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .filter import Filter
 
@@ -213,6 +213,21 @@ class SecretSet:
             if any(value in v or _basic_has(v, value) for _, v in out):
                 out = [(k, _swap_value(v, value, phantom)) for k, v in out]
         return out
+
+    #: the most secrets the engine's search takes (``kodarelay/_inspect.c``: one bit each)
+    ENGINE_MAX = 32
+
+    def engine_table(self, host: str, port: int) -> Any:
+        """These secrets as the engine's request pipeline takes them for a tunnel to
+        ``host:port`` (``_relay.SecretTable``): every request is searched for every phantom,
+        a leak to another host included. The values are read now, once per tunnel. None when
+        there are more than the engine takes (the asyncio path serves them)."""
+        from . import relay
+
+        if len(self.secrets) > self.ENGINE_MAX:
+            return None
+        return relay.impl.SecretTable([(s.name, s.phantom_bytes, s.value.encode(), ",".join(s.hosts),  # type: ignore[attr-defined]
+                                        s.covers(host, port)) for s in self.secrets])
 
     def redact(self, text: str) -> str:
         """``text`` with every phantom and value replaced by ``[NAME]`` (for records)."""
